@@ -1,0 +1,120 @@
+"""Small general-purpose nodes: seeds, prompt sets, image grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowopd_core.images import from_comfy, save_grid
+from flowopd_core.prompts import PromptSet, PromptSpec, load_prompt_file, write_prompt_file
+from flowopd_nodes import context
+from flowopd_nodes.ports import In, Node, Out
+
+MAX_SEED = 2**31 - 1
+
+
+class Seed(Node):
+    NODE_ID = "FlowOPDSeed"
+    DISPLAY_NAME = "Seed"
+    CATEGORY = "FlowOPD/config"
+    DESCRIPTION = "One seed shared by several nodes, so a whole graph is re-seeded by changing one value."
+    INPUTS = (In("seed", "INT", 0, "the seed", min=0, max=MAX_SEED),)
+    OUTPUTS = (Out("seed", "INT", "the same seed, to link into other nodes' seed inputs"),)
+
+    def run(self, seed: int) -> tuple[int]:
+        return (seed,)
+
+
+class PromptFile(Node):
+    NODE_ID = "FlowOPDPromptFile"
+    DISPLAY_NAME = "Prompt file"
+    CATEGORY = "FlowOPD/data"
+    DESCRIPTION = (
+        "Loads a prompt set from a .txt file (one prompt per line, optional 'task<TAB>prompt') or a .jsonl file "
+        '({"text", "task", "id", "spec"} per line).'
+    )
+    INPUTS = (
+        In("path", "STRING", help="prompt file (.txt or .jsonl), relative to the graph file", path=True, must_exist=True),
+        In("default_task", "STRING", "", "task tag for prompts that carry none"),
+        In("limit", "INT", 0, "keep only the first N prompts (0 = all)", min=0, max=1_000_000),
+    )
+    OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
+
+    def run(self, path: str, default_task: str, limit: int) -> tuple[PromptSet]:
+        prompts = load_prompt_file(path, default_task=default_task)
+        return (prompts.head(limit) if limit else prompts,)
+
+
+class PromptText(Node):
+    NODE_ID = "FlowOPDPromptText"
+    DISPLAY_NAME = "Prompt list"
+    CATEGORY = "FlowOPD/data"
+    DESCRIPTION = "A prompt set typed in place: one prompt per line, all with the same task tag."
+    INPUTS = (
+        In("text", "STRING", "", "one prompt per line (blank lines are skipped)", multiline=True),
+        In("task", "STRING", "", "task tag for every prompt (routes it to a teacher)"),
+        In("name", "STRING", "prompts", "name shown in reports"),
+    )
+    OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
+
+    def run(self, text: str, task: str, name: str) -> tuple[PromptSet]:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError("text holds no prompt")
+        return (PromptSet(tuple(PromptSpec(text=line, task=task) for line in lines), name=name),)
+
+
+class ImageGrid(Node):
+    NODE_ID = "FlowOPDImageGrid"
+    DISPLAY_NAME = "Save image grid"
+    CATEGORY = "FlowOPD/output"
+    DESCRIPTION = "Writes images as one PNG grid (upscaled so small images are easy to see), captioned with prompts."
+    OUTPUT_NODE = True
+    INPUTS = (
+        In("images", "IMAGE", help="images to lay out"),
+        In("prompts", "FLOWOPD_PROMPTS", help="captions, one prompt per image (optional)", optional=True),
+        In("filename", "STRING", "grid.png", "file name inside the node's artifact folder"),
+        In("columns", "INT", 0, "images per row (0 = near-square)", min=0, max=256),
+        In("scale", "INT", 4, "nearest-neighbour upscale factor", min=1, max=32),
+        In("title", "STRING", "", "title drawn above the grid"),
+    )
+    OUTPUTS = (Out("path", "FLOWOPD_FILE", "the PNG file"),)
+
+    def run(
+        self,
+        images: torch.Tensor,
+        filename: str,
+        columns: int,
+        scale: int,
+        title: str,
+        prompts: PromptSet | None = None,
+    ) -> tuple[str]:
+        if Path(filename).name != filename or not filename.endswith(".png"):
+            raise ValueError(f"filename must be a plain .png file name, got {filename!r}")
+        captions = prompts.texts if prompts is not None else None
+        if captions is not None and len(captions) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(captions)} prompts")
+        out = context.current().artifact_dir / filename
+        save_grid(from_comfy(images), out, ncols=columns, scale=scale, captions=captions, title=title)
+        return (str(out),)
+
+
+class SavePrompts(Node):
+    NODE_ID = "FlowOPDSavePrompts"
+    DISPLAY_NAME = "Save prompt set"
+    CATEGORY = "FlowOPD/output"
+    DESCRIPTION = "Writes a prompt set as JSON Lines (readable by 'Prompt file') plus a per-task count summary."
+    OUTPUT_NODE = True
+    INPUTS = (
+        In("prompts", "FLOWOPD_PROMPTS", help="the prompt set to write"),
+        In("filename", "STRING", "prompts.jsonl", "file name inside the node's artifact folder"),
+    )
+    OUTPUTS = (Out("path", "FLOWOPD_FILE", "the .jsonl file"),)
+
+    def run(self, prompts: PromptSet, filename: str) -> tuple[str]:
+        if Path(filename).name != filename or not filename.endswith(".jsonl"):
+            raise ValueError(f"filename must be a plain .jsonl file name, got {filename!r}")
+        out = context.current().artifact_dir / filename
+        write_prompt_file(prompts, out)
+        return (str(out),)

@@ -1,0 +1,199 @@
+"""The node contract: typed ports declared once, ComfyUI's V1 attributes derived from them.
+
+A node class lists its inputs (:class:`In`) and outputs (:class:`Out`); ``__init_subclass__`` turns those into
+``INPUT_TYPES`` / ``RETURN_TYPES`` / ``RETURN_NAMES`` / ``FUNCTION`` / ``CATEGORY`` / ``OUTPUT_NODE`` /
+``DESCRIPTION`` so the very same class loads unchanged in ComfyUI and in our runner, and the runner's
+validation reads the same declaration (they can never drift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+# Primitive (widget) types, as ComfyUI names them. COMBO is a list of strings in INPUT_TYPES.
+PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CUSTOM_PREFIX = "FLOWOPD_"
+NODE_PREFIX = "FlowOPD"
+ROOT_CATEGORY = "FlowOPD"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class In:
+    """One typed input port.
+
+    ``type`` is a primitive (``INT``, ``FLOAT``, ``STRING``, ``BOOLEAN``, ``COMBO``) or a wire type
+    (``FLOWOPD_*`` or ComfyUI's ``IMAGE``). Primitive inputs are widgets: set in the graph's ``params``
+    (or linked from another node's output of the same type). Wire inputs are always links.
+    """
+
+    name: str
+    type: str
+    default: Any = REQUIRED
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    multiline: bool = False
+    optional: bool = False
+    path: bool = False  # STRING holding a file-system path: resolved against the graph file's folder
+    must_exist: bool = False  # with path=True: the path must exist before anything runs
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in PRIMITIVES
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED and not self.optional
+
+    def comfy_spec(self) -> tuple:
+        """This port as a ComfyUI V1 ``INPUT_TYPES`` entry: ``(TYPE, {options})``."""
+        opts: dict[str, Any] = {}
+        if self.default is not REQUIRED and self.default is not None:
+            opts["default"] = self.default
+        if self.help:
+            opts["tooltip"] = self.help
+        for key in ("min", "max", "step"):
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = value
+        if self.type == "STRING" and self.multiline:
+            opts["multiline"] = True
+        if self.type == "COMBO":
+            return (list(self.choices), opts)
+        return (self.type, opts)
+
+
+@dataclass(frozen=True)
+class Out:
+    """One typed output port."""
+
+    name: str
+    type: str
+    help: str = ""
+
+
+class Node:
+    """Base class of every FlowOPD node.
+
+    Subclasses set ``NODE_ID`` (prefixed ``FlowOPD``), ``DISPLAY_NAME``, ``CATEGORY`` (under ``FlowOPD``),
+    ``DESCRIPTION``, ``INPUTS``, ``OUTPUTS``, optionally ``OUTPUT_NODE = True`` and ``VERSION`` (bump it when
+    the node's behaviour changes so cached results are recomputed), and implement ``run(**inputs)`` returning
+    a tuple in ``OUTPUTS`` order. ``run`` calls into ``flowopd_core``; no tensor math lives in a node.
+    """
+
+    NODE_ID: ClassVar[str] = ""
+    DISPLAY_NAME: ClassVar[str] = ""
+    CATEGORY: ClassVar[str] = ROOT_CATEGORY
+    DESCRIPTION: ClassVar[str] = ""
+    INPUTS: ClassVar[tuple[In, ...]] = ()
+    OUTPUTS: ClassVar[tuple[Out, ...]] = ()
+    OUTPUT_NODE: ClassVar[bool] = False
+    VERSION: ClassVar[int] = 1
+    FUNCTION: ClassVar[str] = "run"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ()
+    RETURN_NAMES: ClassVar[tuple[str, ...]] = ()
+    OUTPUT_TOOLTIPS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.RETURN_TYPES = tuple(o.type for o in cls.OUTPUTS)
+        cls.RETURN_NAMES = tuple(o.name for o in cls.OUTPUTS)
+        cls.OUTPUT_TOOLTIPS = tuple(o.help for o in cls.OUTPUTS)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:  # noqa: N802 (ComfyUI's name)
+        # A widget with a default is still "required" for ComfyUI: it always carries a value.
+        required = {p.name: p.comfy_spec() for p in cls.INPUTS if not p.optional}
+        optional = {p.name: p.comfy_spec() for p in cls.INPUTS if p.optional}
+        spec: dict[str, dict[str, tuple]] = {"required": required}
+        if optional:
+            spec["optional"] = optional
+        return spec
+
+    @classmethod
+    def input(cls, name: str) -> In | None:
+        for port in cls.INPUTS:
+            if port.name == name:
+                return port
+        return None
+
+    @classmethod
+    def output_index(cls, name: str) -> int | None:
+        for i, port in enumerate(cls.OUTPUTS):
+            if port.name == name:
+                return i
+        return None
+
+    @classmethod
+    def code_version(cls) -> str:
+        """Fingerprint of the node's code for cache keys: its VERSION and the source of its class."""
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            source = cls.__qualname__
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        return f"{cls.VERSION}:{digest}"
+
+    def run(self, **inputs: Any) -> tuple:
+        raise NotImplementedError
+
+
+def contract_problems(cls: type[Node]) -> list[str]:
+    """Every way ``cls`` breaks the node contract (empty = fine). Used by the registry and its test."""
+    problems: list[str] = []
+    if not cls.NODE_ID.startswith(NODE_PREFIX):
+        problems.append(f"NODE_ID {cls.NODE_ID!r} must start with {NODE_PREFIX!r}")
+    if not cls.CATEGORY.startswith(ROOT_CATEGORY):
+        problems.append(f"CATEGORY {cls.CATEGORY!r} must be under {ROOT_CATEGORY!r}")
+    if not cls.DESCRIPTION:
+        problems.append("DESCRIPTION is empty")
+    if not cls.OUTPUTS and not cls.OUTPUT_NODE:
+        problems.append("a node with no outputs must be an OUTPUT_NODE")
+    names = [p.name for p in cls.INPUTS]
+    if len(set(names)) != len(names):
+        problems.append(f"duplicate input names {names}")
+    out_names = [o.name for o in cls.OUTPUTS]
+    if len(set(out_names)) != len(out_names):
+        problems.append(f"duplicate output names {out_names}")
+    if cls.FUNCTION != "run" or "run" not in vars(cls):
+        problems.append("must implement run()")
+    for port in cls.INPUTS:
+        where = f"input {port.name!r}"
+        if not port.help:
+            problems.append(f"{where} has no help")
+        if port.type not in PRIMITIVES and not port.type.startswith(CUSTOM_PREFIX) and port.type != "IMAGE":
+            problems.append(f"{where}: custom wire types must start with {CUSTOM_PREFIX}, got {port.type!r}")
+        if port.type == "COMBO" and not port.choices:
+            problems.append(f"{where}: COMBO needs choices")
+        if port.type == "COMBO" and port.default is not REQUIRED and port.default not in port.choices:
+            problems.append(f"{where}: default {port.default!r} not in choices")
+        if not port.is_widget and port.default is not REQUIRED and port.default is not None:
+            problems.append(f"{where}: wire inputs cannot have a default value")
+        if port.path and port.type != "STRING":
+            problems.append(f"{where}: path=True needs type STRING")
+    for out in cls.OUTPUTS:
+        if out.type not in PRIMITIVES and not out.type.startswith(CUSTOM_PREFIX) and out.type != "IMAGE":
+            problems.append(f"output {out.name!r}: custom wire types must start with {CUSTOM_PREFIX}")
+        if not out.help:
+            problems.append(f"output {out.name!r} has no help")
+    signature = inspect.signature(cls.run)
+    params = [p for p in signature.parameters.values() if p.name != "self"]
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if not accepts_kwargs:
+        missing = set(names) - {p.name for p in params}
+        if missing:
+            problems.append(f"run() lacks parameters for inputs {sorted(missing)}")
+    return problems

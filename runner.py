@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""flowopd's headless runner.
+
+    python runner.py GRAPH.yaml [--set NODE.PARAM=VALUE ...] [--run-dir DIR] [--force NODE ...]
+    python runner.py run GRAPH.yaml ...            (same as above)
+    python runner.py validate GRAPH.yaml [--set ...]
+    python runner.py list-nodes [--json]
+    python runner.py export GRAPH.yaml --comfy-api OUT.json
+
+Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COMMANDS = ("run", "validate", "list-nodes", "export")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runner.py", description="Run flowopd graph files headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def graph_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("graph", type=Path, help="graph file (YAML)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="NODE.PARAM=VALUE",
+            help="override a param (repeatable); validated like the file",
+        )
+
+    run = sub.add_parser("run", help="run a graph (default command)")
+    graph_args(run)
+    run.add_argument("--run-dir", type=Path, help="run directory (default: runs/<graph name>)")
+    run.add_argument("--force", action="append", default=[], metavar="NODE", help="re-execute NODE (and so its descendants)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    val = sub.add_parser("validate", help="check a graph; print every problem")
+    graph_args(val)
+    val.add_argument("--json", action="store_true", help="print problems as ComfyUI-style node_errors JSON")
+
+    ls = sub.add_parser("list-nodes", help="list registered nodes with their ports")
+    ls.add_argument("--json", action="store_true", help="machine-readable (ComfyUI object_info-like)")
+
+    exp = sub.add_parser("export", help="convert a graph to ComfyUI formats")
+    graph_args(exp)
+    exp.add_argument("--comfy-api", type=Path, required=True, metavar="OUT.json", help="write ComfyUI API-format JSON")
+    return parser
+
+
+def _load(path: Path, overrides: list[str]):
+    from flowopd_nodes.graph import apply_overrides, load_graph_file
+    from flowopd_nodes.validate import validate
+
+    graph = load_graph_file(path)
+    if overrides:
+        apply_overrides(graph, overrides)
+    return validate(graph)
+
+
+def _list_nodes(as_json: bool) -> int:
+    from flowopd_nodes.ports import REQUIRED
+    from flowopd_nodes.registry import NODES
+
+    if as_json:
+        info = {
+            cls.NODE_ID: {
+                "display_name": cls.DISPLAY_NAME,
+                "category": cls.CATEGORY,
+                "description": cls.DESCRIPTION,
+                "input": cls.INPUT_TYPES(),
+                "output": list(cls.RETURN_TYPES),
+                "output_name": list(cls.RETURN_NAMES),
+                "output_node": cls.OUTPUT_NODE,
+            }
+            for cls in NODES
+        }
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for cls in NODES:
+        print(f"{cls.NODE_ID}  [{cls.CATEGORY}]{'  (output node)' if cls.OUTPUT_NODE else ''}")
+        print(f"    {cls.DESCRIPTION}")
+        for port in cls.INPUTS:
+            bits = [port.type]
+            if port.type == "COMBO":
+                bits = ["one of " + "|".join(port.choices)]
+            if port.is_widget and port.default is not REQUIRED and port.default is not None:
+                bits.append(f"default {port.default!r}")
+            if port.min is not None or port.max is not None:
+                bits.append(f"range [{port.min}, {port.max}]")
+            if port.optional:
+                bits.append("optional")
+            if port.required:
+                bits.append("required")
+            print(f"    in  {port.name:<18} {', '.join(bits)}: {port.help}")
+        for out in cls.OUTPUTS:
+            print(f"    out {out.name:<18} {out.type}: {out.help}")
+        print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "run")
+    args = _parser().parse_args(argv)
+    if args.command == "list-nodes":
+        return _list_nodes(args.json)
+
+    from flowopd_nodes.errors import GraphValidationError, NodeExecutionError
+
+    try:
+        valid = _load(args.graph, args.overrides)
+    except GraphValidationError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"type": "prompt_outputs_failed_validation"}, "node_errors": exc.node_errors()}, indent=2))
+        else:
+            print(exc, file=sys.stderr)
+        return 2
+
+    if args.command == "validate":
+        print(f"{args.graph}: valid ({len(valid.nodes)} nodes, {len(valid.order)} to run)")
+        return 0
+    if args.command == "export":
+        from flowopd_nodes.comfy_format import to_api_prompt
+
+        args.comfy_api.write_text(json.dumps(to_api_prompt(valid), indent=2), encoding="utf-8")
+        print(f"wrote {args.comfy_api}")
+        return 0
+
+    from flowopd_nodes.scheduler import run_graph
+
+    unknown = sorted(set(args.force) - set(valid.nodes))
+    if unknown:
+        print(f"error: --force names no node of the graph: {unknown}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs") / valid.name
+    try:
+        result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)
+    except NodeExecutionError as exc:
+        print(f"error: {exc}\n(see {run_dir / 'run.log'})", file=sys.stderr)
+        return 1
+    print(f"{valid.name}: {len(result.executed)} executed, {len(result.cached)} cached -> {run_dir}")
+    for node_id in valid.order:
+        if valid.nodes[node_id].cls.OUTPUT_NODE:
+            for name, value in result.outputs[node_id].items():
+                print(f"  {node_id}.{name}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
