@@ -83,12 +83,17 @@ class PromptSet:
         return cls(tuple(p for s in sets for p in s.prompts), name=name)
 
 
-def load_prompt_file(path: str | Path, *, default_task: str = UNTAGGED) -> PromptSet:
-    """Read a ``.txt`` or ``.jsonl`` prompt file (see module doc). Raises ``ValueError`` naming the line."""
+def load_prompt_file(path: str | Path, *, default_task: str = UNTAGGED, format: str = "auto") -> PromptSet:
+    """Read a ``.txt`` or ``.jsonl`` prompt file (see module doc). Raises ``ValueError`` naming the line.
+
+    ``format``: ``"auto"`` (by extension), ``"txt"`` or ``"jsonl"``.
+    """
     path = Path(path)
+    if format not in ("auto", "txt", "jsonl"):
+        raise ValueError(f"unknown prompt file format {format!r}")
     lines = path.read_text(encoding="utf-8").splitlines()
     prompts: list[PromptSpec] = []
-    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    jsonl = format == "jsonl" or (format == "auto" and path.suffix.lower() in (".jsonl", ".ndjson"))
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or line.startswith("#"):

@@ -139,8 +139,8 @@ def _check_node(graph: Graph, node_id: str) -> tuple[ResolvedNode | None, list[G
             continue
         links[name] = Link(name, src_id, out_name)
     for port in cls.INPUTS:
-        if port.name in spec.links:
-            continue
+        if port.name in spec.links or (port.name in spec.params and not port.is_widget):
+            continue  # linked, or already reported as a value given for a wire input
         if port.name in spec.params and port.is_widget:
             value, problems = check_value(port, spec.params[port.name], node_id, ct, graph.base_dir)
             issues.extend(problems)

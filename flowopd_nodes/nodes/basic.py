@@ -36,13 +36,14 @@ class PromptFile(Node):
     )
     INPUTS = (
         In("path", "STRING", help="prompt file (.txt or .jsonl), relative to the graph file", path=True, must_exist=True),
+        In("format", "COMBO", "auto", "file format: auto = by extension (.jsonl/.ndjson -> jsonl)", choices=("auto", "txt", "jsonl")),
         In("default_task", "STRING", "", "task tag for prompts that carry none"),
         In("limit", "INT", 0, "keep only the first N prompts (0 = all)", min=0, max=1_000_000),
     )
     OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
 
-    def run(self, path: str, default_task: str, limit: int) -> tuple[PromptSet]:
-        prompts = load_prompt_file(path, default_task=default_task)
+    def run(self, path: str, format: str, default_task: str, limit: int) -> tuple[PromptSet]:
+        prompts = load_prompt_file(path, default_task=default_task, format=format)
         return (prompts.head(limit) if limit else prompts,)
 
 

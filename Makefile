@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    -> builds .venv (torch CPU first, then the project) and runs the main graph
+#   make test   -> builds .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MAIN_GRAPH ?= graphs/miniworld_preview.yaml
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test bench clean-runs
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/python runner.py $(MAIN_GRAPH)
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,139 @@
+"""Caching and partial re-runs: unchanged nodes are served from the cache, changed ones and their
+descendants re-execute, failures leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import runner
+
+GRAPH = """\
+schema_version: 1
+name: two_branches
+nodes:
+  a: {type: FlowOPDPromptText, params: {text: "two red circles", task: compose}}
+  sa: {type: FlowOPDSavePrompts, links: {prompts: a.prompts}}
+  f: {type: FlowOPDPromptFile, params: {path: prompts.txt}}
+  sf: {type: FlowOPDSavePrompts, links: {prompts: f.prompts}, params: {filename: f.jsonl}}
+  unused: {type: FlowOPDSeed, params: {seed: 3}}
+"""
+
+
+@pytest.fixture
+def graph(tmp_path: Path) -> Path:
+    (tmp_path / "prompts.txt").write_text("text\tthe word GO\nquality\ta clean square\n")
+    path = tmp_path / "g.yaml"
+    path.write_text(GRAPH)
+    return path
+
+
+def run(graph: Path, *extra: str) -> dict:
+    run_dir = graph.parent / "run"
+    assert runner.main(["run", str(graph), "--run-dir", str(run_dir), "--no-progress", *extra]) == 0
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def states(status: dict) -> dict[str, str]:
+    return {k: v["state"] for k, v in status["nodes"].items()}
+
+
+def test_second_run_executes_nothing(graph):
+    first = run(graph)
+    assert states(first) == {"a": "executed", "sa": "executed", "f": "executed", "sf": "executed"}
+    second = run(graph)
+    assert second["executed"] == 0 and second["cached"] == 4
+    assert {k: v["key"] for k, v in first["nodes"].items()} == {k: v["key"] for k, v in second["nodes"].items()}
+
+
+def test_demand_driven_skips_nodes_no_output_needs(graph):
+    assert "unused" not in run(graph)["nodes"]
+
+
+def test_changed_param_reexecutes_node_and_descendants_only(graph):
+    run(graph)
+    status = run(graph, "--set", "a.text=three blue squares")
+    assert states(status) == {"a": "executed", "sa": "executed", "f": "cached", "sf": "cached"}
+    # Going back to the old value is a cache hit again (old entries are kept).
+    status = run(graph)
+    assert status["executed"] == 0
+
+
+def test_changed_leaf_param_reexecutes_only_the_leaf(graph):
+    run(graph)
+    status = run(graph, "--set", "sf.filename=other.jsonl")
+    assert states(status) == {"a": "cached", "sa": "cached", "f": "cached", "sf": "executed"}
+
+
+def test_force_reexecutes_node_and_descendants(graph):
+    run(graph)
+    status = run(graph, "--force", "f")
+    assert states(status) == {"a": "cached", "sa": "cached", "f": "executed", "sf": "executed"}
+    assert run(graph)["executed"] == 0
+
+
+def test_edited_input_file_invalidates_its_reader(graph):
+    run(graph)
+    (graph.parent / "prompts.txt").write_text("text\tthe word UP\n")
+    status = run(graph)
+    assert states(status) == {"a": "cached", "sa": "cached", "f": "executed", "sf": "executed"}
+    out = (graph.parent / "run" / "nodes" / "sf" / "f.jsonl").read_text()
+    assert "UP" in out and "GO" not in out
+
+
+def test_outputs_round_trip_and_artifacts_in_run_dir(graph):
+    run(graph)
+    run_dir = graph.parent / "run"
+    lines = (run_dir / "nodes" / "sa" / "prompts.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["text"] == "two red circles"
+    assert (run_dir / "graph.yaml").is_file() and (run_dir / "run.log").is_file()
+
+
+def test_incomplete_entry_is_not_served(graph):
+    first = run(graph)
+    entry = graph.parent / "run" / "cache" / "sf" / first["nodes"]["sf"]["key"]
+    (entry / "outputs.json").unlink()  # as if the process died before finishing the node
+    status = run(graph)
+    assert states(status)["sf"] == "executed" and status["executed"] == 1
+
+
+def test_failing_node_leaves_nothing_and_exits_1(graph, capsys):
+    (graph.parent / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    rc = runner.main(["run", str(graph), "--run-dir", str(graph.parent / "run"), "--no-progress", "--set", "f.path=bad.jsonl"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "node 'f' (FlowOPDPromptFile) failed" in err and "bad.jsonl:2" in err
+    status = json.loads((graph.parent / "run" / "status.json").read_text())
+    assert status["nodes"]["f"]["state"] == "failed"
+    assert status["nodes"]["sf"]["state"] == "skipped"
+    assert not (graph.parent / "run" / "cache" / "f").exists() or not any((graph.parent / "run" / "cache" / "f").iterdir())
+
+
+def test_force_unknown_node_is_an_error(graph):
+    assert runner.main(["run", str(graph), "--run-dir", str(graph.parent / "run"), "--force", "nope"]) == 2
+
+
+def test_bad_override_is_reported(graph, capsys):
+    assert runner.main(["validate", str(graph), "--set", "a.text"]) == 2
+    assert runner.main(["validate", str(graph), "--set", "zz.text=1"]) == 2
+    assert runner.main(["validate", str(graph), "--set", "f.limit=-3"]) == 2
+    err = capsys.readouterr().err
+    assert "bad_override" in err and "value_smaller_than_min" in err
+
+
+def test_export_comfy_api(graph, tmp_path):
+    out = tmp_path / "api.json"
+    assert runner.main(["export", str(graph), "--comfy-api", str(out)]) == 0
+    prompt = json.loads(out.read_text())
+    assert prompt["sa"] == {"class_type": "FlowOPDSavePrompts", "inputs": {"filename": "prompts.jsonl", "prompts": ["a", 0]}, "_meta": {"title": "sa"}}
+    assert Path(prompt["f"]["inputs"]["path"]).is_absolute()
+
+
+def test_list_nodes(capsys):
+    assert runner.main(["list-nodes"]) == 0
+    assert "FlowOPDSeed" in capsys.readouterr().out
+    assert runner.main(["list-nodes", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["FlowOPDPromptFile"]["input"]["required"]["format"][0] == ["auto", "txt", "jsonl"]

@@ -1,0 +1,44 @@
+"""The node contract, checked over every registered node."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowopd_nodes.ports import PRIMITIVES, contract_problems
+from flowopd_nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, NODES, REGISTRY
+from flowopd_nodes.types import WIRE_TYPES
+
+
+def test_registry_ids_unique_and_prefixed():
+    ids = [cls.NODE_ID for cls in NODES]
+    assert len(ids) == len(set(ids))
+    assert set(REGISTRY) == set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS) == set(ids)
+
+
+@pytest.mark.parametrize("cls", NODES, ids=[c.NODE_ID for c in NODES])
+def test_node_contract(cls):
+    assert contract_problems(cls) == []
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    json.dumps(spec)  # ComfyUI serves it as JSON in /object_info
+    declared = [p.name for p in cls.INPUTS]
+    assert [*spec["required"], *spec.get("optional", {})] == [p.name for p in cls.INPUTS if not p.optional] + [
+        p.name for p in cls.INPUTS if p.optional
+    ]
+    for port in cls.INPUTS:
+        entry = (spec["optional"] if port.optional else spec["required"])[port.name]
+        if port.type == "COMBO":
+            assert entry[0] == list(port.choices)
+        else:
+            assert entry[0] == port.type
+        if port.is_widget and "default" in entry[1]:
+            assert entry[1]["default"] == port.default
+    assert cls.RETURN_TYPES == tuple(o.type for o in cls.OUTPUTS)
+    assert cls.RETURN_NAMES == tuple(o.name for o in cls.OUTPUTS)
+    assert isinstance(cls.FUNCTION, str) and callable(getattr(cls(), cls.FUNCTION))
+    assert isinstance(cls.CATEGORY, str) and isinstance(cls.OUTPUT_NODE, bool)
+    for t in [p.type for p in cls.INPUTS if p.type not in PRIMITIVES] + list(cls.RETURN_TYPES):
+        assert t in WIRE_TYPES, f"{cls.NODE_ID}: no codec for wire type {t}"
+    assert declared  # every node takes at least one input
