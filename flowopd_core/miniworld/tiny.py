@@ -1,0 +1,202 @@
+"""A tiny SD3-architecture pipeline built fully offline (shared/docs/feasibility.md §1).
+
+Every component is the real diffusers / transformers class that SD3.5-Medium uses, only smaller and randomly
+initialised: ``SD3Transformer2DModel``, two ``CLIPTextModelWithProjection``, a ``T5EncoderModel``, a
+``FlowMatchEulerDiscreteScheduler`` and, optionally, an ``AutoencoderKL``. Tokenizers are character level and
+built from in-memory vocabularies, so nothing is downloaded:
+
+- CLIP: byte-level BPE with no merges (256 byte characters, the same with ``</w>``, start and end tokens).
+  CLIP's normaliser lower-cases the text.
+- T5: a Unigram model over printable ASCII characters (with and without the word-start marker ``▁``);
+  it keeps case, so the T5 stream is the only one that tells ``CAT`` from ``cat``.
+
+Pixel space (the default, ``vae_latent_channels=0``): ``vae=None`` and the "latents" are images mapped to
+[-1, 1]. A pipeline saved with ``save_pretrained`` is a standard diffusers folder that plain diffusers loads
+without flowopd: ``StableDiffusion3Pipeline.from_pretrained(folder, vae=None)`` (diffusers refuses a ``null``
+vae entry unless ``vae=None`` is passed). It then assumes a x8 VAE (``vae_scale_factor = 8``): call it with
+no ``height``/``width`` and ``output_type="latent"`` (the default size then maps to ``sample_size``
+latents), or load it with :func:`flowopd_core.pipeline.load_pipeline`, which does both fix-ups.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from flowopd_core.pipeline import configure_pixel_space
+
+T5_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
+"""Characters of the T5 Unigram vocabulary (each also as a word-start piece ``▁c``)."""
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of a tiny SD3 pipeline. Defaults: pixel space 32x32x3, patch 4, 4 layers, 4 heads x 32."""
+
+    sample_size: int = field(default=32, metadata={"help": "latent height = width (pixels in pixel space)"})
+    patch_size: int = field(default=4, metadata={"help": "transformer patch size; tokens = (sample/patch)^2"})
+    num_layers: int = field(default=4, metadata={"help": "joint transformer blocks"})
+    num_attention_heads: int = field(default=4, metadata={"help": "attention heads"})
+    attention_head_dim: int = field(default=32, metadata={"help": "width per head; inner dim = heads x this"})
+    text_dim: int = field(
+        default=64, metadata={"help": "T5 d_model = transformer joint_attention_dim; must be >= 2 x clip_hidden"}
+    )
+    clip_hidden: int = field(default=32, metadata={"help": "hidden (and projection) width of each CLIP encoder"})
+    text_layers: int = field(default=2, metadata={"help": "layers of each text encoder"})
+    text_heads: int = field(default=2, metadata={"help": "attention heads of each text encoder"})
+    clip_max_length: int = field(default=32, metadata={"help": "CLIP tokens (tokenizer model_max_length)"})
+    t5_max_length: int = field(default=8, metadata={"help": "T5 tokens used by flowopd (pass as max_sequence_length)"})
+    vae_latent_channels: int = field(
+        default=0, metadata={"help": "0 = pixel space (vae=None, 3 channels); else a tiny x2 AutoencoderKL"}
+    )
+    shift: float = field(default=1.0, metadata={"help": "FlowMatchEulerDiscreteScheduler shift"})
+
+    def __post_init__(self) -> None:
+        for name in ("sample_size", "patch_size", "num_layers", "num_attention_heads", "attention_head_dim",
+                     "text_dim", "clip_hidden", "text_layers", "text_heads", "clip_max_length", "t5_max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TinyConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}")
+        if self.text_dim < 2 * self.clip_hidden:
+            raise ValueError(f"text_dim {self.text_dim} must be >= 2 x clip_hidden {self.clip_hidden} (SD3 pads CLIP)")
+        if self.clip_max_length < 3:
+            raise ValueError("clip_max_length must leave room for start and end tokens (>= 3)")
+        if self.vae_latent_channels < 0 or self.shift <= 0:
+            raise ValueError("vae_latent_channels must be >= 0 and shift > 0")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def image_size(self) -> int:
+        """Pixel height = width of the images the pipeline produces."""
+        return self.sample_size * (2 if self.vae_latent_channels else 1)
+
+
+TEST_CONFIG = TinyConfig(sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=32)
+"""Unit-test variant: pixel space 16x16x3, 2 layers, inner dim 64 (a forward takes about a millisecond)."""
+
+
+def clip_tokenizer(max_length: int) -> CLIPTokenizer:
+    """Character-level CLIP tokenizer: byte BPE with no merges, 514 ids (start 512, end = pad 513)."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int) -> T5Tokenizer:
+    """Character-level T5 Unigram tokenizer over :data:`T5_CHARACTERS` (pad 0, end 1, unknown 2)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -3.0) for c in T5_CHARACTERS] + [(c, -3.5) for c in T5_CHARACTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_encoder(config: TinyConfig, tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.clip_hidden,
+            intermediate_size=2 * config.clip_hidden,
+            projection_dim=config.clip_hidden,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.clip_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _t5_encoder(config: TinyConfig, tokenizer: T5Tokenizer) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=config.text_dim,
+            d_kv=config.text_dim // config.text_heads,
+            d_ff=2 * config.text_dim,
+            num_layers=config.text_layers,
+            num_heads=config.text_heads,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _transformer(config: TinyConfig, channels: int) -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=config.sample_size,
+        patch_size=config.patch_size,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=config.num_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.text_dim,
+        caption_projection_dim=config.inner_dim,
+        pooled_projection_dim=2 * config.clip_hidden,
+        pos_embed_max_size=config.sample_size // config.patch_size,
+    )
+
+
+def _vae(latent_channels: int) -> AutoencoderKL:
+    """A x2-downsampling AutoencoderKL (168 k parameters for 4 latent channels)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=1.0,
+        shift_factor=0.0,  # SD3's pipeline adds it unconditionally
+    )
+
+
+def build_tiny_pipeline(config: TinyConfig = TinyConfig(), seed: int = 0) -> StableDiffusion3Pipeline:
+    """Build a randomly initialised tiny SD3 pipeline, in float32 on the CPU, in eval mode.
+
+    The weights depend only on ``config`` and ``seed`` (the global torch RNG is left untouched). Text encoders
+    (and the VAE) are meant to stay frozen; the transformer is what pretraining trains.
+    """
+    tok_clip, tok_t5 = clip_tokenizer(config.clip_max_length), t5_tokenizer(config.t5_max_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _clip_encoder(config, tok_clip)
+        text_encoder_2 = _clip_encoder(config, tok_clip)
+        text_encoder_3 = _t5_encoder(config, tok_t5)
+        vae = _vae(config.vae_latent_channels) if config.vae_latent_channels else None
+        transformer = _transformer(config, config.vae_latent_channels or 3)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=config.shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok_clip,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(config.clip_max_length),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tok_t5,
+    )
+    configure_pixel_space(pipe)
+    for module in (text_encoder, text_encoder_2, text_encoder_3, transformer, vae):
+        if module is not None:
+            module.eval()
+    return pipe
