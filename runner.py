@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "requires torchvision" notices on import
 
 COMMANDS = ("run", "validate", "list-nodes", "export")
 

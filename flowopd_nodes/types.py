@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowopd_core.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
 
 
@@ -68,6 +69,16 @@ def _decode_path(data: str, entry: Path) -> str:
     return str(path if path.is_absolute() else entry / path)
 
 
+def _encode_model(value: ModelRef, entry: Path) -> dict[str, Any]:
+    data = value.to_json()
+    data["path"] = _encode_path(value.path, entry, "")
+    return data
+
+
+def _decode_model(data: dict[str, Any], entry: Path) -> ModelRef:
+    return ModelRef.from_json({**data, "path": _decode_path(data["path"], entry)})
+
+
 WIRE_TYPES: dict[str, WireType] = {
     t.name: t
     for t in [
@@ -94,6 +105,13 @@ WIRE_TYPES: dict[str, WireType] = {
             lambda v: isinstance(v, PromptSet),
             _encode_prompts,
             _decode_prompts,
+        ),
+        WireType(
+            "FLOWOPD_MODEL",
+            "a model handle: a local diffusers pipeline folder, dtype and device",
+            lambda v: isinstance(v, ModelRef),
+            lambda v, entry, name: _encode_model(v, entry),
+            lambda d, entry: _decode_model(d, entry),
         ),
         WireType(
             "FLOWOPD_FILE",

@@ -71,8 +71,10 @@ def check_value(port: In, value: Any, node: str, class_type: str, base_dir: Path
     if not _type_ok(port, value):
         expected = _PYTHON_TYPES.get(port.type, "one of " + ", ".join(map(repr, port.choices)))
         return value, issue("invalid_input_type", f"expected {expected} ({port.type}), got {value!r}")
-    if port.type == "FLOAT" and not math.isfinite(value):
-        return value, issue("invalid_input_type", f"expected a finite number, got {value!r}")
+    if port.type == "FLOAT":
+        if not math.isfinite(value):
+            return value, issue("invalid_input_type", f"expected a finite number, got {value!r}")
+        value = float(value)  # 5 and 5.0 are the same setting (and the same cache key)
     if port.type == "COMBO" and value not in port.choices:
         return value, issue("value_not_in_list", f"{value!r} is not one of {list(port.choices)}")
     if port.min is not None and value < port.min:
