@@ -3,7 +3,7 @@ from a name read from a graph file."""
 
 from __future__ import annotations
 
-from flowopd_nodes.nodes import basic, model
+from flowopd_nodes.nodes import basic, miniworld, model
 from flowopd_nodes.ports import Node
 
 NODES: list[type[Node]] = [
@@ -12,6 +12,8 @@ NODES: list[type[Node]] = [
     basic.PromptText,
     basic.ImageGrid,
     basic.SavePrompts,
+    miniworld.MiniWorldPrompts,
+    miniworld.RenderGroundTruth,
     model.LoadModel,
     model.Sample,
 ]
