@@ -1,0 +1,119 @@
+"""Rectified-flow pretraining on the tiny 16x16 SD3 pipeline with a small synthetic data set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
+from flowopd_core.pipeline import TextEmbeddingCache, encode_images, load_pipeline
+from flowopd_core.pretrain import PretrainConfig, flow_matching_loss, pretrain, sample_times
+
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    images: torch.Tensor
+
+
+def colour_squares(rng: np.random.Generator, batch_size: int, size: int) -> Batch:
+    """A centred square of a named colour on white; the prompt names the colour."""
+    names = rng.choice(list(COLOURS), size=batch_size)
+    images = torch.ones(batch_size, 3, size, size)
+    lo, hi = size // 4, 3 * size // 4
+    for i, name in enumerate(names):
+        images[i, :, lo:hi, lo:hi] = torch.tensor(COLOURS[name]).view(3, 1, 1)
+    return Batch([f"a {name} square" for name in names], images)
+
+
+def fixed_batch(rng: np.random.Generator, batch_size: int, size: int) -> Batch:
+    return colour_squares(np.random.default_rng(0), batch_size, size)
+
+
+def _fast(**overrides) -> PretrainConfig:
+    base = dict(steps=5, batch_size=8, lr=1e-3, warmup_steps=2, image_size=16, log_every=2, seed=1)
+    return PretrainConfig(**{**base, **overrides})
+
+
+def test_config_checks():
+    assert PretrainConfig().batch_size == 32 and PretrainConfig().ema_decay == 0.995
+    for bad in (dict(steps=0), dict(lr=0.0), dict(ema_decay=1.0), dict(cfg_dropout=1.0), dict(logit_std=0.0)):
+        with pytest.raises(ValueError):
+            PretrainConfig(**bad)
+
+
+def test_sample_times_are_logit_normal():
+    t = sample_times(20000, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - 0.5) < 0.02
+    logits = torch.logit(t)
+    assert abs(logits.std().item() - 1.0) < 0.03
+
+
+def test_pretraining_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
+    batch = fixed_batch(None, 8, 16)
+    cache = TextEmbeddingCache(pipe)
+    g = torch.Generator().manual_seed(123)
+    x0, cond = encode_images(pipe, batch.images), cache.encode(batch.prompts)
+    t, eps = sample_times(64, 0.0, 1.0, g), torch.randn(64, 3, 16, 16, generator=g)
+    x0, cond = x0.repeat(8, 1, 1, 1), type(cond)(cond.prompt_embeds.repeat(8, 1, 1), cond.pooled.repeat(8, 1))
+
+    def held_out_loss(transformer):
+        with torch.no_grad():
+            return flow_matching_loss(transformer, x0, cond, t, eps).item()
+
+    before = held_out_loss(pipe.transformer)
+    calls = []
+    result = pretrain(pipe, fixed_batch, _fast(steps=40, ema_decay=0.0), tmp_path, progress=lambda *a: calls.append(a))
+    after = held_out_loss(pipe.transformer)
+    assert after < 0.8 * before, (before, after)
+    assert result.steps == 40 and len(result.losses) == 40 and all(np.isfinite(result.losses))
+    assert calls[0] == (2, 40, result.losses[1]) and calls[-1][0] == 40 and len(calls) == 20
+
+
+def test_pretraining_is_deterministic_and_writes_a_pipeline_folder(tmp_path):
+    results = []
+    for run in ("a", "b"):
+        pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
+        initial = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+        results.append(pretrain(pipe, colour_squares, _fast(), tmp_path / run))
+    a, b = (load_pipeline(r.path).transformer.state_dict() for r in results)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert results[0].losses == results[1].losses
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # it did train
+
+    out = tmp_path / "a"
+    assert results[0].path == out / "pipeline" and (out / "pipeline" / "model_index.json").is_file()
+    assert list((out / "pipeline" / "transformer").glob("*.safetensors"))
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["steps"] == 5 and record["config"]["seed"] == 1 and record["losses"] == results[0].losses
+
+    other_seed = pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares, _fast(seed=2), tmp_path / "c")
+    assert other_seed.losses != results[0].losses
+
+
+def test_saved_weights_are_the_ema(tmp_path):
+    pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
+    raw = {}
+    config = _fast(steps=6, ema_decay=0.5)
+
+    def spy(step, total, loss):
+        if step == total:
+            raw.update({k: v.clone() for k, v in pipe.transformer.state_dict().items()})
+
+    result = pretrain(pipe, colour_squares, config, tmp_path, progress=spy)
+    saved = load_pipeline(result.path).transformer.state_dict()
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # EMA differs from the raw last weights
+
+
+def test_wrong_image_size_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="image_size"):
+        pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares, _fast(image_size=8), tmp_path)
