@@ -1,0 +1,180 @@
+"""GenEval-like compositional reward for mini-world images: a real detector for the mini-world's objects.
+
+Detector (``detect_objects``), for an ``(H, W, 3)`` uint8 image:
+1. every pixel takes the nearest ``PALETTE`` colour (RGB distance); pixels farther than ``max_distance`` from
+   all of them, white and black (text ink) are not object pixels;
+2. the object pixels of each colour are split into 4-connected components (``scipy.ndimage.label``); components
+   smaller than ``min_area`` (a fraction of the image) are noise;
+3. shape = the ideal silhouette (disc, full box, upright triangle) drawn into the component's bounding box
+   that has the highest IoU with it; below ``min_shape_iou`` the component is an unshaped "blob" (matches
+   no shape). (Measured at 32 px on 9,000 single renders: 4 errors, all circles of radius < 5 px read as
+   squares; a plain fill-ratio rule made 6x more.)
+4. position = the component's centroid.
+
+Judging a prompt (``judge``) against its spec (``{"objects": [{"colour", "shape", "count"}], "relation"}``):
+per object, three constraints -- its colour is present, an object of that colour has its shape, the number of
+objects of that colour and shape equals its count -- and for two-object prompts the relation: the first
+object's centroid lies on the named side of the second's, along an axis that dominates (``|dx| >= |dy|`` for
+left/right, ``|dy| >= |dx|`` for above/below), using for each the largest matching component (else the largest
+of its colour). ``score`` = fraction of constraints satisfied (the training reward, in [0, 1]); ``strict`` = 1
+iff all are (GenEval-style accuracy). Objects not named in the prompt are ignored, as in GenEval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from flowopd_core.miniworld.tasks import COLOURS, PALETTE
+from flowopd_core.prompts import PromptSpec
+from flowopd_core.rewards.base import Reward, SampleScore, cannot_score
+
+_CLASS_NAMES: tuple[str, ...] = tuple(PALETTE)  # white, black, then the object colours
+_CLASS_RGB = np.array([PALETTE[name] for name in _CLASS_NAMES], dtype=np.float32)
+_OBJECT_CLASSES = tuple(i for i, name in enumerate(_CLASS_NAMES) if name in COLOURS)
+_SIDES = {"left of": (1, 0), "right of": (-1, 0), "above": (0, 1), "below": (0, -1)}  # sign of (dx, dy), b - a
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    min_area: float = field(default=0.01, metadata={"help": "smallest object, as a fraction of the image area"})
+    max_distance: float = field(
+        default=150.0, metadata={"help": "RGB distance (0-441) beyond which a pixel matches no palette colour"}
+    )
+    min_shape_iou: float = field(
+        default=0.6, metadata={"help": "least IoU with the best ideal silhouette; below it the blob has no shape"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_area < 1.0:
+            raise ValueError(f"min_area must lie in (0, 1), got {self.min_area}")
+        if self.max_distance <= 0:
+            raise ValueError(f"max_distance must be > 0, got {self.max_distance}")
+        if not 0.0 <= self.min_shape_iou < 1.0:
+            raise ValueError(f"min_shape_iou must lie in [0, 1), got {self.min_shape_iou}")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: centroid ``(cx, cy)`` in pixels, ``iou`` of its shape's silhouette,
+    ``bbox`` = (y0, x0, y1, x1) half-open."""
+
+    colour: str
+    shape: str
+    area: int
+    cx: float
+    cy: float
+    iou: float
+    bbox: tuple[int, int, int, int]
+
+
+def classify_pixels(image: np.ndarray, max_distance: float) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(H, W)`` index into ``PALETTE`` order (nearest colour); unmatched -> white (0)."""
+    dist = np.linalg.norm(image[:, :, None, :].astype(np.float32) - _CLASS_RGB, axis=-1)
+    labels = dist.argmin(axis=-1)
+    labels[dist.min(axis=-1) > max_distance] = 0
+    return labels
+
+
+def silhouettes(height: int, width: int) -> dict[str, np.ndarray]:
+    """Ideal ``(height, width)`` bool masks of each shape filling that box (pixel centres inside the shape)."""
+    y = (np.arange(height) + 0.5) / height
+    x = (np.arange(width) + 0.5) / width
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    return {
+        "circle": (2 * yy - 1) ** 2 + (2 * xx - 1) ** 2 <= 1.0,
+        "square": np.ones((height, width), dtype=bool),
+        "triangle": np.abs(2 * xx - 1) <= yy,  # apex at the top centre, base along the bottom
+    }
+
+
+def shape_of(part: np.ndarray, min_iou: float) -> tuple[str, float]:
+    """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU)."""
+    ious = {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in silhouettes(*part.shape).items()}
+    best = max(ious, key=ious.__getitem__)
+    return (best if ious[best] >= min_iou else "blob"), ious[best]
+
+
+def detect_objects(image: np.ndarray, config: ComposeConfig) -> list[Detection]:
+    """All mini-world objects in an ``(H, W, 3)`` uint8 image (see module doc), largest first."""
+    labels = classify_pixels(image, config.max_distance)
+    min_pixels = config.min_area * labels.size
+    found = []
+    for cls in _OBJECT_CLASSES:
+        components, count = ndimage.label(labels == cls)
+        if count == 0:
+            continue
+        for index, box in enumerate(ndimage.find_objects(components), start=1):
+            part = components[box] == index
+            area = int(part.sum())
+            if area < min_pixels:
+                continue
+            ys, xs = np.nonzero(part)
+            shape, iou = shape_of(part, config.min_shape_iou)
+            found.append(
+                Detection(
+                    colour=_CLASS_NAMES[cls],
+                    shape=shape,
+                    area=area,
+                    cx=float(xs.mean() + box[1].start + 0.5),
+                    cy=float(ys.mean() + box[0].start + 0.5),
+                    iou=round(iou, 3),
+                    bbox=(box[0].start, box[1].start, box[0].stop, box[1].stop),
+                )
+            )
+    return sorted(found, key=lambda d: -d.area)
+
+
+def relation_holds(a: Detection, b: Detection, relation: str) -> bool:
+    """Is ``a`` ``relation`` ``b`` ("left of", "right of", "above", "below"), by centroids (module doc)."""
+    sx, sy = _SIDES[relation]
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    if sx:
+        return sx * dx > 0 and abs(dx) >= abs(dy)
+    return sy * dy > 0 and abs(dy) >= abs(dx)
+
+
+def judge(detections: Sequence[Detection], truth: dict[str, Any]) -> SampleScore:
+    """Score detections against a compose spec: fraction of constraints met, and strict all-met (module doc)."""
+    constraints: dict[str, bool] = {}
+    picks = []
+    for k, obj in enumerate(truth["objects"]):
+        same_colour = [d for d in detections if d.colour == obj["colour"]]
+        matches = [d for d in same_colour if d.shape == obj["shape"]]
+        constraints[f"object{k}_colour"] = bool(same_colour)
+        constraints[f"object{k}_shape"] = bool(matches)
+        constraints[f"object{k}_count"] = len(matches) == obj["count"]
+        picks.append((matches or same_colour or [None])[0])  # detections are sorted largest first
+    relation = truth.get("relation")
+    if relation:
+        a, b = picks[0], picks[1]
+        constraints["relation"] = a is not None and b is not None and relation_holds(a, b, relation)
+    met = sum(constraints.values())
+    details = {
+        "constraints": constraints,
+        "detected": [f"{d.colour} {d.shape} at ({d.cx:.1f}, {d.cy:.1f}) iou {d.iou}" for d in detections],
+    }
+    return SampleScore(score=met / len(constraints), details=details, strict=float(met == len(constraints)))
+
+
+class ComposeReward(Reward):
+    """Mini-world GenEval-like reward (module doc). Prompts without ``spec["objects"]`` score NaN."""
+
+    name = "compose"
+    config_type = ComposeConfig
+    has_strict = True
+
+    def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
+        out = []
+        for image, prompt in zip(images, prompts):
+            truth = prompt.spec
+            if not truth.get("objects"):
+                out.append(cannot_score(f"prompt {prompt.id!r} has no compose spec (objects)"))
+                continue
+            out.append(judge(detect_objects(image, self.config), truth))
+        return out
+

@@ -1,0 +1,132 @@
+"""Mini-world: prompts, splits, rendering, degradations and training batches."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from flowopd_core import miniworld as mw
+from flowopd_core.miniworld.render import layout_pair
+from flowopd_core.rewards.compose import ComposeConfig, detect_objects, relation_holds
+
+
+@pytest.mark.parametrize("task", mw.TASKS)
+def test_splits_are_disjoint_fixed_and_complete(task):
+    train, test = mw.prompts(task, "train"), mw.prompts(task, "test")
+    assert train and test
+    assert not {p.text for p in train} & {p.text for p in test}
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert len({p.id for p in train + test}) == len(train + test)
+    assert all(p.task == task for p in train + test)
+    assert [p.id for p in mw.prompts(task, "train")] == [p.id for p in train]  # fixed order
+
+
+def test_split_sizes_follow_the_rule():
+    sizes = {t: (len(mw.prompts(t, "train")), len(mw.prompts(t, "test"))) for t in mw.TASKS}
+    assert sizes == {"compose": (351, 117), "text": (48, 16), "quality": (18, 6)}
+    assert mw.all_prompts("test") == [p for t in mw.TASKS for p in mw.prompts(t, "test")]
+    assert not {p.text for p in mw.all_prompts("train")} & {p.text for p in mw.all_prompts("test")}
+
+
+def test_test_prompts_recombine_attributes_seen_in_training():
+    train, test = mw.prompts("text", "train"), mw.prompts("text", "test")
+    seen = {(pos, p.spec["word"][pos]) for p in train for pos in (0, 1)}
+    assert all((pos, p.spec["word"][pos]) in seen for p in test for pos in (0, 1))
+
+    def triples(split):
+        return {(o["colour"], o["shape"], o["count"]) for p in mw.template_prompts("compose", "count", split)
+                for o in p.spec["objects"]}
+
+    held = triples("test")
+    seen_pairs = {pair for c, s, n in triples("train") for pair in [("cs", c, s), ("cn", c, n), ("sn", s, n)]}
+    assert held and not held & triples("train")
+    assert all({("cs", c, s), ("cn", c, n), ("sn", s, n)} <= seen_pairs for c, s, n in held)
+
+
+def test_unknown_task_or_split_raises():
+    with pytest.raises(ValueError, match="task"):
+        mw.prompts("painting", "train")
+    with pytest.raises(ValueError, match="split"):
+        mw.prompts("text", "validation")
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_render_shapes_and_background(size):
+    rng = np.random.default_rng(0)
+    for spec in (mw.prompts(t, "test")[0] for t in mw.TASKS):
+        image = mw.render(spec, rng, size)
+        assert image.shape == (size, size, 3) and image.dtype == np.uint8
+        assert (image == 255).all(axis=2).mean() > 0.3  # mostly white background
+        assert (image < 128).any()  # something is drawn
+
+
+def test_render_jitters_compose_but_not_text():
+    compose, text = mw.prompts("compose", "train")[5], mw.prompts("text", "train")[5]
+    a = mw.render(compose, np.random.default_rng(0))
+    b = mw.render(compose, np.random.default_rng(1))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(mw.render(compose, np.random.default_rng(0)), a)
+    assert np.array_equal(mw.render(text, np.random.default_rng(0)), mw.render(text, np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("relation", list(mw.RELATIONS))
+def test_pair_layout_satisfies_its_relation(relation):
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        (ax, ay, ra), (bx, by, rb) = layout_pair(relation, rng, 32)
+        for x, y, r in ((ax, ay, ra), (bx, by, rb)):
+            assert r <= x <= 32 - r and r <= y <= 32 - r
+        spec = next(p for p in mw.template_prompts("compose", "position", "train") if p.spec["relation"] == relation)
+        found = detect_objects(mw.render(spec, rng), ComposeConfig())
+        by_colour = {d.colour: d for d in found}
+        first, second = (by_colour[o["colour"]] for o in spec.spec["objects"])
+        assert relation_holds(first, second, relation)
+
+
+def test_degradations_change_images_and_keep_format():
+    rng = np.random.default_rng(0)
+    clean = mw.render(mw.prompts("quality", "train")[0], rng)
+    for kind, severity in itertools.product(mw.DEGRADATIONS, ("mild", "heavy")):
+        out = mw.degrade(clean, kind, rng, severity)
+        assert out.shape == clean.shape and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - clean).sum() > 0, kind
+    with pytest.raises(ValueError, match="degradation"):
+        mw.degrade(clean, "sepia", rng)
+    with pytest.raises(ValueError, match="severity"):
+        mw.degrade(clean, "blur", rng, "extreme")
+
+
+def test_training_batch_format_and_determinism():
+    a = mw.sample_training_batch(np.random.default_rng(7), 24)
+    b = mw.sample_training_batch(np.random.default_rng(7), 24)
+    c = mw.sample_training_batch(np.random.default_rng(8), 24)
+    assert a.images.shape == (24, 3, 32, 32) and a.images.dtype == torch.float32
+    assert 0.0 <= float(a.images.min()) and float(a.images.max()) <= 1.0
+    assert a.prompts == b.prompts and torch.equal(a.images, b.images) and a.degradations == b.degradations
+    assert a.prompts != c.prompts
+    assert a.tasks == [s.task for s in a.specs] and a.prompts == [s.text for s in a.specs]
+    train = {p.text for p in mw.all_prompts("train")}
+    assert set(a.prompts) <= train
+
+
+def test_training_batch_degrades_only_quality_images_at_the_documented_rate():
+    batch = mw.sample_training_batch(np.random.default_rng(0), 400, tasks=("quality",))
+    rate = np.mean([bool(k) for k in batch.degradations])
+    assert 0.42 < rate < 0.58  # QUALITY_DEGRADED_FRACTION = 0.5
+    assert set(batch.degradations) == {""} | set(mw.DEGRADATIONS)
+    other = mw.sample_training_batch(np.random.default_rng(0), 64, size=48, tasks=("compose", "text"))
+    assert other.images.shape == (64, 3, 48, 48)
+    assert set(other.tasks) == {"compose", "text"} and set(other.degradations) == {""}
+    clean = mw.sample_training_batch(np.random.default_rng(0), 32, tasks=("quality",), quality_degraded_fraction=0.0)
+    assert set(clean.degradations) == {""}
+
+
+def test_training_batch_rejects_bad_arguments():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError):
+        mw.sample_training_batch(rng, 0)
+    with pytest.raises(ValueError):
+        mw.sample_training_batch(rng, 4, tasks=("compose", "video"))
+    with pytest.raises(ValueError):
+        mw.sample_training_batch(rng, 4, quality_degraded_fraction=1.5)

@@ -1,0 +1,201 @@
+"""Rewards: registry, the OCR metric, NaN handling, and validation against the mini-world's ground truth
+(issue 4: clean ground-truth images score >= 0.95 on average, corrupted or mismatched ones <= 0.2)."""
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from flowopd_core import miniworld as mw
+from flowopd_core.prompts import PromptSpec
+from flowopd_core.rewards import REWARDS, TASK_REWARDS, ComposeReward, OCRReward, QualityReward, make_reward
+from flowopd_core.rewards.ocr import ocr_score, target_text
+
+
+def as_tensor(images):
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def sample_specs(task, n, seed=0):
+    specs = mw.prompts(task, "test") + mw.prompts(task, "train")
+    return [specs[i] for i in np.random.default_rng(seed).permutation(len(specs))[:n]]
+
+
+def renders(specs, seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    return [mw.render(s, rng, size) for s in specs]
+
+
+def wrong_prompt(spec):
+    """The same template with every colour and shape (or letter) moved one step: a wrong prompt for the image."""
+    pool = mw.all_prompts("train") + mw.all_prompts("test")
+    if spec.task == "text":
+        word = "".join(mw.LETTERS[(mw.LETTERS.index(c) + 1) % len(mw.LETTERS)] for c in spec.spec["word"])
+        return next(p for p in pool if p.spec.get("word") == word)
+    moved = [(mw.COLOURS[(mw.COLOURS.index(o["colour"]) + 1) % len(mw.COLOURS)],
+              mw.SHAPES[(mw.SHAPES.index(o["shape"]) + 1) % len(mw.SHAPES)], o["count"]) for o in spec.spec["objects"]]
+    return next(p for p in pool if p.task == spec.task and p.spec.get("relation") == spec.spec.get("relation")
+                and p.spec.get("size") == spec.spec.get("size")
+                and [(o["colour"], o["shape"], o["count"]) for o in p.spec["objects"]] == moved)
+
+
+def blur(images, sigma):
+    return [np.clip(ndimage.gaussian_filter(i.astype(float), (sigma, sigma, 0)), 0, 255).astype(np.uint8) for i in images]
+
+
+def noise(images, std, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.clip(i + rng.normal(0.0, std * 255.0, i.shape), 0, 255).astype(np.uint8) for i in images]
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    return make_reward("ocr")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_registry_is_explicit_and_builds_configured_rewards():
+    assert REWARDS == {"compose": ComposeReward, "ocr": OCRReward, "quality": QualityReward}
+    assert set(TASK_REWARDS) == set(mw.TASKS) and set(TASK_REWARDS.values()) <= set(REWARDS)
+    reward = make_reward("quality", near=10.0, far=50.0)
+    assert reward.name == "quality" and reward.config.near == 10.0
+    with pytest.raises(ValueError, match="unknown reward"):
+        make_reward("pickscore")
+    with pytest.raises(TypeError):
+        make_reward("compose", not_a_field=1)
+    with pytest.raises(ValueError):
+        make_reward("quality", near=90.0, far=50.0)
+
+
+# ------------------------------------------------------------------------------------------------ OCR metric
+@pytest.mark.parametrize(
+    ("reading", "target", "expected"),
+    [
+        ("AC", "AC", 1.0),
+        ("xxacyy", "AC", 1.0),  # substring -> full credit
+        ("a c", "AC", 1.0),  # case and spaces ignored
+        ("Hello World", "helloworld", 1.0),
+        ("AK", "AC", 0.5),  # one substitution out of two
+        ("A", "AC", 0.5),  # one deletion
+        ("ACE", "ACEHK", 0.6),  # two deletions out of five
+        ("", "AC", 0.0),
+        ("zzzzzzzz", "AC", 0.0),  # distance larger than the target length is clipped
+    ],
+)
+def test_ocr_score_matches_the_paper(reading, target, expected):
+    assert ocr_score(reading, target) == pytest.approx(expected)
+
+
+def test_ocr_target_comes_from_spec_or_quotes():
+    assert target_text(PromptSpec(text="the word", spec={"word": "AC"})) == "AC"
+    assert target_text(PromptSpec(text='a sign that says "Open 24h" on a wall')) == "Open 24h"
+    assert target_text(PromptSpec(text="a red circle")) is None
+    with pytest.raises(ValueError):
+        ocr_score("abc", "  ")
+
+
+# ------------------------------------------------------------------------------------------------ interface
+def test_nan_images_and_unscoreable_prompts_give_nan_not_a_crash(ocr):
+    specs = sample_specs("compose", 3)
+    images = as_tensor(renders(specs))
+    images[1, 0, 4, 4] = float("nan")
+    result = make_reward("compose")(images, specs)
+    assert math.isnan(result.scores[1]) and math.isnan(result.strict[1])
+    assert "non-finite" in result.details[1]["error"]
+    assert not torch.isnan(result.scores[[0, 2]]).any()
+    assert result.mean() == pytest.approx(float(result.scores[[0, 2]].mean()))
+    quality = make_reward("quality")(images, specs)
+    assert math.isnan(quality.scores[1]) and not math.isnan(quality.scores[0])
+    text_spec = mw.prompts("text", "test")[0]
+    mixed = ocr(as_tensor(renders([text_spec, specs[0]])), [text_spec, specs[0]])  # a compose prompt names no text
+    assert mixed.scores[0] == 1.0 and math.isnan(mixed.scores[1])
+    assert math.isnan(make_reward("compose")(images[:1], [text_spec]).scores[0])
+    all_nan = make_reward("quality")(torch.full((2, 3, 32, 32), float("nan")), specs[:2])
+    assert math.isnan(all_nan.mean())
+
+
+def test_inputs_are_checked():
+    reward = make_reward("quality")
+    specs = sample_specs("quality", 2)
+    with pytest.raises(ValueError, match="images"):
+        reward(torch.zeros(2, 32, 32, 3), specs)
+    with pytest.raises(ValueError, match="prompts"):
+        reward(torch.zeros(2, 3, 32, 32), specs[:1])
+    with pytest.raises(TypeError, match="PromptSpec"):
+        reward(torch.zeros(2, 3, 32, 32), ["a red circle", "a blue square"])
+
+
+def test_rewards_are_deterministic_and_thread_safe(ocr):
+    specs = sample_specs("text", 8)
+    images = as_tensor(renders(specs))
+    first = ocr(images, specs)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        runs = list(pool.map(lambda _: ocr(images, specs), range(3)))
+    for run in runs:
+        assert torch.equal(run.scores, first.scores) and run.details == first.details
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def test_compose_ground_truth_high_and_corruptions_low():
+    reward = make_reward("compose")
+    specs = sample_specs("compose", 96)
+    clean = renders(specs)
+    result = reward(as_tensor(clean), specs)
+    assert result.mean() >= 0.95 and result.strict_mean() >= 0.95
+    assert reward(as_tensor(clean), [wrong_prompt(s) for s in specs]).mean() <= 0.2
+    assert reward(as_tensor([np.full_like(c, 255) for c in clean]), specs).mean() == 0.0
+    assert reward(as_tensor(blur(clean, 5.0)), specs).mean() <= 0.2
+    assert reward(as_tensor(noise(clean, 0.8)), specs).mean() <= 0.2
+
+
+def test_compose_partial_score_counts_constraints():
+    reward = make_reward("compose")
+    spec = next(p for p in mw.prompts("compose", "train") if p.text == "two red circles")
+    three = next(p for p in mw.prompts("compose", "test") + mw.prompts("compose", "train") if p.text == "three red circles")
+    image = as_tensor(renders([spec]))
+    result = reward(image, [three])  # right colour and shape, wrong count: 2 of 3 constraints
+    assert result.scores[0] == pytest.approx(2 / 3) and result.strict[0] == 0.0
+    assert result.details[0]["constraints"] == {"object0_colour": True, "object0_shape": True, "object0_count": False}
+
+
+def test_ocr_ground_truth_high_and_corruptions_low(ocr):
+    specs = mw.prompts("text", "train") + mw.prompts("text", "test")
+    clean = renders(specs)
+    result = ocr(as_tensor(clean), specs)
+    assert result.mean() >= 0.95 and result.strict_mean() >= 0.95
+    assert ocr(as_tensor(clean), [wrong_prompt(s) for s in specs]).mean() <= 0.2
+    assert ocr(as_tensor([np.full_like(c, 255) for c in clean[:8]]), specs[:8]).mean() <= 0.2
+    # rapidocr still reads these large glyphs through the quality task's "heavy" blur and noise (sigma 2-3 px,
+    # std 0.3-0.45); text is gone only at sigma 5 px or std 0.8
+    assert ocr(as_tensor(blur(clean, 5.0)), specs).mean() <= 0.2
+    assert ocr(as_tensor(noise(clean, 0.8)), specs).mean() <= 0.2
+
+
+def test_quality_ground_truth_high_and_corruptions_low():
+    reward = make_reward("quality")
+    rng = np.random.default_rng(1)
+    for task in mw.TASKS:  # clean renders of every task are clean pictures
+        specs = sample_specs(task, 32)
+        assert reward(as_tensor(renders(specs)), specs).mean() >= 0.95, task
+    specs = sample_specs("quality", 24)
+    clean = renders(specs)
+    for kind in ("blur", "noise", "washed"):
+        heavy = [mw.degrade(c, kind, rng, "heavy") for c in clean]
+        assert reward(as_tensor(heavy), specs).mean() <= 0.2, kind
+    assert reward(as_tensor([np.full_like(c, 255) for c in clean]), specs).mean() == 0.0
+    assert reward(as_tensor(noise(clean, 0.8)), specs).mean() <= 0.2
+
+
+def test_quality_ranks_each_mild_degradation_below_clean():
+    reward = make_reward("quality")
+    rng = np.random.default_rng(2)
+    specs = sample_specs("quality", 24)
+    clean = renders(specs)
+    clean_mean = reward(as_tensor(clean), specs).mean()
+    for kind in mw.DEGRADATIONS:
+        mild = reward(as_tensor([mw.degrade(c, kind, rng, "mild") for c in clean]), specs).mean()
+        heavy = reward(as_tensor([mw.degrade(c, kind, rng, "heavy") for c in clean]), specs).mean()
+        assert heavy < mild < clean_mean - 0.2, kind
