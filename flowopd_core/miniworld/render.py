@@ -128,10 +128,10 @@ def layout_pair(relation: str, rng: np.random.Generator, size: int) -> list[tupl
     """Two ``(cx, cy, r)``, the first ``relation`` the second ("left of", ...), cross-axis offset <= 2 px."""
     scale = size / 32
     ra, rb = rng.uniform(0.15, 0.19, size=2) * size
-    sep = ra + rb + GAP * scale + rng.uniform(0.0, 4.0) * scale
     lo_a, lo_b = ra + scale, rb + scale
     # main axis: a at m_a, b at m_a + sep; both inside the frame
-    m_a = rng.uniform(lo_a, size - lo_b - sep) if size - lo_b - sep > lo_a else lo_a
+    sep = min(ra + rb + GAP * scale + rng.uniform(0.0, 4.0) * scale, size - lo_a - lo_b)
+    m_a = rng.uniform(lo_a, size - lo_b - sep)
     m_b = m_a + sep
     rmax = max(ra, rb)
     cross = rng.uniform(rmax + scale, size - rmax - scale)

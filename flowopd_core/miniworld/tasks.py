@@ -17,6 +17,7 @@ prompt is held out for ``test`` when the sum of its attribute indices is divisib
 
 - compose/count:     colour i, shape j, count n (1-3):          test iff (i + j + n) % 4 == 0   (9 of 36)
 - compose/position:  colours i1 != i2, shapes j1, j2, relation k: test iff (i1 + j1 + i2 + j2 + k) % 4 == 0
+                                                                 (108 of 432)
 - text:              letters a, b (indices into LETTERS):        test iff (a + b) % 4 == 0        (16 of 64)
 - quality:           size s, colour i, shape j:                  test iff (s + i + j) % 4 == 0   (6 of 24)
 
@@ -115,7 +116,8 @@ def _text_words() -> list[tuple[bool, PromptSpec]]:
 
 def _quality_icons() -> list[tuple[bool, PromptSpec]]:
     out = []
-    for (s, size), (i, colour), (j, shape) in itertools.product(enumerate(SIZES), enumerate(COLOURS), enumerate(SHAPES)):
+    combos = itertools.product(enumerate(SIZES), enumerate(COLOURS), enumerate(SHAPES))
+    for (s, size), (i, colour), (j, shape) in combos:
         text = f"a {size} {colour} {shape}, clean"
         spec = _spec("quality", "icon", text, objects=[_object(colour, shape)], size=size)
         out.append((_held_out(s, i, j), spec))

@@ -101,14 +101,15 @@ class Reward(abc.ABC):
     def __call__(self, images: torch.Tensor, prompts: Sequence[PromptSpec]) -> RewardResult:
         """``images`` ``(B, 3, H, W)`` float in [0, 1], ``prompts`` B ``PromptSpec`` -> ``RewardResult``."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.name}: images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+            got = getattr(images, "shape", type(images))
+            raise ValueError(f"{self.name}: images must be a (B, 3, H, W) tensor, got {got}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
         bad = [type(p).__name__ for p in prompts if not isinstance(p, PromptSpec)]
         if bad:
             raise TypeError(f"{self.name}: prompts must be PromptSpec, got {bad[0]}")
         finite = torch.isfinite(images.detach()).flatten(1).all(dim=1).cpu().tolist()
-        results: list[SampleScore] = [cannot_score("image has non-finite pixels")] * len(prompts)
+        results = [cannot_score("image has non-finite pixels") for _ in prompts]
         valid = [i for i, ok in enumerate(finite) if ok]
         if valid:
             arrays = images_to_uint8(images[valid])

@@ -94,7 +94,8 @@ def silhouettes(height: int, width: int) -> dict[str, np.ndarray]:
 
 def shape_of(part: np.ndarray, min_iou: float) -> tuple[str, float]:
     """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU)."""
-    ious = {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in silhouettes(*part.shape).items()}
+    ideals = silhouettes(*part.shape)
+    ious = {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in ideals.items()}
     best = max(ious, key=ious.__getitem__)
     return (best if ious[best] >= min_iou else "blob"), ious[best]
 

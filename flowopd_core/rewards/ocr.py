@@ -9,9 +9,10 @@ prompts quote it); a prompt with neither scores NaN.
 
 Recognition only (no text detector, no angle classifier): the whole image is taken as one text line. Small
 images are padded with a white border (``pad`` x their height on every side) and resized (bicubic) to the
-recogniser's input height ``height`` before recognition; all images of a batch go through the engine in
-batches of ``batch_size``. The engine is built once per reward object, lazily and under a lock, and each call
-holds that lock (rapidocr's objects are not documented as thread-safe); nothing else is shared.
+recogniser's input height ``height``; the recogniser pads lines to at least ``min_width``. All images of a
+batch go through the engine in batches of ``batch_size``. The engine is built once per reward object, lazily
+and under a lock, and each call holds that lock (rapidocr's objects are not documented as thread-safe);
+nothing else is shared.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ _QUOTED = re.compile(r'"([^"]+)"')
 @dataclass(frozen=True)
 class OCRConfig:
     height: int = field(default=48, metadata={"help": "image height fed to the recogniser (PP-OCR rec uses 48)"})
+    min_width: int = field(
+        default=96,
+        metadata={"help": "recogniser input width floor; rapidocr's 320 pads a square mini-world image 6x wider "
+                          "(measured 3.6x slower, same readings on clean words)"},
+    )
     pad: float = field(default=0.25, metadata={"help": "white border added on every side, as a fraction of the height"})
     batch_size: int = field(default=32, metadata={"help": "images per recogniser forward"})
     num_threads: int = field(
@@ -44,6 +50,8 @@ class OCRConfig:
     def __post_init__(self) -> None:
         if self.height < 16:
             raise ValueError(f"height must be >= 16, got {self.height}")
+        if self.min_width < self.height:
+            raise ValueError(f"min_width must be >= height, got {self.min_width} < {self.height}")
         if not 0.0 <= self.pad <= 2.0:
             raise ValueError(f"pad must lie in [0, 2], got {self.pad}")
         if self.batch_size < 1:
@@ -109,6 +117,7 @@ class OCRReward(Reward):
                 "Global.use_det": False,
                 "Global.use_cls": False,
                 "Rec.rec_batch_num": self.config.batch_size,
+                "Rec.rec_img_shape": [3, self.config.height, self.config.min_width],
                 "EngineConfig.onnxruntime.intra_op_num_threads": self.config.num_threads,
                 "EngineConfig.onnxruntime.inter_op_num_threads": 1,
             }

@@ -20,7 +20,8 @@ non-white regions of at least ``min_area`` of the image. Four terms, each in [0,
   every orthogonally convex blob -- all mini-world shapes -- and drops for ragged, notched or fragmented
   outlines; mapped to [0, 1] by ``clip((regularity - ragged) / (1 - ragged), 0, 1)``.
 
-``score = B * P * S * F`` (each defect is a multiplicative penalty; a single zero term zeroes the score). An image without any object scores 0 (a blank image is not a well-formed picture).
+``score = B * P * S * F`` (each defect is a multiplicative penalty; a single zero term zeroes the score).
+An image without any object scores 0 (a blank image is not a well-formed picture).
 Why it tracks quality: each term is at its maximum exactly on the generator's clean renders and each
 degradation the pretraining data contains (``miniworld.DEGRADATIONS``: blur, noise, washed-out colours, jagged
 outlines, dirty background) lowers at least one term in proportion to its strength (measured in tests).
@@ -45,7 +46,9 @@ _WHITE, _BLACK = _NAMES.index("white"), _NAMES.index("black")
 
 @dataclass(frozen=True)
 class QualityConfig:
-    near: float = field(default=20.0, metadata={"help": "RGB distance (0-441) within which a pixel fully matches a colour"})
+    near: float = field(
+        default=20.0, metadata={"help": "RGB distance (0-441) within which a pixel fully matches a colour"}
+    )
     far: float = field(default=80.0, metadata={"help": "RGB distance beyond which a pixel does not match at all"})
     min_area: float = field(default=0.01, metadata={"help": "smallest object, as a fraction of the image area"})
     sharp: float = field(default=1.0, metadata={"help": "edge width (mixed pixels per boundary pixel) scoring 1"})

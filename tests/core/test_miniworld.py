@@ -73,11 +73,11 @@ def test_render_jitters_compose_but_not_text():
 @pytest.mark.parametrize("relation", list(mw.RELATIONS))
 def test_pair_layout_satisfies_its_relation(relation):
     rng = np.random.default_rng(3)
-    for _ in range(50):
-        (ax, ay, ra), (bx, by, rb) = layout_pair(relation, rng, 32)
-        for x, y, r in ((ax, ay, ra), (bx, by, rb)):
-            assert r <= x <= 32 - r and r <= y <= 32 - r
-        spec = next(p for p in mw.template_prompts("compose", "position", "train") if p.spec["relation"] == relation)
+    for _ in range(500):
+        for x, y, r in layout_pair(relation, rng, 32):
+            assert r < x < 32 - r and r < y < 32 - r  # inside the frame
+    spec = next(p for p in mw.template_prompts("compose", "position", "train") if p.spec["relation"] == relation)
+    for _ in range(30):
         found = detect_objects(mw.render(spec, rng), ComposeConfig())
         by_colour = {d.colour: d for d in found}
         first, second = (by_colour[o["colour"]] for o in spec.spec["objects"])
