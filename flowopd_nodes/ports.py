@@ -197,3 +197,49 @@ def contract_problems(cls: type[Node]) -> list[str]:
         if missing:
             problems.append(f"run() lacks parameters for inputs {sorted(missing)}")
     return problems
+
+
+_ANNOTATION_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "str": "STRING"}
+
+
+def config_inputs(config_cls: type, *, skip: tuple[str, ...] = (), **limits: dict[str, Any]) -> tuple[In, ...]:
+    """Input ports mirroring a frozen config dataclass one to one (name, type, default, help).
+
+    Field metadata may carry ``help``, ``min``, ``max``, ``step`` and ``choices``; ``limits`` adds or overrides
+    them per field (``steps={"min": 1, "max": 10**6}``). Fields whose type is not a plain int/float/bool/str
+    must be listed in ``skip``.
+    """
+    import dataclasses
+
+    ports: list[In] = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        meta = {**dict(f.metadata), **limits.get(f.name, {})}
+        kind = "COMBO" if meta.get("choices") else _ANNOTATION_TYPES.get(annotation)
+        if kind is None:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: type {annotation!r} has no port type; skip it")
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"{config_cls.__name__}.{f.name} needs a default to become a port")
+        ports.append(
+            In(
+                f.name,
+                kind,
+                f.default,
+                meta.get("help", ""),
+                min=meta.get("min"),
+                max=meta.get("max"),
+                step=meta.get("step"),
+                choices=tuple(meta.get("choices", ())),
+            )
+        )
+    return tuple(ports)
+
+
+def build_config(config_cls: type, values: dict[str, Any]) -> Any:
+    """The config dataclass from a node's inputs (only the fields it declares are taken)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in names})

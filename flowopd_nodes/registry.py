@@ -3,7 +3,7 @@ from a name read from a graph file."""
 
 from __future__ import annotations
 
-from flowopd_nodes.nodes import basic, miniworld, model
+from flowopd_nodes.nodes import basic, miniworld, model, pretrain
 from flowopd_nodes.ports import Node
 
 NODES: list[type[Node]] = [
@@ -16,6 +16,7 @@ NODES: list[type[Node]] = [
     miniworld.RenderGroundTruth,
     model.LoadModel,
     model.Sample,
+    pretrain.PretrainMiniWorld,
 ]
 
 REGISTRY: dict[str, type[Node]] = {cls.NODE_ID: cls for cls in NODES}
