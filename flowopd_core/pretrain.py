@@ -122,7 +122,7 @@ def _conditioning(
 
 
 def save_loss_plot(losses: Sequence[float], path: Path) -> Path:
-    """Per-step loss (faint) and its running mean over 50 steps, log scale, as a PNG (matplotlib Agg)."""
+    """Per-step loss (faint) and its centred running mean over 50 steps, log scale, as a PNG (matplotlib Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -133,7 +133,8 @@ def save_loss_plot(losses: Sequence[float], path: Path) -> Path:
     axes.plot(steps, losses, alpha=0.3, linewidth=0.7, label="loss")
     window = min(50, len(losses))
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    axes.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
+    start = (window - 1) // 2  # centred window
+    axes.plot(steps[start : start + len(smooth)], smooth, label=f"running mean of {window}")
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("rectified-flow loss")

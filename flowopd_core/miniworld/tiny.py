@@ -43,7 +43,12 @@ T5_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
 
 @dataclass(frozen=True)
 class TinyConfig:
-    """Sizes of a tiny SD3 pipeline. Defaults: pixel space 32x32x3, patch 4, 4 layers, 4 heads x 32."""
+    """Sizes of a tiny SD3 pipeline. Defaults: pixel space 32x32x3, patch 4, 4 layers, 4 heads x 32.
+
+    Text: the tokenizers are character level, so CLIP's 64 tokens hold prompts of up to 62 characters (the
+    mini-world's longest has 50; with 32 tokens most two-object prompts would lose their second object). The
+    transformer sees ``clip_max_length + t5_max_length`` text tokens next to ``(sample / patch)^2`` image tokens.
+    """
 
     sample_size: int = field(default=32, metadata={"help": "latent height = width (pixels in pixel space)"})
     patch_size: int = field(default=4, metadata={"help": "transformer patch size; tokens = (sample/patch)^2"})
@@ -56,7 +61,9 @@ class TinyConfig:
     clip_hidden: int = field(default=32, metadata={"help": "hidden (and projection) width of each CLIP encoder"})
     text_layers: int = field(default=2, metadata={"help": "layers of each text encoder"})
     text_heads: int = field(default=2, metadata={"help": "attention heads of each text encoder"})
-    clip_max_length: int = field(default=32, metadata={"help": "CLIP tokens (tokenizer model_max_length)"})
+    clip_max_length: int = field(
+        default=64, metadata={"help": "CLIP tokens = characters + 2 (start, end); longer prompts are truncated"}
+    )
     t5_max_length: int = field(default=8, metadata={"help": "T5 tokens used by flowopd (pass as max_sequence_length)"})
     vae_latent_channels: int = field(
         default=0, metadata={"help": "0 = pixel space (vae=None, 3 channels); else a tiny x2 AutoencoderKL"}
@@ -87,7 +94,9 @@ class TinyConfig:
         return self.sample_size * (2 if self.vae_latent_channels else 1)
 
 
-TEST_CONFIG = TinyConfig(sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=32)
+TEST_CONFIG = TinyConfig(
+    sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=32, clip_max_length=32
+)
 """Unit-test variant: pixel space 16x16x3, 2 layers, inner dim 64 (a forward takes about a millisecond)."""
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowopd_core.miniworld.tiny import TEST_CONFIG, TinyConfig, build_tiny_pipeline
+from flowopd_core.miniworld.tasks import all_prompts
+from flowopd_core.miniworld.tiny import TEST_CONFIG, TinyConfig, build_tiny_pipeline, clip_tokenizer
 from flowopd_core.pipeline import (
     TextEmbeddingCache,
     decode,
@@ -50,6 +51,13 @@ def test_tiny_config_rejects_bad_sizes():
         TinyConfig(sample_size=18, patch_size=4)
     with pytest.raises(ValueError, match="text_dim"):
         TinyConfig(text_dim=32, clip_hidden=32)
+
+
+def test_default_clip_length_holds_every_miniworld_prompt():
+    tokenizer = clip_tokenizer(TinyConfig().clip_max_length)
+    texts = [p.text for split in ("train", "test") for p in all_prompts(split)]
+    lengths = [len(ids) for ids in tokenizer(texts).input_ids]  # untruncated, with start and end tokens
+    assert max(lengths) <= TinyConfig().clip_max_length
 
 
 def test_folder_loads_with_plain_diffusers_and_samples_offline(pipe, folder):
@@ -110,7 +118,7 @@ def test_cached_embeddings_equal_fresh_ones(pipe):
     cache = TextEmbeddingCache(pipe)
     assert cache.max_sequence_length == T5_LEN  # the tiny T5 tokenizer's model_max_length
     got = cache.encode(PROMPTS)
-    assert got.prompt_embeds.shape == (4, 32 + T5_LEN, TEST_CONFIG.text_dim) and got.pooled.shape == (4, 64)
+    assert got.prompt_embeds.shape == (4, TEST_CONFIG.clip_max_length + T5_LEN, TEST_CONFIG.text_dim) and got.pooled.shape == (4, 64)
     neg = cache.negative(3)
     assert len(neg) == 3
     for i, prompt in enumerate(PROMPTS):
