@@ -57,8 +57,8 @@ def load_pipeline(
         )
     # diffusers refuses a `null` vae entry unless vae=None is passed (pixel-space folders).
     index = json.loads((folder / "model_index.json").read_text())
-    absent = {name: None for name in ("vae",) if index.get(name, [None])[0] is None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **absent)
+    pixel_space = {"vae": None} if index.get("vae", [None])[0] is None else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **pixel_space)
     if pipe.transformer.dtype != dtype:  # older diffusers releases know only the `torch_dtype` keyword
         raise RuntimeError(f"diffusers loaded {pipe.transformer.dtype}, not {dtype}: this release ignores `dtype`")
     configure_pixel_space(pipe).to(device)
