@@ -39,6 +39,13 @@ class PretrainConfig:
     batch_size: int = field(default=32, metadata={"help": "images per step"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "linear learning-rate warm-up steps"})
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "after warm-up: constant, or cosine decay to 10% of lr at `steps`",
+            "choices": ("constant", "cosine"),
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm; 0 = no clipping"})
     ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the saved weights; 0 = no EMA"})
@@ -61,6 +68,8 @@ class PretrainConfig:
             raise ValueError("grad_clip must be >= 0, ema_decay and cfg_dropout in [0, 1)")
         if self.logit_std <= 0:
             raise ValueError("logit_std must be > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
 
 
 class Batch(Protocol):
@@ -82,6 +91,16 @@ class PretrainResult:
     losses: list[float]
     seconds: float
     path: Path
+
+
+def lr_factor(step: int, config: PretrainConfig) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine
+    decay from 1 to 0.1 at ``config.steps``."""
+    warm = min(1.0, (step + 1) / max(config.warmup_steps, 1))
+    if config.lr_schedule == "constant":
+        return warm
+    progress = min(1.0, step / max(config.steps, 1))
+    return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def sample_times(batch_size: int, mean: float, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -173,8 +192,7 @@ def pretrain(
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(config.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
 
     losses: list[float] = []

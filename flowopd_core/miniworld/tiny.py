@@ -64,7 +64,14 @@ class TinyConfig:
     clip_max_length: int = field(
         default=64, metadata={"help": "CLIP tokens = characters + 2 (start, end); longer prompts are truncated"}
     )
-    t5_max_length: int = field(default=8, metadata={"help": "T5 tokens used by flowopd (pass as max_sequence_length)"})
+    t5_max_length: int = field(default=16, metadata={"help": "T5 tokens used by flowopd (pass as max_sequence_length)"})
+    t5_word_pieces: bool = field(
+        default=True,
+        metadata={
+            "help": "give the T5 tokenizer the mini-world's prompt words as whole pieces (as a real T5 vocabulary "
+            "has word pieces), so 16 tokens hold a whole prompt; False = characters only"
+        },
+    )
     vae_latent_channels: int = field(
         default=0, metadata={"help": "0 = pixel space (vae=None, 3 channels); else a tiny x2 AutoencoderKL"}
     )
@@ -107,11 +114,22 @@ def clip_tokenizer(max_length: int) -> CLIPTokenizer:
     return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[], model_max_length=max_length)
 
 
-def t5_tokenizer(max_length: int) -> T5Tokenizer:
-    """Character-level T5 Unigram tokenizer over :data:`T5_CHARACTERS` (pad 0, end 1, unknown 2)."""
+def t5_tokenizer(max_length: int, words: tuple[str, ...] = ()) -> T5Tokenizer:
+    """T5 Unigram tokenizer over :data:`T5_CHARACTERS` (pad 0, end 1, unknown 2), plus ``words`` as whole
+    word-start pieces ``▁word``. A word piece scores higher than spelling the word out, so Unigram picks it;
+    anything else (e.g. the quoted letters of the text task) is spelled in characters."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in words if len(w) > 1]
     pieces += [("▁" + c, -3.0) for c in T5_CHARACTERS] + [(c, -3.5) for c in T5_CHARACTERS]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def miniworld_words() -> tuple[str, ...]:
+    """Every plain word of the mini-world's prompts (both splits: they share one vocabulary), sorted."""
+    from flowopd_core.miniworld.tasks import all_prompts
+
+    words = {w.strip(",") for split in ("train", "test") for p in all_prompts(split) for w in p.text.split()}
+    return tuple(sorted(w for w in words if w.isalpha() and w.islower()))
 
 
 def _clip_encoder(config: TinyConfig, tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
@@ -185,7 +203,8 @@ def build_tiny_pipeline(config: TinyConfig = TinyConfig(), seed: int = 0) -> Sta
     The weights depend only on ``config`` and ``seed`` (the global torch RNG is left untouched). Text encoders
     (and the VAE) are meant to stay frozen; the transformer is what pretraining trains.
     """
-    tok_clip, tok_t5 = clip_tokenizer(config.clip_max_length), t5_tokenizer(config.t5_max_length)
+    words = miniworld_words() if config.t5_word_pieces else ()
+    tok_clip, tok_t5 = clip_tokenizer(config.clip_max_length), t5_tokenizer(config.t5_max_length, words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = _clip_encoder(config, tok_clip)

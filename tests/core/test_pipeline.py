@@ -9,7 +9,14 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from flowopd_core.miniworld.tasks import all_prompts
-from flowopd_core.miniworld.tiny import TEST_CONFIG, TinyConfig, build_tiny_pipeline, clip_tokenizer
+from flowopd_core.miniworld.tiny import (
+    TEST_CONFIG,
+    TinyConfig,
+    build_tiny_pipeline,
+    clip_tokenizer,
+    miniworld_words,
+    t5_tokenizer,
+)
 from flowopd_core.pipeline import (
     TextEmbeddingCache,
     decode,
@@ -58,6 +65,17 @@ def test_default_clip_length_holds_every_miniworld_prompt():
     texts = [p.text for split in ("train", "test") for p in all_prompts(split)]
     lengths = [len(ids) for ids in tokenizer(texts).input_ids]  # untruncated, with start and end tokens
     assert max(lengths) <= TinyConfig().clip_max_length
+
+
+def test_default_t5_length_holds_every_miniworld_prompt_with_word_pieces():
+    config = TinyConfig()
+    words = miniworld_words()
+    assert {"red", "triangle", "left", "clean"} <= set(words)
+    tokenizer = t5_tokenizer(config.t5_max_length, words)
+    assert tokenizer.tokenize("a red triangle to the left of a green square")[:3] == ["▁a", "▁red", "▁triangle"]
+    assert tokenizer.tokenize('the word "AC"')[-3:] == ["A", "C", '"']  # case kept, letters spelled out
+    texts = [p.text for split in ("train", "test") for p in all_prompts(split)]
+    assert max(len(ids) for ids in tokenizer(texts).input_ids) <= config.t5_max_length
 
 
 def test_folder_loads_with_plain_diffusers_and_samples_offline(pipe, folder):
