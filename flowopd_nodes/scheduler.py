@@ -282,7 +282,7 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
         shutil.rmtree(entry, ignore_errors=True)
         status.state = "failed"
         status.error = f"{type(exc).__name__}: {exc}"
-        log.error("node %s (%s) failed: %s", node.id, node.cls.NODE_ID, status.error)
+        log.error("node %s (%s) failed: %s", node.id, node.cls.NODE_ID, status.error, exc_info=exc)
         if isinstance(exc, Exception):
             raise NodeExecutionError(node.id, node.cls.NODE_ID, exc) from exc
         raise

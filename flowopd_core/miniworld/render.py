@@ -131,7 +131,7 @@ def layout_pair(relation: str, rng: np.random.Generator, size: int) -> list[tupl
     lo_a, lo_b = ra + scale, rb + scale
     # main axis: a at m_a, b at m_a + sep; both inside the frame
     sep = min(ra + rb + GAP * scale + rng.uniform(0.0, 4.0) * scale, size - lo_a - lo_b)
-    m_a = rng.uniform(lo_a, size - lo_b - sep)
+    m_a = rng.uniform(lo_a, max(lo_a, size - lo_b - sep))  # max(): rounding can make the range negative
     m_b = m_a + sep
     rmax = max(ra, rb)
     cross = rng.uniform(rmax + scale, size - rmax - scale)
