@@ -8,6 +8,7 @@ validation reads the same declaration (they can never drift).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -140,15 +141,19 @@ class Node:
     @classmethod
     def code_version(cls) -> str:
         """Fingerprint of the node's code for cache keys: its VERSION and the source of its class."""
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            source = cls.__qualname__
-        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-        return f"{cls.VERSION}:{digest}"
+        return _code_version(cls)
 
     def run(self, **inputs: Any) -> tuple:
         raise NotImplementedError
+
+
+@functools.cache
+def _code_version(cls: type) -> str:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = cls.__qualname__
+    return f"{cls.VERSION}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
 def contract_problems(cls: type[Node]) -> list[str]:

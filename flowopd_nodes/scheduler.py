@@ -187,7 +187,14 @@ def run_graph(
     progress = progress or context._null_progress
     status_meta = {"graph": valid.name, "source": valid.graph.source, "started": time.time()}
 
-    def write_status() -> None:
+    last_write = [0.0]
+
+    def write_status(force: bool = False) -> None:
+        # Throttled: rewriting the whole file after every one of many quick cached nodes is quadratic.
+        now = time.monotonic()
+        if not force and now - last_write[0] < 1.0:
+            return
+        last_write[0] = now
         counts = {s: len(result.ids(s)) for s in ("executed", "cached", "failed", "skipped", "pending")}
         _write_json(run_dir / "status.json", {**status_meta, **counts, "nodes": {k: asdict(v) for k, v in statuses.items()}})
 
@@ -244,7 +251,7 @@ def run_graph(
             raise
         finally:
             status_meta["finished"] = time.time()
-            write_status()
+            write_status(force=True)
             bar.close()
     log.info("run %s done: %d executed, %d cached", valid.name, len(result.executed), len(result.cached))
     return result
