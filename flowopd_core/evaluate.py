@@ -37,12 +37,11 @@ from diffusers import StableDiffusion3Pipeline
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from flowopd_core.generate import sample_noise
-from flowopd_core.pipeline import TextEmbeddingCache, decode, velocity
+from flowopd_core.generate import SampleConfig, generate
+from flowopd_core.pipeline import TextEmbeddingCache
 from flowopd_core.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards import REWARDS, TASK_REWARDS, Reward, make_reward
-from flowopd_core.samplers import flow_sigmas, sample
 
 METRIC_MODES: dict[str, str] = {
     "task": "each task's own reward (TASK_REWARDS) only",
@@ -129,20 +128,21 @@ def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingC
     peft = target.transformer is not None and bool(adapter_names(target.transformer))
     adapter = (target.adapter or BASE_ADAPTER) if peft else None
     cache = cache or TextEmbeddingCache(pipe)
-    sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler)
-    guided = config.guidance_scale != 1.0
+    sample_config = SampleConfig(
+        steps=config.steps, guidance_scale=config.guidance_scale, kind="ode", batch_size=max(1, config.batch_size),
+        seed=config.seed,
+    )
 
     def sample_images(texts: Sequence[str], indices: Sequence[int]) -> torch.Tensor:
-        cond = cache.encode(list(texts))
-        uncond = cache.negative(len(texts)) if guided else None
+        first = int(indices[0])
+        if list(indices) != list(range(first, first + len(indices))):
+            raise ValueError("sample indices must be consecutive")
         names = [adapter] * len(texts) if adapter is not None else None
-
-        def velocity_fn(x: torch.Tensor, t: float) -> torch.Tensor:
-            return velocity(model, x, t, cond, uncond, config.guidance_scale, adapter_names=names)
-
-        with torch.no_grad():
-            rollout = sample(velocity_fn, sample_noise(pipe, indices, config.seed), sigmas, kind="ode")
-            return decode(pipe, rollout.latents[:, -1]).cpu()
+        rollout = generate(
+            pipe, list(texts), sample_config, cache=cache, transformer=model, adapter_names=names,
+            keep_latents=False, first_index=first,
+        )
+        return rollout.images.cpu()
 
     return sample_images
 

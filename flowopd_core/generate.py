@@ -61,12 +61,15 @@ def generate(
     adapter_names: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
     keep_latents: bool = True,
+    first_index: int = 0,
 ) -> Rollout:
     """Sample one image per prompt (repeat a prompt for several); returns a :class:`Rollout` with ``images``
     ``(N, 3, H, W)`` in [0, 1] and, if ``keep_latents``, every visited state.
 
     ``transformer`` defaults to ``pipe.transformer`` (pass a peft-wrapped policy to sample with adapters;
     ``adapter_names`` selects one per sample). ``progress(n)`` is called after each batch with its size.
+    ``first_index`` numbers the samples (sample i's noise is seeded by (seed, first_index + i)), so a long list
+    sampled in several calls gets the same images as in one call.
     """
     transformer = transformer if transformer is not None else pipe.transformer
     cache = cache or TextEmbeddingCache(pipe)
@@ -77,7 +80,7 @@ def generate(
     sde_gen = torch.Generator(device=pipe.transformer.device).manual_seed(config.seed)
     for start in range(0, len(prompts), config.batch_size):
         chunk = list(prompts[start : start + config.batch_size])
-        idx = range(start, start + len(chunk))
+        idx = range(first_index + start, first_index + start + len(chunk))
         cond = cache.encode(chunk)
         uncond = cache.negative(len(chunk)) if guided else None
         names = list(adapter_names[start : start + len(chunk)]) if adapter_names is not None else None
