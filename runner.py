@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     for node_id in valid.order:
         if valid.nodes[node_id].cls.OUTPUT_NODE:
             for name, value in result.outputs[node_id].items():
-                print(f"  {node_id}.{name}: {value}")
+                shown = f"tensor {tuple(value.shape)}" if hasattr(value, "shape") else value
+                print(f"  {node_id}.{name}: {shown}")
     return 0
 
 

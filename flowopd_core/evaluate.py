@@ -38,6 +38,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from flowopd_core.generate import SampleConfig, generate
+from flowopd_core.modelref import ModelRef
 from flowopd_core.pipeline import TextEmbeddingCache
 from flowopd_core.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
@@ -319,3 +320,32 @@ def evaluate_targets(
         cache = caches.setdefault(id(target.pipeline), TextEmbeddingCache(target.pipeline))
         evals.append(evaluate_model(target.name, target_sampler(target, config, cache), prompts, config, rewards))
     return evals
+
+
+def targets_from_refs(refs: Sequence[ModelRef]) -> list[EvalTarget]:
+    """Evaluation targets for model handles, sharing ONE loaded base per base folder.
+
+    Refs on the same base (path, dtype, device) share one pipeline; their adapters are loaded side by side on
+    its transformer through one :class:`Policy` and selected per sample, never copied. A ref without adapter
+    is the base (adapters off).
+    """
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, ref in enumerate(refs):
+        groups.setdefault((ref.path, ref.dtype, ref.device), []).append(i)
+    targets: list[EvalTarget | None] = [None] * len(refs)
+    for members in groups.values():
+        first = refs[members[0]]
+        adapted = [i for i in members if refs[i].adapter]
+        if not adapted:
+            pipe = first.load()
+            for i in members:
+                targets[i] = EvalTarget(refs[i].name, pipe)
+            continue
+        pipe = first.load(fresh=True)  # adapters are added to this transformer: never the shared one
+        policy = Policy(pipe.transformer)
+        for n, i in enumerate(adapted):
+            policy.load_adapter(f"eval_{n}", refs[i].adapter)
+        names = {i: f"eval_{n}" for n, i in enumerate(adapted)}
+        for i in members:
+            targets[i] = EvalTarget(refs[i].name, pipe, transformer=policy, adapter=names.get(i))
+    return [t for t in targets if t is not None]

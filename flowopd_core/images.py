@@ -101,3 +101,9 @@ def save_grid(images: torch.Tensor, path: str | Path, **kwargs) -> Path:
     path = Path(path)
     grid_image(images, **kwargs).save(path, format="PNG")
     return path
+
+
+def load_png(path: str | Path) -> torch.Tensor:
+    """A PNG file as ``(1, 3, H, W)`` float32 in [0, 1] (e.g. a chart to show on the canvas)."""
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()

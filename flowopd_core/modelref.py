@@ -33,11 +33,18 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A pipeline folder plus how to load it. ``path`` is absolute once resolved by the caller."""
+    """A pipeline folder plus how to load it, optionally with one LoRA adapter on top.
+
+    ``path``: the base pipeline folder (absolute once resolved by the caller). ``adapter``: a peft adapter
+    folder (``adapter_model.safetensors`` + ``adapter_config.json``) applied on the base, "" for none.
+    ``label``: the name shown in reports (default: the adapter's or the folder's name).
+    """
 
     path: str
     dtype: str = "float32"
     device: str = "auto"
+    adapter: str = ""
+    label: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,7 +54,11 @@ class ModelRef:
 
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        return self.label or Path(self.adapter or self.path).name
+
+    def base(self) -> ModelRef:
+        """The same base model without adapter."""
+        return ModelRef(self.path, self.dtype, self.device)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +68,7 @@ class ModelRef:
         return cls(**data)
 
     def load(self, *, fresh: bool = False) -> StableDiffusion3Pipeline:
-        """The loaded pipeline: shared (read-only use) unless ``fresh``."""
+        """The loaded base pipeline (the adapter is not applied): shared (read-only use) unless ``fresh``."""
         if fresh:
             return load_pipeline(self.path, dtype=DTYPES[self.dtype], device=resolve_device(self.device))
         key = (str(Path(self.path).resolve()), self.dtype, resolve_device(self.device))

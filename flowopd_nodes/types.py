@@ -72,11 +72,16 @@ def _decode_path(data: str, entry: Path) -> str:
 def _encode_model(value: ModelRef, entry: Path) -> dict[str, Any]:
     data = value.to_json()
     data["path"] = _encode_path(value.path, entry, "")
+    if value.adapter:
+        data["adapter"] = _encode_path(value.adapter, entry, "")
     return data
 
 
 def _decode_model(data: dict[str, Any], entry: Path) -> ModelRef:
-    return ModelRef.from_json({**data, "path": _decode_path(data["path"], entry)})
+    adapter = data.get("adapter", "")
+    return ModelRef.from_json(
+        {**data, "path": _decode_path(data["path"], entry), "adapter": _decode_path(adapter, entry) if adapter else ""}
+    )
 
 
 WIRE_TYPES: dict[str, WireType] = {

@@ -23,11 +23,12 @@ class LoadModel(Node):
         In("path", "STRING", help="pipeline folder (with model_index.json), relative to the graph file", path=True, must_exist=True),
         In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=tuple(DTYPES)),
         In("device", "COMBO", "auto", "auto = cuda when available, else cpu", choices=DEVICES),
+        In("label", "STRING", "base", "name shown in reports"),
     )
     OUTPUTS = (Out("model", "FLOWOPD_MODEL", "the model handle"),)
 
-    def run(self, path: str, dtype: str, device: str) -> tuple[ModelRef]:
-        ref = ModelRef(path, dtype, device)
+    def run(self, path: str, dtype: str, device: str, label: str) -> tuple[ModelRef]:
+        ref = ModelRef(path, dtype, device, label=label)
         ref.load()  # fail here, naming the folder, rather than in a later node
         return (ref,)
 

@@ -1,0 +1,59 @@
+"""The Evaluator node: several models on held-out prompts, every metric per task, tables, grids, a chart."""
+
+from __future__ import annotations
+
+from flowopd_core.eval_report import summarise, write_results
+from flowopd_core.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, targets_from_refs
+from flowopd_core.images import load_png, to_comfy
+from flowopd_core.modelref import ModelRef
+from flowopd_core.prompts import PromptSet
+from flowopd_nodes import context
+from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+
+MAX_MODELS = 8  # ComfyUI's V1 contract has no variadic inputs: numbered optional slots
+
+_EVAL_INPUTS = config_inputs(
+    EvalConfig,
+    steps={"min": 1, "max": 1000},
+    guidance_scale={"min": 0.0, "max": 50.0, "step": 0.1},
+    seed={"min": 0, "max": 2**31 - 1},
+    batch_size={"min": 1, "max": 4096},
+    images_per_prompt={"min": 1, "max": 64},
+    metrics={"choices": tuple(METRIC_MODES)},
+    confidence={"min": 0.5, "max": 0.999},
+    keep_images={"min": 0, "max": 100_000},
+)
+
+
+class Evaluator(Node):
+    NODE_ID = "FlowOPDEvaluator"
+    DISPLAY_NAME = "Evaluator"
+    CATEGORY = "FlowOPD/eval"
+    DESCRIPTION = (
+        "Deterministic ODE sampling of up to 8 models (base, teachers, students: adapters on one shared base) "
+        "on held-out prompts; every metric per task with a 95% confidence interval. Writes results.json, "
+        "results.md (a Markdown table), image grids per model and task, and a comparison chart."
+    )
+    OUTPUT_NODE = True
+    INPUTS = (
+        In("prompts", "FLOWOPD_PROMPTS", help="held-out evaluation prompts (with task tags)"),
+        In("model_1", "FLOWOPD_MODEL", help="first model (e.g. the base)"),
+        *(In(f"model_{i}", "FLOWOPD_MODEL", help=f"model {i} (optional)", optional=True) for i in range(2, MAX_MODELS + 1)),
+        *_EVAL_INPUTS,
+    )
+    OUTPUTS = (
+        Out("table", "FLOWOPD_FILE", "results.md: the Markdown results table"),
+        Out("chart", "IMAGE", "bar chart of the headline metric per task and model, with CI error bars"),
+    )
+
+    def run(self, prompts: PromptSet, model_1: ModelRef, **values) -> tuple:
+        refs = [model_1, *(values.pop(f"model_{i}", None) for i in range(2, MAX_MODELS + 1))]
+        refs = [r for r in refs if r is not None]
+        config = build_config(EvalConfig, values)
+        names = [r.name for r in refs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models need distinct names (labels), got {names}")
+        evals = evaluate_targets(targets_from_refs(refs), prompts, config)
+        files = write_results(summarise(evals), context.current().artifact_dir)
+        return (str(files.markdown), to_comfy(load_png(files.chart)))
+
