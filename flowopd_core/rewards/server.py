@@ -34,7 +34,6 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -62,7 +61,7 @@ class ServerLimits:
         metadata={"help": "largest accepted request body (413 above); 64 PNGs of 1024 px fit in about 200 MiB"},
     )
     max_image_pixels: int = field(
-        default=4096 * 4096, metadata={"help": "largest accepted image (H x W, read from the PNG header before decoding)"}
+        default=4096 * 4096, metadata={"help": "largest accepted image, H x W (read from the PNG header first)"}
     )
 
     def __post_init__(self) -> None:
@@ -199,6 +198,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: RewardHTTPServer
     server_version = f"flowopd-reward/{PROTOCOL_VERSION}"
+    timeout = 300.0  # seconds a silent or stalled client may hold its connection thread
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path == "/health":
