@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServerLimits:
     max_request_bytes: int = field(
-        default=256 * 2**20,
-        metadata={"help": "largest accepted request body (413 above); 64 PNGs of 1024 px fit in about 200 MiB"},
+        default=320 * 2**20,
+        metadata={"help": "largest accepted request body (413 above); a 1024 px PNG is at most ~4 MiB in base64 "
+                          "(incompressible noise), so 64 of them fit"},
     )
     max_image_pixels: int = field(
         default=4096 * 4096, metadata={"help": "largest accepted image, H x W (read from the PNG header first)"}
