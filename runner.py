@@ -6,6 +6,7 @@
     python runner.py validate GRAPH.yaml [--set ...]
     python runner.py list-nodes [--json]
     python runner.py export GRAPH.yaml --comfy-api OUT.json
+    python runner.py serve-reward NAME [--port P] [--host 127.0.0.1] [--set FIELD=VALUE ...]
 
 Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "requires torchvision" notices on import
 
-COMMANDS = ("run", "validate", "list-nodes", "export")
+COMMANDS = ("run", "validate", "list-nodes", "export", "serve-reward")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +56,35 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="convert a graph to ComfyUI formats")
     graph_args(exp)
     exp.add_argument("--comfy-api", type=Path, required=True, metavar="OUT.json", help="write ComfyUI API-format JSON")
+    srv = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (JSON protocol, PNG images)")
+    srv.add_argument("name", help="reward name (see flowopd_core.rewards: REWARDS and REAL_REWARDS)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no authentication)")
+    srv.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    srv.add_argument(
+        "--set", dest="config", action="append", default=[], metavar="FIELD=VALUE",
+        help="a field of the reward's config (repeatable), e.g. --set model_path=/models/pickscore",
+    )
     return parser
+
+
+def _serve_reward(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flowopd_core.rewards.server import serve
+
+    config = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --set {item!r}: expected FIELD=VALUE", file=sys.stderr)
+            return 2
+        config[key] = yaml.safe_load(value) if value else ""
+    try:
+        serve(args.name, host=args.host, port=args.port, config=config)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _load(path: Path, overrides: list[str]):
@@ -116,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list-nodes":
         return _list_nodes(args.json)
+    if args.command == "serve-reward":
+        return _serve_reward(args)
 
     from flowopd_nodes.errors import GraphValidationError, NodeExecutionError
 

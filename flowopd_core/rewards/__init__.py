@@ -14,6 +14,7 @@ from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
 from flowopd_core.rewards.compose import ComposeConfig, ComposeReward
 from flowopd_core.rewards.ocr import OCRConfig, OCRReward
 from flowopd_core.rewards.quality import QualityConfig, QualityReward
+from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
 
 REWARDS: dict[str, type[Reward]] = {
     "compose": ComposeReward,
@@ -26,20 +27,25 @@ TASK_REWARDS: dict[str, str] = {"compose": "compose", "text": "ocr", "quality": 
 
 
 def make_reward(name: str, **config: Any) -> Reward:
-    """Build a registered reward; ``config`` are the fields of its config dataclass."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
-    cls = REWARDS[name]
+    """Build a registered reward (:data:`REWARDS`, or a local-weights adapter of :data:`REAL_REWARDS`);
+    ``config`` are the fields of its config dataclass."""
+    registry: dict[str, type[Reward]] = {**REWARDS, **REAL_REWARDS}
+    if name not in registry:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(registry)}")
+    cls = registry[name]
     return cls(cls.config_type(**config))
 
 
 __all__ = [
+    "REAL_REWARDS",
     "REWARDS",
     "TASK_REWARDS",
     "ComposeConfig",
     "ComposeReward",
     "OCRConfig",
     "OCRReward",
+    "PickScoreConfig",
+    "PickScoreReward",
     "QualityConfig",
     "QualityReward",
     "Reward",

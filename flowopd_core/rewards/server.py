@@ -42,9 +42,8 @@ import torch
 from PIL import Image
 
 from flowopd_core.prompts import PromptSpec
-from flowopd_core.rewards import REWARDS
+from flowopd_core.rewards import make_reward
 from flowopd_core.rewards.base import Reward, RewardResult
-from flowopd_core.rewards.real import REAL_REWARDS
 
 PROTOCOL_VERSION = 1
 DEFAULT_HOST = "127.0.0.1"
@@ -166,11 +165,7 @@ def result_to_json(result: RewardResult) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ server
 def build_reward(name: str, config: Mapping[str, Any] | None = None) -> Reward:
     """A reward from ``REWARDS`` (mini-world) or ``REAL_REWARDS`` (local-weight adapters) by name."""
-    registry: dict[str, type[Reward]] = {**REWARDS, **REAL_REWARDS}
-    if name not in registry:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(registry)}")
-    cls = registry[name]
-    return cls(cls.config_type(**dict(config or {})))
+    return make_reward(name, **dict(config or {}))
 
 
 class RewardHTTPServer(ThreadingHTTPServer):

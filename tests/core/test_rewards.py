@@ -64,6 +64,8 @@ def test_registry_is_explicit_and_builds_configured_rewards():
     reward = make_reward("quality", near=10.0, far=50.0)
     assert reward.name == "quality" and reward.config.near == 10.0
     with pytest.raises(ValueError, match="unknown reward"):
+        make_reward("clipscore")
+    with pytest.raises(ValueError, match="model_path is required"):  # a real-model adapter needs local weights
         make_reward("pickscore")
     with pytest.raises(TypeError):
         make_reward("compose", not_a_field=1)
