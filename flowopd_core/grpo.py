@@ -433,6 +433,7 @@ class EpochMetrics:
     kl: mean KL to the reference (``kl_form``), NaN when beta = 0. grad_norm: mean pre-clip gradient norm.
     first_update_ratio_dev: max |rho - 1| in the epoch's first optimizer step (before it, the policy is the
     sampler: 0 when re-evaluation reproduces sampling exactly). optimizer_steps: total since the start.
+    When every group is flat (all advantages 0) nothing is trained: the loss terms are NaN and no step is taken.
     """
 
     epoch: int
@@ -788,13 +789,14 @@ class GRPOTrainer:
         return TrainerState(tensors=tensors, meta=json.loads(json.dumps(meta)))
 
     def load_state_dict(self, state: TrainerState) -> None:
-        """Restore a :meth:`state_dict`. The config must match (``epochs`` may differ); the adapter's parameter
-        names must be the same."""
+        """Restore a :meth:`state_dict`. The config must match except ``epochs`` and ``reward_workers`` (they do
+        not change the results); the adapter's parameter names must be the same."""
         meta, tensors = state.meta, state.tensors
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"not a GRPO trainer state: format {meta.get('format')!r}")
         saved, current = dict(meta["config"]), self.config.to_json()
-        diff = sorted(k for k in set(saved) | set(current) if k != "epochs" and saved.get(k) != current.get(k))
+        free = ("epochs", "reward_workers")
+        diff = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
         if diff:
             raise ValueError(f"trainer state was saved with a different config: {diff}")
         lora = {k.removeprefix("lora/"): v for k, v in tensors.items() if k.startswith("lora/")}
