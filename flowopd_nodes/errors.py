@@ -21,6 +21,7 @@ ISSUE_TYPES = (
     "value_bigger_than_max",
     "value_not_in_list",  # not one of a COMBO's choices
     "file_not_found",  # a path input that must exist does not
+    "custom_validation_failed",  # a node's own check of its params (Node.check_params) failed
     "bad_linked_input",  # a malformed link, or a link to a missing node or output
     "return_type_mismatch",  # a link joins ports of different types
     "dependency_cycle",

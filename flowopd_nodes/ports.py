@@ -143,6 +143,14 @@ class Node:
         """Fingerprint of the node's code for cache keys: its VERSION and the source of its class."""
         return _code_version(cls)
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> list[tuple[str, str]]:
+        """Cross-field or format checks on widget values, run at validation time before anything executes.
+
+        ``params`` holds every widget value (defaults filled in); return ``(field, message)`` per problem.
+        """
+        return []
+
     def run(self, **inputs: Any) -> tuple:
         raise NotImplementedError
 

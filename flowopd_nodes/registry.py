@@ -3,7 +3,7 @@ from a name read from a graph file."""
 
 from __future__ import annotations
 
-from flowopd_nodes.nodes import basic, evaluate, miniworld, model, pretrain
+from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, pretrain
 from flowopd_nodes.ports import Node
 
 NODES: list[type[Node]] = [
@@ -17,6 +17,7 @@ NODES: list[type[Node]] = [
     model.LoadModel,
     model.Sample,
     pretrain.PretrainMiniWorld,
+    grpo.GRPOTrainerNode,
     evaluate.Evaluator,
 ]
 

@@ -1,0 +1,126 @@
+"""Stage 1: Flow-GRPO teachers (one reward) and the GRPO-Mix baseline (several rewards)."""
+
+from __future__ import annotations
+
+import json
+
+from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer
+from flowopd_core.modelref import ModelRef
+from flowopd_core.plots import plot_curves
+from flowopd_core.policy import Policy
+from flowopd_core.prompts import PromptSet
+from flowopd_core.rewards import REAL_REWARDS, REWARDS, make_reward
+from flowopd_nodes import context
+from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+
+_GRPO_INPUTS = config_inputs(
+    GRPOConfig,
+    skip=("window_range", "reward_weights"),
+    group_size={"min": 2, "max": 1024},
+    prompts_per_epoch={"min": 1, "max": 100_000},
+    steps={"min": 1, "max": 1000},
+    train_fraction={"min": 0.01, "max": 1.0},
+    step_subset={"min": 0, "max": 1000},
+    sde_window={"min": 0, "max": 1000},
+    kind={"choices": ("sde", "cps")},
+    noise_level={"min": 0.0, "max": 2.0},
+    guidance_scale={"min": 0.0, "max": 50.0},
+    logprob_reduce={"choices": ("mean", "sum")},
+    clip_range={"min": 0.0, "max": 10.0},
+    adv_clip={"min": 0.0, "max": 1000.0},
+    adv_eps={"min": 0.0, "max": 1.0},
+    beta={"min": 0.0, "max": 100.0},
+    kl_form={"choices": ("flow_grpo", "true", "mean")},
+    lr={"min": 0.0, "max": 1.0},
+    weight_decay={"min": 0.0, "max": 1.0},
+    grad_clip={"min": 0.0, "max": 1000.0},
+    updates_per_epoch={"min": 1, "max": 1000},
+    batch_size={"min": 1, "max": 4096},
+    ema_decay={"min": 0.0, "max": 0.99999},
+    ema_every={"min": 1, "max": 10_000},
+    lora_rank={"min": 1, "max": 1024},
+    lora_alpha={"min": 0.0, "max": 4096.0},
+    epochs={"min": 1, "max": 10**7},
+    seed={"min": 0, "max": 2**31 - 1},
+    reward_mode={"choices": REWARD_MODES},
+    reward_workers={"min": 0, "max": 64},
+)
+CURVE_KEYS = ("reward", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm", "zero_std_groups")
+
+
+def parse_rewards(spec: str) -> dict[str, float]:
+    """``"compose"`` or ``"compose:1, ocr:0.5"`` -> {name: weight}; raises ValueError naming the problem."""
+    weights: dict[str, float] = {}
+    for item in [part.strip() for part in spec.split(",") if part.strip()]:
+        name, _, weight = item.partition(":")
+        name = name.strip()
+        if name not in REWARDS and name not in REAL_REWARDS:
+            raise ValueError(f"unknown reward {name!r}; registered: {sorted({**REWARDS, **REAL_REWARDS})}")
+        try:
+            weights[name] = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight of {name!r} is not a number: {weight!r}") from None
+    if not weights:
+        raise ValueError("name at least one reward, e.g. 'compose' or 'compose:1, ocr:1'")
+    return weights
+
+
+class GRPOTrainerNode(Node):
+    NODE_ID = "FlowOPDGRPOTrainer"
+    DISPLAY_NAME = "Flow-GRPO trainer"
+    CATEGORY = "FlowOPD/train"
+    DESCRIPTION = (
+        "Trains a LoRA adapter on the base with Flow-GRPO (method.md §2): SDE rollouts with log-probs, group "
+        "advantages, per-step PPO clip, KL to the base (adapter off), EMA of the LoRA. One reward = a specialist "
+        "teacher; several weighted rewards = the GRPO-Mix baseline. Output: the adapter (EMA weights) on the base."
+    )
+    INPUTS = (
+        In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
+        In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),
+        In("rewards", "STRING", "compose", "reward names with optional weights: 'compose' or 'compose:1, ocr:1'"),
+        In("label", "STRING", "teacher", "name of the adapter in reports"),
+        *_GRPO_INPUTS,
+    )
+    OUTPUTS = (
+        Out("model", "FLOWOPD_MODEL", "the base with the trained adapter"),
+        Out("curves", "FLOWOPD_FILE", "training curves (PNG)"),
+    )
+
+    @classmethod
+    def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        try:
+            parse_rewards(params["rewards"])
+        except ValueError as exc:
+            return [("rewards", str(exc))]
+        try:
+            build_config(GRPOConfig, {**params, "reward_weights": parse_rewards(params["rewards"])})
+        except ValueError as exc:
+            return [("", str(exc))]
+        return []
+
+    def run(self, model: ModelRef, prompts: PromptSet, rewards: str, label: str, **values) -> tuple:
+        weights = parse_rewards(rewards)
+        config = build_config(GRPOConfig, {**values, "reward_weights": weights})
+        ctx = context.current()
+        pipe = model.load(fresh=True)  # the trainer adds an adapter to this transformer
+        trainer = GRPOTrainer(
+            pipe, Policy(pipe.transformer), "policy", {n: make_reward(n) for n in weights}, config, prompts
+        )
+        history: list[dict] = []
+        bar = ctx.progress(config.epochs, f"grpo {label}")
+
+        def on_epoch(metrics) -> None:
+            record = metrics.to_json()
+            record["reward"] = sum(weights[n] * record["reward_mean"][n] for n in weights) / sum(weights.values())
+            history.append(record)
+            ctx.metrics({k: record[k] for k in ("epoch", "reward", "loss", "kl", "clip_fraction")})
+            bar.update(1)
+
+        try:
+            trainer.train(on_epoch)
+        finally:
+            bar.close()
+        adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
+        (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
+        curves = plot_curves(history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})")
+        return (ModelRef(model.path, model.dtype, model.device, adapter=str(adapter), label=label), str(curves))
