@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MAIN_GRAPH ?= graphs/miniworld_preview.yaml
+MAIN_GRAPH ?= graphs/evaluate_base.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

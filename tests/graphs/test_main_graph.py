@@ -25,3 +25,20 @@ def test_miniworld_preview_runs_and_reruns_from_cache(tmp_path):
     assert runner.main(["run", str(graph), "--run-dir", str(run_dir), "--no-progress"]) == 0
     again = json.loads((run_dir / "status.json").read_text())
     assert again["executed"] == 0 and again["cached"] == len(status["nodes"])
+
+
+def test_shipped_model_graphs_run_end_to_end_small(tmp_path):
+    """The shipped base loads, samples, is evaluated, and a GRPO teacher trains on it (tiny settings)."""
+    run_dir = tmp_path / "teacher"
+    args = [
+        "run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir), "--no-progress",
+        "--set", "teacher.epochs=1", "--set", "teacher.group_size=2", "--set", "teacher.prompts_per_epoch=2",
+        "--set", "teacher.steps=3", "--set", "test.per_task=3", "--set", "eval.steps=3",
+    ]
+    assert runner.main(args) == 0
+    table = (run_dir / "nodes" / "eval" / "results.md").read_text()
+    assert "| base |" in table and "| grpo-compose |" in table
+    assert (run_dir / "nodes" / "teacher" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "nodes" / "teacher" / "curves.png").is_file()
+    assert runner.main(args) == 0
+    assert json.loads((run_dir / "status.json").read_text())["executed"] == 0
