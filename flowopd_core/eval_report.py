@@ -8,6 +8,12 @@ sample standard deviation of the prompt means); it is undefined (NaN) for m < 2.
 Strict accuracy (1/0 per image, GenEval-style) gets the same treatment for rewards that have one. With one
 image per prompt this is the textbook t-interval over images; with several, images of one prompt are not
 independent, which is why they are averaged first.
+
+Categories: when a task's prompts carry a category (``spec["template"]``, e.g. compose's ``count`` and
+``position``), the task's value is the equal-weight mean of its category means, as GenEval's overall score is
+the mean over its task categories; otherwise a category with many prompts would outweigh the rest. The
+interval is then the stratified one: ``half_width = t_{(1+c)/2, df} sqrt(sum_k s_k^2 / m_k) / K`` with
+Welch-Satterthwaite df. A task with one category gets the plain interval above.
 """
 
 from __future__ import annotations
@@ -59,12 +65,15 @@ def mean_ci(
     values: torch.Tensor | np.ndarray | Sequence[float],
     groups: Sequence[int] | None = None,
     confidence: float = 0.95,
+    strata: Sequence[str] | None = None,
 ) -> Stat:
     """Mean over prompts with a Student-t interval (module doc): prompt means ``p_1..p_m`` of the scored
     values, ``mean = p̄``, ``half_width = t_{(1+c)/2, m-1} std(p) / sqrt(m)``. ``values`` ``(N,)``, NaN = not
     scored; ``groups`` ``(N,)`` the prompt of each value (default: every value its own prompt)."""
     values = np.asarray(values, dtype=np.float64)
     groups = np.arange(len(values)) if groups is None else np.asarray(groups)
+    if strata is not None and len(set(strata)) > 1:
+        return _stratified_ci(values, groups, np.asarray(strata), confidence)
     scored = ~np.isnan(values)
     if not scored.any():
         return Stat(math.nan, math.nan, 0, 0)
@@ -75,6 +84,26 @@ def mean_ci(
     if m > 1:
         half = float(stats.t.ppf((1.0 + confidence) / 2.0, m - 1) * means.std(ddof=1) / math.sqrt(m))
     return Stat(float(means.mean()), half, int(scored.sum()), m)
+
+
+def _stratified_ci(values: np.ndarray, groups: np.ndarray, strata: np.ndarray, confidence: float) -> Stat:
+    """Equal-weight mean of per-category :func:`mean_ci` means with the stratified interval (module doc)."""
+    parts = [mean_ci(values[strata == k], groups[strata == k], confidence) for k in dict.fromkeys(strata.tolist())]
+    parts = [p for p in parts if p.n_prompts > 0]
+    if not parts:
+        return Stat(math.nan, math.nan, 0, 0)
+    mean = float(np.mean([p.mean for p in parts]))
+    n, m = sum(p.n for p in parts), sum(p.n_prompts for p in parts)
+    if any(p.n_prompts < 2 for p in parts):
+        return Stat(mean, math.nan, n, m)
+    # s_k^2 / m_k recovered from each category's own half-width
+    terms = [(p.half_width / stats.t.ppf((1.0 + confidence) / 2.0, p.n_prompts - 1)) ** 2 for p in parts]
+    k = len(parts)
+    se = math.sqrt(sum(terms)) / k
+    denom = sum(term**2 / (p.n_prompts - 1) for term, p in zip(terms, parts))
+    df = sum(terms) ** 2 / denom if denom > 0 else float(m - 1)
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, df) * se) if se > 0 else 0.0
+    return Stat(mean, half, n, m)
 
 
 @dataclass(frozen=True)
@@ -150,10 +179,11 @@ def summarise(evals: Sequence[ModelEval]) -> Results:
         for task, metrics in e.plan.items():
             idx = e.sample_rows(task)
             groups = [i // k for i in idx]
+            strata = [str(e.samples[i].spec.get("template", "")) for i in idx]
             for metric in metrics:
-                score = mean_ci(e.table.scores[metric][idx], groups, e.config.confidence)
+                score = mean_ci(e.table.scores[metric][idx], groups, e.config.confidence, strata)
                 strict = e.table.strict.get(metric)
-                strict = mean_ci(strict[idx], groups, e.config.confidence) if strict is not None else None
+                strict = mean_ci(strict[idx], groups, e.config.confidence, strata) if strict is not None else None
                 rows.append(MetricSummary(e.name, task, metric, score, strict))
     return Results(first.config, first.prompts.name, tuple(names), tuple(first.plan), dict(first.plan),
                    tuple(rows), tuple(evals))
@@ -269,7 +299,9 @@ def markdown_table(results: Results, digits: int = 2) -> str:
     headline = ", ".join(f"{_label(t)}: {results.headline_label(t)}" for t in results.tasks)
     caption = (
         f"Mean ± half-width of the {c.confidence:.0%} Student-t interval over prompts (a prompt's score is the "
-        f"mean of its images). n (samples per cell): {counts}; cells with fewer scored samples show their n. "
+        f"mean of its images); a task whose prompts have categories (templates) shows the equal-weight mean of "
+        f"its category means (GenEval-style) with the stratified interval. "
+        f"n (samples per cell): {counts}; cells with fewer scored samples show their n. "
         f"'strict' = GenEval-style all-or-nothing accuracy. average = mean over tasks of each task's own metric "
         f"({headline}). Settings: ODE, {c.steps} steps, CFG {c.guidance_scale}, "
         f"seed {c.seed}, {c.images_per_prompt} image(s) per prompt, prompts '{results.prompt_set}', "

@@ -225,3 +225,23 @@ def test_adapters_on_one_base_are_evaluated_by_switching(prompts, tmp_path):
     assert policy.active == "teacher"  # evaluation selects adapters per sample; the active one is unchanged
     table = write_results(summarise([teacher, base, student]), tmp_path).markdown.read_text()
     assert all(f"| {name} |" in table for name in ("teacher", "base", "student"))
+
+
+def test_category_means_weigh_categories_equally():
+    """GenEval-style: the task value is the mean of its category means; the interval is the stratified one."""
+    from scipy import stats as st
+
+    from flowopd_core.eval_report import mean_ci
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(40), rng.random(5) + 1.0
+    values = np.concatenate([a, b])
+    strata = ["big"] * 40 + ["small"] * 5
+    got = mean_ci(values, strata=strata)
+    assert got.mean == pytest.approx((a.mean() + b.mean()) / 2)
+    assert got.n == 45 and got.n_prompts == 45
+    va, vb = a.var(ddof=1) / 40, b.var(ddof=1) / 5
+    df = (va + vb) ** 2 / (va**2 / 39 + vb**2 / 4)
+    assert got.half_width == pytest.approx(st.t.ppf(0.975, df) * np.sqrt(va + vb) / 2)
+    # one category: the plain interval
+    assert mean_ci(a, strata=["x"] * 40) == mean_ci(a)
