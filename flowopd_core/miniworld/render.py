@@ -5,11 +5,14 @@ the project's ``(B, 3, H, W)`` float tensors in [0, 1]. Everything scales with `
 
 Rendering is anti-aliased: shapes are drawn with PIL at ``SUPERSAMPLE`` x the size and box-filtered down.
 
-Text task: the word is drawn in Pillow's bundled TrueType font (``ImageFont.load_default(size=...)``) at font
-size ``20 * size / 32`` with a stroke of ``size / 32`` px (bold), centred, then stretched 1.5x vertically so the
-two glyphs fill the frame (each about 15 px wide and 24 px tall at 32 px). Position is fixed (no jitter), so
-a given word always has the same image. Measured: rapidocr (recognition only) reads all 64 words over
-``LETTERS`` at 32 px (100 %).
+Text task: each letter of the word is drawn in Pillow's bundled TrueType font (``ImageFont.load_default``) at
+font size ``TEXT_FONT_SIZE`` (13) with a stroke of ``TEXT_STROKE`` (0.5) px, centred in its own slot: slot
+centres are ``TEXT_PITCH`` (10) px apart around the image centre; then the image is stretched
+``TEXT_STRETCH`` (2x) vertically (all at 32 px, scaled with the size). A three-letter word then spans about
+x 1-30 and y 6-27 px, with a clear gap between glyphs (a single-string draw makes neighbours touch and
+rapidocr misreads them). Position is fixed (no jitter), so a given word always has the same image. Measured
+(``OCRReward`` defaults, recognition only, 32 px): all 512 three-letter words over ``LETTERS`` read exactly
+(mean score 1.0, 100 % exact).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ SUPERSAMPLE = 4
 GAP = 2.0  # px at size 32: least clearance between two objects' bounding boxes (keeps components apart)
 DEGRADATIONS: tuple[str, ...] = ("blur", "noise", "washed", "jagged", "dirty")
 SEVERITIES: tuple[str, ...] = ("mild", "heavy")
-TEXT_FONT_SIZE = 20  # at size 32
-TEXT_STRETCH = 1.5  # vertical stretch of the rendered word
+TEXT_FONT_SIZE = 13  # at size 32
+TEXT_STROKE = 0.5  # px at size 32: stroke width around each glyph (semi-bold)
+TEXT_PITCH = 10.0  # px at size 32: distance between the centres of neighbouring letters
+TEXT_STRETCH = 2.0  # vertical stretch of the rendered word (tall, narrow glyphs)
 
 
 @dataclass(frozen=True)
@@ -74,15 +79,16 @@ def draw_objects(objects: Sequence[Placed], size: int) -> np.ndarray:
     return np.asarray(canvas.reduce(s))
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=2048)
 def _word_image(word: str, size: int) -> np.ndarray:
     s = SUPERSAMPLE
-    big = size * s
-    font = ImageFont.load_default(size=TEXT_FONT_SIZE * size / 32 * s)
+    big, scale = size * s, size / 32 * s
+    font = ImageFont.load_default(size=TEXT_FONT_SIZE * scale)
     canvas = Image.new("L", (big, big), 255)
-    ImageDraw.Draw(canvas).text(
-        (big / 2, big / 2), word, font=font, fill=0, anchor="mm", stroke_width=size / 32 * s, stroke_fill=0
-    )
+    draw = ImageDraw.Draw(canvas)
+    for i, letter in enumerate(word):  # one slot per letter, TEXT_PITCH apart, centred as a group
+        x = big / 2 + (i - (len(word) - 1) / 2) * TEXT_PITCH * scale
+        draw.text((x, big / 2), letter, font=font, fill=0, anchor="mm", stroke_width=TEXT_STROKE * scale, stroke_fill=0)
     band = int(round(big / TEXT_STRETCH))
     top = (big - band) // 2
     canvas = canvas.crop((0, top, big, top + band)).resize((big, big), Image.BICUBIC)
@@ -93,7 +99,10 @@ def _word_image(word: str, size: int) -> np.ndarray:
 
 
 def render_word(word: str, size: int = 32) -> np.ndarray:
-    """The text task's image of ``word`` -> ``(size, size, 3)`` uint8, black on white, fixed position."""
+    """The text task's image of ``word`` -> ``(size, size, 3)`` uint8, black on white, fixed position.
+
+    Sized for the task's three-letter words (module doc); longer words run out of the frame.
+    """
     if not word:
         raise ValueError("cannot render an empty word")
     return _word_image(word, size).copy()

@@ -7,8 +7,9 @@ Three tasks mirror the paper's (method.md §6-7):
   ``count``    "a red circle", "two green squares", "three blue triangles"      (colour x shape x count 1-3)
   ``position`` "a red circle to the left of a blue square" (+ "right of", "above", "below"; the two objects
                have different colours).
-- ``text`` (OCR-like): ``the word "AC"``: a two-letter word over the 8-letter alphabet ``LETTERS``, drawn
-  large and bold, black on white, at a fixed place (see ``render.py``).
+- ``text`` (OCR-like): ``the word "ACE"``: a three-letter word over the 8-letter alphabet ``LETTERS`` (all
+  ``8**3 = 512`` words, not only English ones), drawn in tall glyphs, black on white, one fixed slot per
+  letter (see ``render.py``).
 - ``quality``: "a large red circle, clean": one object; its pretraining images mix clean and degraded
   renders (``QUALITY_DEGRADED_FRACTION``), which gives the quality reward real headroom.
 
@@ -18,7 +19,7 @@ prompt is held out for ``test`` when the sum of its attribute indices is divisib
 - compose/count:     colour i, shape j, count n (1-3):          test iff (i + j + n) % 4 == 0   (9 of 36)
 - compose/position:  colours i1 != i2, shapes j1, j2, relation k: test iff (i1 + j1 + i2 + j2 + k) % 4 == 0
                                                                  (108 of 432)
-- text:              letters a, b (indices into LETTERS):        test iff (a + b) % 4 == 0        (16 of 64)
+- text:              letters a, b, c (indices into LETTERS):     test iff (a + b + c) % 4 == 0    (128 of 512)
 - quality:           size s, colour i, shape j:                  test iff (s + i + j) % 4 == 0   (6 of 24)
 
 So every test prompt is a new combination of attribute values that all occur in train (every colour, shape,
@@ -56,7 +57,8 @@ RELATIONS: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
-LETTERS: str = "ACEHKNRS"  # all 64 pairs read 100 % by rapidocr at 32 px (measured; see render.py)
+LETTERS: str = "ACEHKNRS"  # all 512 three-letter words read 100 % by rapidocr at 32 px (measured; see render.py)
+WORD_LENGTH: int = 3  # letters per text-task word
 SIZES: tuple[str, ...] = ("small", "large")
 QUALITY_DEGRADED_FRACTION: float = 0.5  # share of quality-task pretraining images that are degraded
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -108,9 +110,9 @@ def _compose_position() -> list[tuple[bool, PromptSpec]]:
 
 def _text_words() -> list[tuple[bool, PromptSpec]]:
     out = []
-    for (a, first), (b, second) in itertools.product(enumerate(LETTERS), repeat=2):
-        word = first + second
-        out.append((_held_out(a, b), _spec("text", "word", f'the word "{word}"', word=word)))
+    for letters in itertools.product(enumerate(LETTERS), repeat=WORD_LENGTH):
+        word = "".join(letter for _, letter in letters)
+        out.append((_held_out(*(i for i, _ in letters)), _spec("text", "word", f'the word "{word}"', word=word)))
     return out
 
 

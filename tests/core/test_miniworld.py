@@ -24,15 +24,17 @@ def test_splits_are_disjoint_fixed_and_complete(task):
 
 def test_split_sizes_follow_the_rule():
     sizes = {t: (len(mw.prompts(t, "train")), len(mw.prompts(t, "test"))) for t in mw.TASKS}
-    assert sizes == {"compose": (351, 117), "text": (48, 16), "quality": (18, 6)}
+    assert sizes == {"compose": (351, 117), "text": (384, 128), "quality": (18, 6)}
     assert mw.all_prompts("test") == [p for t in mw.TASKS for p in mw.prompts(t, "test")]
     assert not {p.text for p in mw.all_prompts("train")} & {p.text for p in mw.all_prompts("test")}
 
 
 def test_test_prompts_recombine_attributes_seen_in_training():
     train, test = mw.prompts("text", "train"), mw.prompts("text", "test")
-    seen = {(pos, p.spec["word"][pos]) for p in train for pos in (0, 1)}
-    assert all((pos, p.spec["word"][pos]) in seen for p in test for pos in (0, 1))
+    assert all(len(p.spec["word"]) == 3 and p.text == f'the word "{p.spec["word"]}"' for p in train + test)
+    seen = {(pos, p.spec["word"][pos]) for p in train for pos in range(3)}
+    assert seen == set(itertools.product(range(3), mw.LETTERS))  # every letter-in-position is trained
+    assert {p.spec["word"] for p in train + test} == {"".join(w) for w in itertools.product(mw.LETTERS, repeat=3)}
 
     def triples(split):
         return {(o["colour"], o["shape"], o["count"]) for p in mw.template_prompts("compose", "count", split)
@@ -68,6 +70,21 @@ def test_render_jitters_compose_but_not_text():
     assert not np.array_equal(a, b)
     assert np.array_equal(mw.render(compose, np.random.default_rng(0)), a)
     assert np.array_equal(mw.render(text, np.random.default_rng(0)), mw.render(text, np.random.default_rng(1)))
+
+
+def test_text_letters_sit_in_fixed_slots_inside_the_frame():
+    """Each letter is drawn in its own 10 px column slot (centres 6, 16, 26 at 32 px): changing one letter
+    changes pixels only in that slot, and no ink touches the frame's border."""
+    words = [p.spec["word"] for p in mw.prompts("text", "test")[::9]]
+    for word in words:
+        image = mw.render_word(word).astype(int)
+        ink = (255 - image).max(axis=2) > 40
+        assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), word
+        for pos, letter in itertools.product(range(3), mw.LETTERS):
+            other = word[:pos] + letter + word[pos + 1:]
+            changed = np.flatnonzero((np.abs(mw.render_word(other).astype(int) - image).max(axis=2) > 0).any(axis=0))
+            assert letter == word[pos] or changed.size, other
+            assert ((changed >= 1 + 10 * pos) & (changed < 11 + 10 * pos)).all(), (word, other)
 
 
 @pytest.mark.parametrize("relation", list(mw.RELATIONS))

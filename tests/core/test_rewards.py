@@ -77,15 +77,16 @@ def test_registry_is_explicit_and_builds_configured_rewards():
 @pytest.mark.parametrize(
     ("reading", "target", "expected"),
     [
-        ("AC", "AC", 1.0),
-        ("xxacyy", "AC", 1.0),  # substring -> full credit
-        ("a c", "AC", 1.0),  # case and spaces ignored
+        ("ACE", "ACE", 1.0),
+        ("xxaceyy", "ACE", 1.0),  # substring -> full credit
+        ("a c e", "ACE", 1.0),  # case and spaces ignored
         ("Hello World", "helloworld", 1.0),
-        ("AK", "AC", 0.5),  # one substitution out of two
-        ("A", "AC", 0.5),  # one deletion
+        ("AKE", "ACE", 2 / 3),  # one substitution out of three
+        ("AE", "ACE", 2 / 3),  # one deletion
+        ("CE", "ACE", 2 / 3),  # a substring of the target is not full credit
         ("ACE", "ACEHK", 0.6),  # two deletions out of five
-        ("", "AC", 0.0),
-        ("zzzzzzzz", "AC", 0.0),  # distance larger than the target length is clipped
+        ("", "ACE", 0.0),
+        ("zzzzzzzz", "ACE", 0.0),  # distance larger than the target length is clipped
     ],
 )
 def test_ocr_score_matches_the_paper(reading, target, expected):
@@ -93,7 +94,7 @@ def test_ocr_score_matches_the_paper(reading, target, expected):
 
 
 def test_ocr_target_comes_from_spec_or_quotes():
-    assert target_text(PromptSpec(text="the word", spec={"word": "AC"})) == "AC"
+    assert target_text(PromptSpec(text="the word", spec={"word": "ACE"})) == "ACE"
     assert target_text(PromptSpec(text='a sign that says "Open 24h" on a wall')) == "Open 24h"
     assert target_text(PromptSpec(text="a red circle")) is None
     with pytest.raises(ValueError):
@@ -168,13 +169,23 @@ def test_ocr_ground_truth_high_and_corruptions_low(ocr):
     specs = mw.prompts("text", "train") + mw.prompts("text", "test")
     clean = renders(specs)
     result = ocr(as_tensor(clean), specs)
-    assert result.mean() >= 0.95 and result.strict_mean() >= 0.95
+    assert result.mean() >= 0.95 and result.strict_mean() >= 0.98  # measured 1.0 and 1.0 over all 512 words
     assert ocr(as_tensor(clean), [wrong_prompt(s) for s in specs]).mean() <= 0.2
     assert ocr(as_tensor([np.full_like(c, 255) for c in clean[:8]]), specs[:8]).mean() <= 0.2
-    # rapidocr still reads these large glyphs through the quality task's "heavy" blur and noise (sigma 2-3 px,
-    # std 0.3-0.45); the text is gone at sigma 5 px or std 1 (std 0.8 still scores ~0.17)
+    # measured on every 4th word: rapidocr reads the glyphs through blur sigma 2 px (1.0) and 2.5 px (0.89) and
+    # noise std 0.3-0.45 (1.0-0.92), not sigma 3 px (0.24) or std 0.8 (0.06); gone at sigma 4 px and std 1
     assert ocr(as_tensor(blur(clean, 5.0)), specs).mean() <= 0.2
     assert ocr(as_tensor(noise(clean, 1.0)), specs).mean() <= 0.2
+
+
+def test_ocr_partial_score_counts_letters(ocr):
+    pool = mw.all_prompts("train") + mw.all_prompts("test")
+    ace, ack, eca = (next(p for p in pool if p.spec.get("word") == w) for w in ("ACE", "ACK", "ECA"))
+    image = as_tensor(renders([ace]))
+    result = ocr(image, [ack])  # two of three letters right: one substitution
+    assert result.scores[0] == pytest.approx(2 / 3) and result.strict[0] == 0.0
+    assert result.details[0]["reading"] == "ACE" and result.details[0]["target"] == "ACK"
+    assert ocr(image, [eca]).scores[0] == pytest.approx(1 / 3)  # same letters, A and E swapped: two edits
 
 
 def test_quality_ground_truth_high_and_corruptions_low():
