@@ -8,8 +8,10 @@ validation reads the same declaration (they can never drift).
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -157,11 +159,53 @@ class Node:
 
 @functools.cache
 def _code_version(cls: type) -> str:
+    """VERSION + the class's source + the source of every ``flowopd_core`` module its module imports
+    (transitively): editing the core code a node runs re-executes that node, nothing else."""
+    digest = hashlib.sha256()
     try:
-        source = inspect.getsource(cls)
+        digest.update(inspect.getsource(cls).encode())
     except (OSError, TypeError):
-        source = cls.__qualname__
-    return f"{cls.VERSION}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+        digest.update(cls.__qualname__.encode())
+    for name in sorted(_core_closure(cls.__module__)):
+        digest.update(name.encode() + b"\0" + _module_source(name))
+    return f"{cls.VERSION}:{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def _module_source(name: str) -> bytes:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return b""
+    with open(spec.origin, "rb") as handle:
+        return handle.read()
+
+
+def _core_closure(module: str) -> set[str]:
+    """``flowopd_core`` modules imported by ``module``, transitively (read from the source, nothing run)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        source = _module_source(todo.pop())
+        if not source:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] == "flowopd_core" and name not in seen and _is_module(name):
+                    seen.add(name)
+                    todo.append(name)
+    return seen
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def contract_problems(cls: type[Node]) -> list[str]:

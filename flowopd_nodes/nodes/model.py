@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flowopd_core.evaluate import targets_from_refs
 from flowopd_core.generate import SampleConfig, generate
 from flowopd_core.images import to_comfy
 from flowopd_core.modelref import DEVICES, DTYPES, ModelRef
@@ -68,9 +69,14 @@ class Sample(Node):
     ) -> tuple:
         config = SampleConfig(steps, guidance_scale, sampler, noise_level, batch_size, seed)
         expanded = PromptSet(tuple(p for p in prompts for _ in range(images_per_prompt)), name=prompts.name)
+        (target,) = targets_from_refs([model])  # the base, or base + the model's adapter (never a copy)
+        names = [target.adapter] * len(expanded) if target.adapter else None
         bar = context.current().progress(len(expanded), "sample")
         try:
-            rollout = generate(model.load(), expanded.texts, config, progress=bar.update, keep_latents=False)
+            rollout = generate(
+                target.pipeline, expanded.texts, config, transformer=target.transformer, adapter_names=names,
+                progress=bar.update, keep_latents=False,
+            )
         finally:
             bar.close()
         return (to_comfy(rollout.images), expanded)

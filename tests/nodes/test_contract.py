@@ -42,3 +42,12 @@ def test_node_contract(cls):
     for t in [p.type for p in cls.INPUTS if p.type not in PRIMITIVES] + list(cls.RETURN_TYPES):
         assert t in WIRE_TYPES, f"{cls.NODE_ID}: no codec for wire type {t}"
     assert declared  # every node takes at least one input
+
+
+def test_cache_fingerprint_covers_the_core_code_a_node_runs():
+    from flowopd_nodes.ports import _core_closure
+
+    closure = _core_closure("flowopd_nodes.nodes.evaluate")
+    assert {"flowopd_core.evaluate", "flowopd_core.rewards.ocr", "flowopd_core.samplers"} <= closure
+    assert "flowopd_core.grpo" not in closure  # unrelated core edits do not invalidate the evaluator
+    assert "flowopd_core.miniworld.tasks" in _core_closure("flowopd_nodes.nodes.miniworld")
