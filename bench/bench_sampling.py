@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.model)
     pipe = load_pipeline(folder) if (folder / "model_index.json").is_file() else build_tiny_pipeline(TinyConfig())
+    pipe.set_progress_bar_config(disable=True)
     texts = prompt_set("all", "test").texts[: args.batch]
     cache = TextEmbeddingCache(pipe)
     cond, neg = cache.encode(texts), cache.negative(len(texts))
