@@ -154,10 +154,11 @@ def factor_mean(adapters: Sequence[Adapter]) -> MergeResult:
     for module in _modules(adapters):
         parts = [adapter[module] for adapter in adapters]
         if len({(p.rank, p.scale) for p in parts}) != 1:
-            raise ValueError(f"factor_mean needs equal ranks and scales; {module}: {[(p.rank, p.scale) for p in parts]}")
-        factors[module] = LoraFactors(
-            A=torch.stack([p.A for p in parts]).mean(0), B=torch.stack([p.B for p in parts]).mean(0), scale=parts[0].scale
-        )
+            shapes = [(p.rank, p.scale) for p in parts]
+            raise ValueError(f"factor_mean needs equal ranks and scales; {module}: (rank, scale) = {shapes}")
+        a_mean = torch.stack([p.A for p in parts]).mean(0)
+        b_mean = torch.stack([p.B for p in parts]).mean(0)
+        factors[module] = LoraFactors(A=a_mean, B=b_mean, scale=parts[0].scale)
     first = next(iter(factors.values()))
     return MergeResult(
         method="factor_mean", factors=factors, rank=first.rank, alpha=first.scale * first.rank,

@@ -256,7 +256,9 @@ def distill_loss(
         if logp_new is None or logp_old is None:
             raise ValueError(f"mode {mode!r} needs logp_new and logp_old")
         adv = -kl.detach() if mode == "paper" else -kl
-        bound = advantage_clip if advantage_clip is not None else (AUTHORS_ADVANTAGE_CLIP if mode == "authors" else None)
+        bound = advantage_clip
+        if bound is None and mode == "authors":
+            bound = AUTHORS_ADVANTAGE_CLIP
         if bound is not None:
             adv = adv.clamp(-bound, bound)
         ppo = ppo_clip_loss(logp_new, logp_old.detach(), adv.to(logp_new.dtype), clip_range)
