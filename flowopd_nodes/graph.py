@@ -68,31 +68,24 @@ class Graph:
         return data
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, (str, int, float, bool)) and key is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, "mapping keys must be plain scalars", key_node.start_mark
-            )
-        if key in mapping:
-            raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
 class _DuplicateKey(Exception):
     def __init__(self, key: str, line: int):
         self.key, self.line = key, line
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+def _check_duplicate_keys(node: yaml.Node | None) -> None:
+    """Walk a composed YAML node tree (nothing constructed) and raise on a key repeated in one mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
+            if key in seen:
+                raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
+            seen.add(key)
+            _check_duplicate_keys(value_node)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -113,7 +106,8 @@ def parse_yaml(text: str, source: str) -> Any:
                     ],
                     source,
                 )
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text)
     except _DuplicateKey as exc:
         raise GraphValidationError(
             [GraphIssue("duplicate_key", f"line {exc.line}: key {exc.key!r} appears twice", field=exc.key)], source
