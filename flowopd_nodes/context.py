@@ -41,6 +41,8 @@ class NodeContext:
     are kept with its cache entry (written atomically: a failed call leaves nothing behind).
     ``progress(total, desc)``: a progress reporter (tqdm in the runner, ProgressBar in ComfyUI).
     ``metrics(dict)``: live scalar metrics (logged by the runner, websocket events in ComfyUI).
+    ``checkpoint_dir``: a folder that survives a failed or killed call (same node, same inputs), for long nodes
+    to resume from; the host deletes it once the call has succeeded. None where the host keeps none.
     """
 
     node_id: str
@@ -49,6 +51,7 @@ class NodeContext:
     progress: Callable[[int, str], Progress] = _null_progress
     metrics: Callable[[dict[str, Any]], None] = lambda values: None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("flowopd"))
+    checkpoint_dir: Path | None = None
 
 
 _CURRENT: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar("flowopd_node_context", default=None)

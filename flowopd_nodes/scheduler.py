@@ -6,6 +6,7 @@ Run directory (``runs/<graph name>/`` by default)::
     status.json       per node: state (executed / cached / failed / skipped), cache key, seconds
     run.log           the log
     cache/<node>/<key>/outputs.json + artifacts    one entry per distinct input state of a node
+    checkpoints/<node>/<key>/   resumable state of a long node while it runs (kept if it fails, then removed)
     nodes/<node>      link to the entry used by the latest run (where to find a node's files)
 
 Cache key of a node = hash(node type, node code version, resolved params, fingerprints of files its path
@@ -265,6 +266,7 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
     inputs = {name: value for name, value in node.params.items() if not (value is None and node.cls.input(name).optional)}
     for name, link in node.links.items():
         inputs[name] = result.output(link.node, link.output)
+    checkpoints = run_dir / "checkpoints" / node.id / status.key
     ctx = context.NodeContext(
         node_id=node.id,
         artifact_dir=entry,
@@ -272,6 +274,7 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
         progress=progress,
         metrics=lambda values: log.info("node %s metrics %s", node.id, json.dumps(values, default=str)),
         log=log,
+        checkpoint_dir=checkpoints,
     )
     log.info("node %s (%s): executing %s", node.id, node.cls.NODE_ID, status.key)
     try:
@@ -293,6 +296,7 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
         if isinstance(exc, Exception):
             raise NodeExecutionError(node.id, node.cls.NODE_ID, exc) from exc
         raise
+    shutil.rmtree(checkpoints, ignore_errors=True)  # done: the results live in the cache entry
     return values
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer
+from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer, load_trainer_state, save_trainer_state
 from flowopd_core.modelref import ModelRef
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
@@ -79,6 +79,7 @@ class GRPOTrainerNode(Node):
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),
         In("rewards", "STRING", "compose", "reward names with optional weights: 'compose' or 'compose:1, ocr:1'"),
         In("label", "STRING", "teacher", "name of the adapter in reports"),
+        In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
         *_GRPO_INPUTS,
     )
     OUTPUTS = (
@@ -98,7 +99,9 @@ class GRPOTrainerNode(Node):
             return [("", str(exc))]
         return []
 
-    def run(self, model: ModelRef, prompts: PromptSet, rewards: str, label: str, **values) -> tuple:
+    def run(
+        self, model: ModelRef, prompts: PromptSet, rewards: str, label: str, checkpoint_every: int, **values
+    ) -> tuple:
         weights = parse_rewards(rewards)
         config = build_config(GRPOConfig, {**values, "reward_weights": weights})
         ctx = context.current()
@@ -107,7 +110,13 @@ class GRPOTrainerNode(Node):
             pipe, Policy(pipe.transformer), "policy", {n: make_reward(n) for n in weights}, config, prompts
         )
         history: list[dict] = []
+        ckpt = ctx.checkpoint_dir
+        if ckpt is not None and (ckpt / "state").is_dir():  # resume a killed or failed run of this node
+            trainer.load_state_dict(load_trainer_state(ckpt / "state"))
+            history = json.loads((ckpt / "history.json").read_text())[: trainer.epoch_index]
+            ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, ckpt)
         bar = ctx.progress(config.epochs, f"grpo {label}")
+        bar.update(len(history))
 
         def on_epoch(metrics) -> None:
             record = metrics.to_json()
@@ -115,6 +124,10 @@ class GRPOTrainerNode(Node):
             history.append(record)
             ctx.metrics({k: record[k] for k in ("epoch", "reward", "loss", "kl", "clip_fraction")})
             bar.update(1)
+            if ckpt is not None and checkpoint_every and len(history) % checkpoint_every == 0:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                (ckpt / "history.json").write_text(json.dumps(history, default=str))
+                save_trainer_state(trainer.state_dict(), ckpt / "state")
 
         try:
             trainer.train(on_epoch)

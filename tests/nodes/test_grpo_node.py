@@ -1,0 +1,58 @@
+"""A failed or killed GRPO node resumes from its last checkpoint and ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import runner
+from flowopd_core import grpo
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "--set", "teacher.epochs=3", "--set", "teacher.group_size=2", "--set", "teacher.prompts_per_epoch=2",
+    "--set", "teacher.steps=3", "--set", "teacher.checkpoint_every=1", "--set", "teacher.lora_rank=4",
+    "--set", "teacher.lr=0.01", "--set", "test.per_task=2", "--set", "eval.steps=2",
+]
+
+
+def run(run_dir: Path) -> int:
+    return runner.main(["run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir), "--no-progress", *TINY])
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "nodes" / "teacher" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch):
+    assert run(tmp_path / "straight") == 0
+
+    calls = {"n": 0}
+    real_epoch = grpo.GRPOTrainer.epoch
+
+    def failing_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash in epoch 3")
+        return real_epoch(self)
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "epoch", failing_epoch)
+    resumed = tmp_path / "resumed"
+    assert run(resumed) == 1
+    checkpoints = list((resumed / "checkpoints" / "teacher").glob("*/state"))
+    assert len(checkpoints) == 1
+    assert json.loads((checkpoints[0].parent / "history.json").read_text())[-1]["epoch"] == 1  # epochs 0, 1 done
+    monkeypatch.setattr(grpo.GRPOTrainer, "epoch", real_epoch)
+
+    assert run(resumed) == 0
+    assert "resumed grpo-compose at epoch 2" in (resumed / "run.log").read_text()
+    assert not any((resumed / "checkpoints" / "teacher").iterdir())  # removed once the node succeeded
+    history = json.loads((resumed / "nodes" / "teacher" / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    a, b = adapter(tmp_path / "straight"), adapter(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
