@@ -13,7 +13,7 @@ training (it has no dropout, and peft refuses ``adapter_names`` in train mode).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +55,23 @@ class LoraSpec:
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoRA targets must be non-empty module names, got {self.targets!r}")
 
-    def to_peft(self) -> LoraConfig:
+    def to_peft(self, exclude: Sequence[str] = ()) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             target_modules=list(self.targets),
+            exclude_modules=list(exclude) or None,
             init_lora_weights=self.init,
             lora_dropout=0.0,
         )
+
+
+def dead_targets(transformer: torch.nn.Module) -> list[str]:
+    """Projections whose output never reaches the image: in a ``context_pre_only`` block (SD3's last) the
+    text-token attention output is dropped, so its text query ``add_q_proj`` gets no gradient. A LoRA there
+    would be dead weight (and would skew merges), so adapters leave it out."""
+    blocks = getattr(transformer, "transformer_blocks", [])
+    return [f"transformer_blocks.{i}.attn.add_q_proj" for i, b in enumerate(blocks) if getattr(b, "context_pre_only", False)]
 
 
 class Policy:
@@ -130,10 +139,11 @@ class Policy:
     def add_adapter(self, name: str, spec: LoraSpec = LoraSpec()) -> None:
         """Add a new LoRA adapter ``name`` (frozen until :meth:`trainable_parameters` names it)."""
         self._check_new(name)
+        config = spec.to_peft(exclude=dead_targets(self._base))
         if self._peft is None:
-            self._peft = get_peft_model(self._base, spec.to_peft(), adapter_name=name)
+            self._peft = get_peft_model(self._base, config, adapter_name=name)
         else:
-            self._peft.add_adapter(name, spec.to_peft())
+            self._peft.add_adapter(name, config)
         self._restore_trainable()
 
     def load_adapter(self, name: str, directory: str | Path) -> None:
