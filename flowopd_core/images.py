@@ -42,6 +42,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return np.round(arr * 255.0).astype(np.uint8)
 
 
+def from_uint8(arrays: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """``(B, H, W, 3)`` uint8 (or a list of ``(H, W, 3)``) -> ``(B, 3, H, W)`` float32 in [0, 1] (inverse of
+    :func:`to_uint8`)."""
+    stacked = np.stack(arrays) if isinstance(arrays, list) else arrays
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+
+
 def grid_image(
     images: torch.Tensor,
     *,

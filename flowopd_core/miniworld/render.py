@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from flowopd_core.images import from_uint8
 from flowopd_core.miniworld.tasks import (
     PALETTE,
     QUALITY_DEGRADED_FRACTION,
@@ -316,7 +317,7 @@ def sample_training_batch(
         specs.append(spec)
         arrays.append(image)
         kinds.append(kind)
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    images = from_uint8(arrays)
     return TrainingBatch(
         prompts=[s.text for s in specs],
         images=images.contiguous(),

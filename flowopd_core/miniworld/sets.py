@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flowopd_core.images import from_uint8
 from flowopd_core.miniworld.render import render
 from flowopd_core.miniworld.tasks import TASKS, prompts
 from flowopd_core.prompts import PromptSet
@@ -31,4 +32,4 @@ def render_set(prompt_set: PromptSet, seed: int = 0, size: int = 32) -> torch.Te
     """Ground-truth images ``(B, 3, size, size)`` in [0, 1] for mini-world prompts (random layout per seed)."""
     rng = np.random.default_rng(seed)
     arrays = [render(spec, rng, size) for spec in prompt_set]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    return from_uint8(arrays)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowopd_core.images import from_uint8
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards import make_reward
 from flowopd_core.rewards.base import Reward, RewardResult
@@ -143,7 +144,7 @@ def parse_score_request(body: bytes, limits: ServerLimits) -> tuple[torch.Tensor
         if not isinstance(data.get("spec", {}), dict) or not isinstance(data.get("task", ""), str):
             raise RequestError(400, f'prompts[{i}]: "spec" must be an object and "task" a string')
         specs.append(PromptSpec.from_json(data))
-    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    tensor = from_uint8(arrays)
     return tensor, specs
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer, load_trainer_state, save_trainer_state
+from flowopd_core.grpo import (
+    REWARD_MODES,
+    GRPOConfig,
+    GRPOTrainer,
+    load_trainer_state,
+    save_trainer_state,
+)
 from flowopd_core.modelref import ModelRef
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
@@ -90,11 +96,11 @@ class GRPOTrainerNode(Node):
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         try:
-            parse_rewards(params["rewards"])
+            weights = parse_rewards(params["rewards"])
         except ValueError as exc:
             return [("rewards", str(exc))]
         try:
-            build_config(GRPOConfig, {**params, "reward_weights": parse_rewards(params["rewards"])})
+            build_config(GRPOConfig, {**params, "reward_weights": weights})
         except ValueError as exc:
             return [("", str(exc))]
         return []

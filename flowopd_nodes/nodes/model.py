@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flowopd_core.evaluate import targets_from_refs
 from flowopd_core.generate import SampleConfig, generate
 from flowopd_core.images import to_comfy
@@ -28,10 +30,16 @@ class LoadModel(Node):
     )
     OUTPUTS = (Out("model", "FLOWOPD_MODEL", "the model handle"),)
 
+    @classmethod
+    def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        # Checked before anything runs, without loading weights (loading here would keep a second copy in
+        # memory next to the fresh one a training node loads).
+        if not (Path(params["path"]) / "model_index.json").is_file():
+            return [("path", f"{params['path']!r} is not a diffusers pipeline folder (no model_index.json)")]
+        return []
+
     def run(self, path: str, dtype: str, device: str, label: str) -> tuple[ModelRef]:
-        ref = ModelRef(path, dtype, device, label=label)
-        ref.load()  # fail here, naming the folder, rather than in a later node
-        return (ref,)
+        return (ModelRef(path, dtype, device, label=label),)
 
 
 class Sample(Node):
