@@ -234,6 +234,8 @@ def run_graph(
                             "outputs": encode_outputs(node.cls.RETURN_TYPES, node.cls.RETURN_NAMES, values, entry),
                         },
                     )
+                    # Downstream nodes get the values as read back from the entry, exactly what a cached run
+                    # serves them (the read is cheap: outputs are handles and small safetensors files).
                     values = decode_outputs(
                         node.cls.RETURN_TYPES,
                         json.loads((entry / OUTPUTS_FILE).read_text(encoding="utf-8"))["outputs"],
