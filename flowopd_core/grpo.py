@@ -28,30 +28,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from safetensors.torch import load_file, save_file
 
-from flowopd_core.ema import EMA
-from flowopd_core.pipeline import TextEmbeddingCache, TextEmbeddings, decode, initial_noise, velocity
-from flowopd_core.policy import LoraSpec, Policy
+from flowopd_core.lora_trainer import (  # noqa: F401  (checkpoint helpers re-exported for callers)
+    LoraTrainer,
+    TrainerState,
+    load_trainer_state,
+    save_trainer_state,
+)
+from flowopd_core.pipeline import decode, initial_noise
+from flowopd_core.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
 from flowopd_core.samplers import (
     LOGPROB_REDUCES,
     STOCHASTIC_KINDS,
     Rollout,
-    flow_sigmas,
     sample,
     transition_logprob,
 )
@@ -460,18 +460,7 @@ class EpochMetrics:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class TrainerState:
-    """A checkpoint: ``tensors`` (LoRA, EMA, optimizer moments, generator state as uint8) for safetensors and
-    ``meta`` (epoch, step counts, config, optimizer hyper-parameters) for JSON."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-
-
 STATE_FORMAT = "flowopd-grpo-state/1"
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_META = "trainer_state.json"
 
 
 def _nan_stats(values: torch.Tensor) -> tuple[float, float]:
@@ -485,7 +474,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-class GRPOTrainer:
+class GRPOTrainer(LoraTrainer):
     """Flow-GRPO on the LoRA adapter ``adapter_name`` of ``policy`` (see the module doc for one epoch).
 
     pipe: the pipeline whose ``transformer`` the policy wraps (text encoders, scheduler sigmas, decode).
@@ -495,6 +484,9 @@ class GRPOTrainer:
     prompts: the training prompts; each epoch draws ``prompts_per_epoch`` of them.
     Only the adapter's LoRA parameters are optimised (AdamW); the base stays frozen.
     """
+
+    STATE_FORMAT = STATE_FORMAT
+    FREE_CONFIG_KEYS = ("epochs", "reward_workers")
 
     def __init__(
         self,
@@ -516,25 +508,10 @@ class GRPOTrainer:
         small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
         if small:
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the prompts available: {small}")
-        self.pipe, self.policy, self.adapter = pipe, policy, adapter_name
+        super().__init__(pipe, policy, adapter_name, config)
         self.rewards = dict(rewards)
-        self.config = config
         self.prompts = prompts
         self._pools = pools
-        if adapter_name not in policy.adapters:
-            with torch.random.fork_rng(devices=[]):  # LoRA A is drawn from the seed, not the global RNG
-                torch.manual_seed(config.seed)
-                policy.add_adapter(adapter_name, LoraSpec(rank=config.lora_rank, alpha=config.lora_alpha))
-        policy.set_active(adapter_name)
-        self.params = policy.adapter_parameters(adapter_name)
-        trainable = policy.trainable_parameters(adapter_name)
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.ema = EMA(self.params, config.ema_decay, config.ema_every) if config.ema_decay > 0 else None
-        self.cache = TextEmbeddingCache(pipe)
-        self.sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler).to(policy.device)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.epoch_index = 0
-        self.optimizer_steps = 0
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -564,14 +541,6 @@ class GRPOTrainer:
                 pick = candidates[torch.randperm(len(candidates), generator=self.generator)][:k]
             rows.append(pick if cfg.shuffle_steps else pick.sort().values)
         return torch.stack(rows).to(self.sigmas.device)
-
-    def _conditioning(self, specs: Sequence[PromptSpec]) -> tuple[TextEmbeddings, TextEmbeddings | None]:
-        cond = self.cache.encode([p.text for p in specs])
-        return cond, (self.cache.negative(len(specs)) if self.config.guidance_scale != 1.0 else None)
-
-    def _velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: TextEmbeddings,
-                  uncond: TextEmbeddings | None) -> torch.Tensor:
-        return velocity(self.policy, x, t, cond, uncond, self.config.guidance_scale)
 
     @torch.no_grad()
     def collect(self) -> GRPOBatch:
@@ -655,7 +624,6 @@ class GRPOTrainer:
     def _update(self, batch: GRPOBatch) -> dict[str, Any]:
         """``updates_per_epoch`` optimizer steps on ``batch`` (see the module doc); returns logging lists."""
         cfg = self.config
-        params = list(self.params.values())
         keep = torch.arange(len(batch), device=batch.advantages.device)
         if cfg.drop_zero_advantage:
             keep = keep[batch.advantages != 0]
@@ -683,14 +651,7 @@ class GRPOTrainer:
                         log["kl"].append(terms.kl.mean().item())
                     if update == 0:
                         log["first_dev"] = max(log["first_dev"], (terms.ppo.ratio - 1).abs().max().item())
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"non-finite gradient norm at epoch {self.epoch_index}")
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.step(self.params, self.optimizer_steps)
-            self.optimizer_steps += 1
-            log["grad_norm"].append(norm.item())
+            log["grad_norm"].append(self._optimizer_step())
         self.optimizer.zero_grad(set_to_none=True)
         return log
 
@@ -729,126 +690,6 @@ class GRPOTrainer:
         )
         self.epoch_index += 1
         return metrics
-
-    def train(self, callback: Callable[[EpochMetrics], bool | None] | None = None) -> list[EpochMetrics]:
-        """Run epochs until ``config.epochs`` (counting resumed ones); ``callback(metrics)`` after each (e.g. to
-        log or checkpoint) may return True to stop early."""
-        history = []
-        while self.epoch_index < self.config.epochs:
-            history.append(self.epoch())
-            if callback is not None and callback(history[-1]):
-                break
-        return history
-
-    # ------------------------------------------------------------------------------------------- EMA, adapter
-
-    def ema_state(self) -> dict[str, torch.Tensor]:
-        """The EMA LoRA weights by peft parameter name (the live weights when EMA is off); copies."""
-        if self.ema is None:
-            return {name: p.detach().clone() for name, p in self.params.items()}
-        return self.ema.state_dict()
-
-    @contextmanager
-    def use_ema(self) -> Iterator[None]:
-        """Inside the block the adapter holds its EMA weights (for evaluation); restored afterwards."""
-        with self.ema.swapped_in(self.params) if self.ema is not None else nullcontext():
-            yield
-
-    def save_adapter(self, directory: str | Path, ema: bool = True) -> Path:
-        """Write the adapter (EMA weights by default) in peft's format (see :meth:`Policy.save_adapter`)."""
-        with self.use_ema() if ema else nullcontext():
-            return self.policy.save_adapter(self.adapter, directory)
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-
-    def state_dict(self) -> TrainerState:
-        """Everything a resumed run needs (between epochs): LoRA, optimizer, EMA, generator, counters, config."""
-        tensors = {f"lora/{name}": p.detach().clone() for name, p in self.params.items()}
-        if self.ema is not None:
-            tensors.update({f"ema/{name}": t for name, t in self.ema.state_dict().items()})
-        optim = self.optimizer.state_dict()
-        index = {id(p): i for i, p in enumerate(self.optimizer.param_groups[0]["params"])}
-        names = {index[id(p)]: name for name, p in self.params.items()}
-        scalars: dict[str, dict[str, Any]] = {}
-        for i, entry in optim["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer/{names[i]}/{key}"] = value.detach().clone()
-                else:
-                    scalars.setdefault(names[i], {})[key] = value
-        tensors["rng/generator"] = self.generator.get_state()
-        meta = {
-            "format": STATE_FORMAT,
-            "adapter": self.adapter,
-            "epoch": self.epoch_index,
-            "optimizer_steps": self.optimizer_steps,
-            "config": self.config.to_json(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
-            "optimizer_scalars": scalars,
-        }
-        return TrainerState(tensors=tensors, meta=json.loads(json.dumps(meta)))
-
-    def load_state_dict(self, state: TrainerState) -> None:
-        """Restore a :meth:`state_dict`. The config must match except ``epochs`` and ``reward_workers`` (they do
-        not change the results); the adapter's parameter names must be the same."""
-        meta, tensors = state.meta, state.tensors
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a GRPO trainer state: format {meta.get('format')!r}")
-        saved, current = dict(meta["config"]), self.config.to_json()
-        free = ("epochs", "reward_workers")
-        diff = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
-        if diff:
-            raise ValueError(f"trainer state was saved with a different config: {diff}")
-        lora = {k.removeprefix("lora/"): v for k, v in tensors.items() if k.startswith("lora/")}
-        if set(lora) != set(self.params):
-            raise KeyError(f"saved LoRA parameters differ from adapter {self.adapter!r}'s")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(lora[name])
-        if self.ema is not None:
-            self.ema.load_state_dict({k.removeprefix("ema/"): v for k, v in tensors.items() if k.startswith("ema/")})
-        order = {id(p): i for i, p in enumerate(self.optimizer.param_groups[0]["params"])}
-        optim_state: dict[int, dict[str, Any]] = {}
-        for name, p in self.params.items():
-            entry = {key.rsplit("/", 1)[1]: v for key, v in tensors.items() if key.startswith(f"optimizer/{name}/")}
-            entry.update(meta["optimizer_scalars"].get(name, {}))
-            if entry:
-                optim_state[order[id(p)]] = entry
-        groups = [{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()} for g in meta["param_groups"]]
-        for group, live in zip(groups, self.optimizer.state_dict()["param_groups"]):
-            group["params"] = live["params"]
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-        self.generator.set_state(tensors["rng/generator"])
-        self.epoch_index = int(meta["epoch"])
-        self.optimizer_steps = int(meta["optimizer_steps"])
-
-
-def save_trainer_state(state: TrainerState, directory: str | Path) -> Path:
-    """Write ``state`` as ``trainer_state.safetensors`` + ``trainer_state.json`` into ``directory`` atomically
-    (written to ``directory.tmp`` first, then renamed; an existing ``directory`` is replaced)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.tensors.items()}, tmp / STATE_TENSORS, metadata={"format": "pt"})
-    (tmp / STATE_META).write_text(json.dumps(state.meta, indent=1))
-    for path in (tmp / STATE_TENSORS, tmp / STATE_META):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    return directory
-
-
-def load_trainer_state(directory: str | Path) -> TrainerState:
-    """Read a state written by :func:`save_trainer_state`."""
-    directory = Path(directory)
-    for name in (STATE_TENSORS, STATE_META):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"no GRPO trainer state at {str(directory)!r}: {name} is missing")
-    meta = json.loads((directory / STATE_META).read_text())
-    return TrainerState(tensors=load_file(directory / STATE_TENSORS), meta=meta)
 
 
 def _submit(pool: ThreadPoolExecutor | None, fn: RewardFn, images: torch.Tensor, prompts: list[PromptSpec]) -> Future:

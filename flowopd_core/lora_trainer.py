@@ -1,0 +1,242 @@
+"""Shared machinery of the trainers that optimise ONE LoRA adapter of a :class:`~flowopd_core.policy.Policy` by
+sampling epochs (Flow-GRPO teachers, the Flow-OPD student): adapter creation, AdamW over the adapter's LoRA
+parameters only, EMA of the LoRA weights, the trainer's own random generator, CFG velocities with the text
+cache, the epoch loop, and exact, atomic checkpoints (safetensors + JSON, never pickle).
+
+A subclass implements :meth:`LoraTrainer.epoch` and names its checkpoint format ``STATE_FORMAT``. Everything
+random must come from ``self.generator`` (its state is checkpointed): then a resumed run repeats the
+uninterrupted one bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file, save_file
+
+from flowopd_core.ema import EMA
+from flowopd_core.pipeline import TextEmbeddingCache, TextEmbeddings, velocity
+from flowopd_core.policy import LoraSpec, Policy
+from flowopd_core.prompts import PromptSpec
+from flowopd_core.samplers import flow_sigmas
+
+
+class TrainerConfig(Protocol):
+    """The fields :class:`LoraTrainer` reads from a trainer's frozen config dataclass."""
+
+    steps: int
+    guidance_scale: float
+    lr: float
+    weight_decay: float
+    ema_decay: float
+    ema_every: int
+    lora_rank: int
+    lora_alpha: float
+    epochs: int
+    seed: int
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class TrainerState:
+    """A checkpoint: ``tensors`` (LoRA, EMA, optimizer moments, generator state as uint8) for safetensors and
+    ``meta`` (format, epoch, step counts, config, optimizer hyper-parameters) for JSON."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_META = "trainer_state.json"
+
+
+class LoraTrainer:
+    """Trains the LoRA adapter ``adapter_name`` of ``policy`` (on ``pipe.transformer``) epoch by epoch.
+
+    The adapter is created (rank/alpha of the config, zero-init B: starts as the base, A drawn from the
+    config's seed) unless it exists, in which case it is trained as it is. Only its LoRA parameters are
+    optimised (AdamW); the base and every other adapter stay frozen.
+    """
+
+    STATE_FORMAT: ClassVar[str] = ""
+    FREE_CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("epochs",)
+    """Config fields a checkpoint may differ in (they do not change the results)."""
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, policy: Policy, adapter_name: str, config: TrainerConfig) -> None:
+        self.pipe, self.policy, self.adapter, self.config = pipe, policy, adapter_name, config
+        if adapter_name not in policy.adapters:
+            with torch.random.fork_rng(devices=[]):  # LoRA A is drawn from the seed, not the global RNG
+                torch.manual_seed(config.seed)
+                policy.add_adapter(adapter_name, LoraSpec(rank=config.lora_rank, alpha=config.lora_alpha))
+        policy.set_active(adapter_name)
+        self.params = policy.adapter_parameters(adapter_name)
+        trainable = policy.trainable_parameters(adapter_name)
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.ema = EMA(self.params, config.ema_decay, config.ema_every) if config.ema_decay > 0 else None
+        self.cache = TextEmbeddingCache(pipe)
+        self.sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler).to(policy.device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch_index = 0
+        self.optimizer_steps = 0
+
+    # ------------------------------------------------------------------------------------------- forwards
+
+    def _conditioning(self, specs: list[PromptSpec]) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        cond = self.cache.encode([p.text for p in specs])
+        return cond, (self.cache.negative(len(specs)) if self.config.guidance_scale != 1.0 else None)
+
+    def _velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: TextEmbeddings,
+                  uncond: TextEmbeddings | None, adapter_names: list[str] | None = None) -> torch.Tensor:
+        return velocity(self.policy, x, t, cond, uncond, self.config.guidance_scale, adapter_names=adapter_names)
+
+    def _optimizer_step(self) -> float:
+        """Clip the gradient norm (``config.grad_clip``, 0 = none), step AdamW and the EMA; returns the pre-clip
+        norm. Raises on a non-finite norm (nothing is stepped then)."""
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), getattr(self.config, "grad_clip", 0) or float("inf"))
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm at epoch {self.epoch_index}")
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.step(self.params, self.optimizer_steps)
+        self.optimizer_steps += 1
+        return float(norm)
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def epoch(self) -> Any:
+        """One sampling epoch plus its optimizer steps; advances ``epoch_index``; returns its metrics."""
+        raise NotImplementedError
+
+    def train(self, callback: Callable[[Any], bool | None] | None = None) -> list[Any]:
+        """Run epochs until ``config.epochs`` (counting resumed ones); ``callback(metrics)`` after each (e.g. to
+        log or checkpoint) may return True to stop early."""
+        history = []
+        while self.epoch_index < self.config.epochs:
+            history.append(self.epoch())
+            if callback is not None and callback(history[-1]):
+                break
+        return history
+
+    # ------------------------------------------------------------------------------------------- EMA, adapter
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA LoRA weights by peft parameter name (the live weights when EMA is off); copies."""
+        if self.ema is None:
+            return {name: p.detach().clone() for name, p in self.params.items()}
+        return self.ema.state_dict()
+
+    @contextmanager
+    def use_ema(self) -> Iterator[None]:
+        """Inside the block the adapter holds its EMA weights (for evaluation); restored afterwards."""
+        with self.ema.swapped_in(self.params) if self.ema is not None else nullcontext():
+            yield
+
+    def save_adapter(self, directory: str | Path, ema: bool = True) -> Path:
+        """Write the adapter (EMA weights by default) in peft's format (see :meth:`Policy.save_adapter`)."""
+        with self.use_ema() if ema else nullcontext():
+            return self.policy.save_adapter(self.adapter, directory)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> TrainerState:
+        """Everything a resumed run needs (between epochs): LoRA, optimizer, EMA, generator, counters, config."""
+        tensors = {f"lora/{name}": p.detach().clone() for name, p in self.params.items()}
+        if self.ema is not None:
+            tensors.update({f"ema/{name}": t for name, t in self.ema.state_dict().items()})
+        optim = self.optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(self.optimizer.param_groups[0]["params"])}
+        names = {index[id(p)]: name for name, p in self.params.items()}
+        scalars: dict[str, dict[str, Any]] = {}
+        for i, entry in optim["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{names[i]}/{key}"] = value.detach().clone()
+                else:
+                    scalars.setdefault(names[i], {})[key] = value
+        tensors["rng/generator"] = self.generator.get_state()
+        meta = {
+            "format": self.STATE_FORMAT,
+            "adapter": self.adapter,
+            "epoch": self.epoch_index,
+            "optimizer_steps": self.optimizer_steps,
+            "config": self.config.to_json(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
+            "optimizer_scalars": scalars,
+        }
+        return TrainerState(tensors=tensors, meta=json.loads(json.dumps(meta)))
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Restore a :meth:`state_dict`. The config must match except ``FREE_CONFIG_KEYS`` (they do not change
+        the results); the adapter's parameter names must be the same."""
+        meta, tensors = state.meta, state.tensors
+        if meta.get("format") != self.STATE_FORMAT:
+            raise ValueError(f"not a {type(self).__name__} state: format {meta.get('format')!r} (want {self.STATE_FORMAT!r})")
+        saved, current = dict(meta["config"]), self.config.to_json()
+        free = self.FREE_CONFIG_KEYS
+        diff = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
+        if diff:
+            raise ValueError(f"trainer state was saved with a different config: {diff}")
+        lora = {k.removeprefix("lora/"): v for k, v in tensors.items() if k.startswith("lora/")}
+        if set(lora) != set(self.params):
+            raise KeyError(f"saved LoRA parameters differ from adapter {self.adapter!r}'s")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(lora[name])
+        if self.ema is not None:
+            self.ema.load_state_dict({k.removeprefix("ema/"): v for k, v in tensors.items() if k.startswith("ema/")})
+        order = {id(p): i for i, p in enumerate(self.optimizer.param_groups[0]["params"])}
+        optim_state: dict[int, dict[str, Any]] = {}
+        for name, p in self.params.items():
+            entry = {key.rsplit("/", 1)[1]: v for key, v in tensors.items() if key.startswith(f"optimizer/{name}/")}
+            entry.update(meta["optimizer_scalars"].get(name, {}))
+            if entry:
+                optim_state[order[id(p)]] = entry
+        groups = [{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()} for g in meta["param_groups"]]
+        for group, live in zip(groups, self.optimizer.state_dict()["param_groups"]):
+            group["params"] = live["params"]
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        self.generator.set_state(tensors["rng/generator"])
+        self.epoch_index = int(meta["epoch"])
+        self.optimizer_steps = int(meta["optimizer_steps"])
+
+
+
+def save_trainer_state(state: TrainerState, directory: str | Path) -> Path:
+    """Write ``state`` as ``trainer_state.safetensors`` + ``trainer_state.json`` into ``directory`` atomically
+    (written to ``directory.tmp`` first, then renamed; an existing ``directory`` is replaced)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.tensors.items()}, tmp / STATE_TENSORS, metadata={"format": "pt"})
+    (tmp / STATE_META).write_text(json.dumps(state.meta, indent=1))
+    for path in (tmp / STATE_TENSORS, tmp / STATE_META):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def load_trainer_state(directory: str | Path) -> TrainerState:
+    """Read a state written by :func:`save_trainer_state`."""
+    directory = Path(directory)
+    for name in (STATE_TENSORS, STATE_META):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"no trainer state at {str(directory)!r}: {name} is missing")
+    meta = json.loads((directory / STATE_META).read_text())
+    return TrainerState(tensors=load_file(directory / STATE_TENSORS), meta=meta)
+
+
