@@ -200,6 +200,7 @@ class DistillLoss:
     anchor_kl: ``(B,)`` detached KL_t to the anchor in ``form``, or None.
     advantages: ``(B,)`` detached per-sample advantages (``paper``, ``authors``), None for ``direct``.
     clip_fraction: 0-dim fraction of ratios outside 1 +- eps (0 for ``direct``).
+    ratio: ``(B,)`` detached policy ratios rho (``paper``, ``authors``), None for ``direct``.
     mode, form: how it was computed.
     """
 
@@ -213,6 +214,7 @@ class DistillLoss:
     clip_fraction: torch.Tensor
     mode: str
     form: str
+    ratio: torch.Tensor | None = None
 
 
 def distill_loss(
@@ -249,7 +251,7 @@ def distill_loss(
     kl_args = dict(t=t, t_next=t_next, noise_level=noise_level, kind=kind, form=form)
     kl = step_kl(v_student, v_target.detach(), **kl_args)
     zero = kl.new_zeros(())
-    advantages, clip_fraction = None, zero
+    advantages, clip_fraction, ratio = None, zero, None
     if mode == "direct":
         opd = kl.mean()
     else:
@@ -262,7 +264,7 @@ def distill_loss(
         if bound is not None:
             adv = adv.clamp(-bound, bound)
         ppo = ppo_clip_loss(logp_new, logp_old.detach(), adv.to(logp_new.dtype), clip_range)
-        opd, advantages, clip_fraction = ppo.loss, adv.detach(), ppo.clip_fraction
+        opd, advantages, clip_fraction, ratio = ppo.loss, adv.detach(), ppo.clip_fraction, ppo.ratio
     anchor_kl, anchor = None, zero
     if anchor_weight > 0:
         anchor_full = step_kl(v_student, v_anchor.detach(), **kl_args)
@@ -270,5 +272,5 @@ def distill_loss(
     kl = kl.detach()
     return DistillLoss(
         total=opd + anchor, opd=opd, anchor=anchor, kl=kl, kl_mean=kl.mean(), anchor_kl=anchor_kl,
-        advantages=advantages, clip_fraction=clip_fraction, mode=mode, form=form,
+        advantages=advantages, clip_fraction=clip_fraction, mode=mode, form=form, ratio=ratio,
     )

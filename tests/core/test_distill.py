@@ -1,0 +1,164 @@
+"""Flow-OPD trainer (method.md §4, §5) on the tiny 16x16 pipeline: the teacher pool's mixed batches, targets,
+distillation toward the teachers, on-policy ratios, MAR, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowopd_core.distill import OPDConfig, OPDTrainer, TeacherPool
+from flowopd_core.lora_trainer import load_trainer_state, save_trainer_state
+from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
+from flowopd_core.opd import route
+from flowopd_core.pipeline import TextEmbeddingCache, velocity
+from flowopd_core.policy import BASE_ADAPTER, LoraSpec, Policy
+from flowopd_core.prompts import UNTAGGED, PromptSet, PromptSpec
+
+PROMPTS = PromptSet((
+    PromptSpec("a red circle", task="compose"),
+    PromptSpec("two blue squares", task="compose"),
+    PromptSpec('the word "ACE"', task="text"),
+    PromptSpec('the word "SEA"', task="text"),
+))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pool(anchor: str | None = None, scale: float = 1.0):
+    """Tiny pipeline + a policy with two random (non-zero) teacher adapters on one base."""
+    pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
+    policy = Policy(pipe.transformer)
+    for seed, name in enumerate(("t_compose", "t_text")):
+        torch.manual_seed(100 + seed)
+        policy.add_adapter(name, LoraSpec(rank=4, alpha=4.0 * scale, init=False))
+    return pipe, TeacherPool(policy, {"compose": "t_compose", "text": "t_text"}, anchor=anchor)
+
+
+def _config(**overrides) -> OPDConfig:
+    base = dict(group_size=2, prompts_per_epoch=4, steps=4, batch_size=8, lora_rank=4, lora_alpha=8.0, lr=3e-2,
+                epochs=3, reward_workers=0)
+    return OPDConfig(**{**base, **overrides})
+
+
+def test_pool_mixed_batches_equal_one_teacher_at_a_time():
+    pipe, pool = _pool(anchor=BASE_ADAPTER)
+    specs = [PROMPTS[0], PROMPTS[2], PromptSpec("a blue square"), PROMPTS[1]]
+    cache = TextEmbeddingCache(pipe)
+    cond, uncond = cache.encode([p.text for p in specs]), cache.negative(len(specs))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.5, 0.7, 0.3])
+    plan = route(specs, pool.tasks, "soft", {"text": {"text": 3.0, "compose": 1.0}})
+    target, anchor = pool.velocities(x, t, cond, uncond, plan, 4.5, batch_size=3)
+    policy = pool.policy
+    separate = {}
+    for task, name in pool.teachers.items():
+        policy.set_active(name)
+        separate[task] = velocity(policy, x, t, cond, uncond, 4.5)
+    with policy.disable():
+        base = velocity(policy, x, t, cond, uncond, 4.5)
+    want = torch.stack([
+        separate["compose"][0],
+        0.25 * separate["compose"][1] + 0.75 * separate["text"][1],
+        0.5 * separate["compose"][2] + 0.5 * separate["text"][2],  # untagged: uniform blend
+        separate["compose"][3],
+    ])
+    assert not torch.allclose(separate["compose"], separate["text"], atol=1e-3)
+    torch.testing.assert_close(target, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(anchor, base, rtol=1e-5, atol=1e-5)
+    assert torch.equal(target[0], separate["compose"][0]) or torch.allclose(target[0], separate["compose"][0], atol=1e-6)
+
+
+def test_pool_and_trainer_refuse_bad_setups():
+    pipe, pool = _pool()
+    with pytest.raises(KeyError, match="not loaded"):
+        TeacherPool(pool.policy, {"compose": "nope"})
+    with pytest.raises(ValueError, match="cannot also be a teacher"):
+        OPDTrainer(pipe, pool, "t_text", _config(), PROMPTS)
+    with pytest.raises(ValueError, match=r"no teacher for task\(s\) \['quality'\]"):
+        OPDTrainer(pipe, pool, "student", _config(prompts_per_epoch=1), PromptSet((PromptSpec("x", task="quality"),)))
+    with pytest.raises(ValueError, match="invalid OPDConfig: mode"):
+        OPDConfig(mode="gkd")
+
+
+def test_targets_are_the_routed_teachers_velocities_at_the_visited_states():
+    pipe, pool = _pool()
+    trainer = OPDTrainer(pipe, pool, "student", _config(), PROMPTS)
+    batch = trainer.collect()
+    n, k = batch.train_steps.shape
+    assert (n, k) == (8, 3) and batch.targets.shape == (8, 3, 3, 16, 16) and batch.anchors is None
+    i, j = 5, 1
+    step = int(batch.train_steps[i, j])
+    spec = batch.prompts[i]
+    cond, uncond = trainer._conditioning([spec])
+    pool.policy.set_active(pool.teachers[spec.task])
+    want = velocity(pool.policy, batch.rollout.latents[i : i + 1, step], trainer.sigmas[step], cond, uncond, 4.5)
+    torch.testing.assert_close(batch.targets[i, j], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["direct", "authors"])
+def test_distillation_lowers_the_kl_to_the_teachers(mode):
+    pipe, pool = _pool(scale=0.5)
+    trainer = OPDTrainer(pipe, pool, "student", _config(mode=mode, epochs=8, lr=3e-3, clip_range=0.2), PROMPTS)
+    history = trainer.train()
+    assert history[-1].kl < 0.5 * history[0].kl, [m.kl for m in history]
+    assert set(history[0].kl_by_task) == {"compose", "text"}
+
+
+def test_paper_mode_starts_on_policy():
+    pipe, pool = _pool(scale=0.5)
+    trainer = OPDTrainer(pipe, pool, "student", _config(mode="paper", updates_per_epoch=2, epochs=1), PROMPTS)
+    metrics = trainer.epoch()
+    assert metrics.first_update_ratio_dev < 1e-5 and metrics.kl > 0  # rho == 1 before the first step
+
+
+def test_student_equal_to_its_teacher_has_zero_kl_and_takes_no_step(tmp_path):
+    pipe, pool = _pool()
+    policy = pool.policy
+    policy.load_adapter("student", policy.save_adapter("t_compose", tmp_path / "copy"))
+    one_task = PromptSet(tuple(p for p in PROMPTS if p.task == "compose"))
+    trainer = OPDTrainer(pipe, pool, "student", _config(prompts_per_epoch=2, weight_decay=0.0), one_task)
+    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    metrics = trainer.epoch()
+    assert metrics.kl == 0.0 and metrics.grad_norm == 0.0
+    assert all(torch.equal(before[k], v) for k, v in trainer.params.items())
+
+
+def test_mar_pulls_the_student_toward_the_anchor():
+    pipe, pool = _pool(anchor=BASE_ADAPTER, scale=0.5)
+    trainer = OPDTrainer(pipe, pool, "student", _config(anchor_weight=1.0, epochs=2), PROMPTS)
+    first = trainer.epoch()
+    # The student starts as the base = the anchor: anchor KL 0 at first, positive once it moves to the teachers.
+    assert first.anchor_kl == 0.0 and first.anchor_loss == 0.0
+    second = trainer.epoch()
+    assert second.anchor_kl > 0.0 and second.loss > second.opd_loss
+
+
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path):
+    def run(split: bool):
+        pipe, pool = _pool()
+        trainer = OPDTrainer(pipe, pool, "student", _config(epochs=3, ema_decay=0.5, ema_every=1), PROMPTS)
+        if split:
+            trainer.train(lambda m: m.epoch == 0)
+            save_trainer_state(trainer.state_dict(), tmp_path / "state")
+            pipe, pool = _pool()
+            trainer = OPDTrainer(pipe, pool, "student", _config(epochs=3, ema_decay=0.5, ema_every=1), PROMPTS)
+            trainer.load_state_dict(load_trainer_state(tmp_path / "state"))
+        trainer.train()
+        return {k: v.detach().clone() for k, v in trainer.params.items()}, trainer.ema_state()
+
+    (a, ema_a), (b, ema_b) = run(False), run(True)
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_untagged_prompts_distil_from_the_uniform_blend():
+    pipe, pool = _pool()
+    prompts = PromptSet((PromptSpec("a red circle", task=UNTAGGED), PromptSpec("a blue square", task=UNTAGGED)))
+    trainer = OPDTrainer(pipe, pool, "student", _config(prompts_per_epoch=2), prompts)
+    batch = trainer.collect()
+    assert torch.allclose(batch.plan.weights, torch.full((4, 2), 0.5))
