@@ -228,12 +228,14 @@ class TeacherPool:
         plan: RoutePlan,
         guidance_scale: float,
         batch_size: int,
+        with_anchor: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target (and anchor) velocities at states ``x`` ``(B, C, H, W)``, times ``t`` ``(B,)``.
 
         Every (row, teacher) pair with weight > 0 in ``plan`` (and every row once more for the anchor) becomes
         one row of a mixed batch with its own adapter name; the batches run ``batch_size`` rows at a time.
-        Returns ``(target (B, C, H, W), anchor (B, C, H, W) or None)``, float32.
+        Returns ``(target (B, C, H, W), anchor (B, C, H, W) or None)``, float32; no anchor rows run when the
+        pool has no anchor or ``with_anchor`` is False.
         """
         rows, names, weights = [], [], []
         for k, task in enumerate(plan.teachers):
@@ -242,7 +244,8 @@ class TeacherPool:
                 names.append(self.teachers[task])
                 weights.append(float(plan.weights[i, k]))
         n_target = len(rows)
-        if self.anchor is not None:
+        with_anchor = with_anchor and self.anchor is not None
+        if with_anchor:
             rows += list(range(x.shape[0]))
             names += [self.anchor] * x.shape[0]
         out = torch.empty((len(rows), *x.shape[1:]), dtype=torch.float32, device=x.device)
@@ -260,7 +263,7 @@ class TeacherPool:
         hard = plan.index.to(x.device) >= 0  # one-hot rows: exactly the teacher's velocity (no w * v rounding)
         if bool(hard.any()):
             target[hard] = out[:n_target][_first_rows(index[:n_target], x.shape[0])[hard]]
-        anchor = out[n_target:] if self.anchor is not None else None
+        anchor = out[n_target:] if with_anchor else None
         return target, anchor
 
 
