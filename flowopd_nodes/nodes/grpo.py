@@ -129,11 +129,11 @@ class GRPOTrainerNode(Node):
             record["reward"] = sum(weights[n] * record["reward_mean"][n] for n in weights) / sum(weights.values())
             history.append(record)
             ctx.metrics({k: record[k] for k in ("epoch", "reward", "loss", "kl", "clip_fraction")})
-            bar.update(1)
             if ckpt is not None and checkpoint_every and len(history) % checkpoint_every == 0:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 (ckpt / "history.json").write_text(json.dumps(history, default=str))
                 save_trainer_state(trainer.state_dict(), ckpt / "state")
+            bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
 
         try:
             trainer.train(on_epoch)

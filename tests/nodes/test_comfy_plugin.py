@@ -1,0 +1,212 @@
+"""The repository as a ComfyUI custom-node package: its entry point, the node specs ComfyUI reads, and the
+adapter (context, progress, Stop, metrics events, inference mode) driven through stand-ins for ComfyUI's modules."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowopd_core.miniworld.sets import prompt_set
+from flowopd_core.modelref import ModelRef
+from flowopd_nodes import comfy
+from flowopd_nodes.ports import PRIMITIVES
+from flowopd_nodes.registry import NODES
+
+ROOT = Path(__file__).resolve().parents[2]
+# Options ComfyUI's V1 schema knows for a widget (frontend zod schema, ComfyUI 0.3.x).
+WIDGET_OPTIONS = {"default", "min", "max", "step", "tooltip", "multiline", "control_after_generate"}
+
+
+def load_plugin(name: str = "custom_nodes_flowopd"):
+    """Import the repository root the way ComfyUI imports a custom-node folder."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_root_package_exports_the_mappings():
+    plugin = load_plugin()
+    ids = [cls.NODE_ID for cls in NODES]
+    assert list(plugin.NODE_CLASS_MAPPINGS) == ids
+    assert list(plugin.NODE_DISPLAY_NAME_MAPPINGS) == ids
+    for cls in NODES:
+        comfy_cls = plugin.NODE_CLASS_MAPPINGS[cls.NODE_ID]
+        assert issubclass(comfy_cls, cls) and comfy_cls.RUNNER_CLASS is cls
+        assert plugin.NODE_DISPLAY_NAME_MAPPINGS[cls.NODE_ID] == cls.DISPLAY_NAME != ""
+    assert not hasattr(plugin, "WEB_DIRECTORY")  # no web files shipped
+
+
+def test_importing_the_plugin_imports_no_comfyui_module():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('p', {str(ROOT / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(ROOT)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
+        "print(len(m.NODE_CLASS_MAPPINGS), sorted(k for k in sys.modules if k.split('.')[0] in "
+        "{'comfy', 'server', 'folder_paths', 'execution', 'nodes'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert out.stdout.split()[0] == str(len(NODES)) and out.stdout.strip().endswith("[]")
+
+
+@pytest.mark.parametrize("cls", comfy.COMFY_NODES, ids=[c.NODE_ID for c in comfy.COMFY_NODES])
+def test_input_types_have_comfyui_shape(cls):
+    spec = cls.INPUT_TYPES()
+    json.dumps(spec)  # served as JSON by /object_info
+    assert set(spec) <= {"required", "optional", "hidden"} and spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert cls.FUNCTION == "execute" and callable(getattr(cls(), cls.FUNCTION))
+    assert cls.CATEGORY.startswith("FlowOPD") and cls.DESCRIPTION
+    assert isinstance(cls.RETURN_TYPES, tuple) and len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            assert isinstance(entry, tuple) and len(entry) == 2, name
+            kind, opts = entry
+            assert isinstance(opts, dict) and set(opts) <= WIDGET_OPTIONS, (name, opts)
+            assert opts.get("tooltip"), f"{name} has no tooltip"
+            if isinstance(kind, list):  # combo
+                assert kind and all(isinstance(c, str) for c in kind)
+                assert opts.get("default", kind[0]) in kind
+                continue
+            assert kind in PRIMITIVES or kind.startswith("FLOWOPD_") or kind == "IMAGE"
+            if kind == "INT":
+                assert opts["control_after_generate"] is False  # seeds stay as set: no "randomize" control
+            if kind in ("INT", "FLOAT") and "default" in opts:
+                default = opts["default"]
+                assert opts.get("min", -math.inf) <= default <= opts.get("max", math.inf), name
+                if kind == "INT":
+                    assert isinstance(default, int) and not isinstance(default, bool)
+            if kind == "BOOLEAN" and "default" in opts:
+                assert isinstance(opts["default"], bool)
+            if kind == "STRING" and "default" in opts:
+                assert isinstance(opts["default"], str)
+            if kind not in PRIMITIVES:
+                assert "default" not in opts  # wire inputs are links only
+
+
+def test_validate_inputs_checks_paths_ranges_and_cross_field_rules():
+    load_model = comfy.NODE_CLASS_MAPPINGS["FlowOPDLoadModel"]
+    assert load_model.VALIDATE_INPUTS(path="models/miniworld", dtype="float32", device="auto", label="b", unique_id="1")
+    problem = load_model.VALIDATE_INPUTS(path="no/such/folder", dtype="float32", device="auto", label="b")
+    assert isinstance(problem, str) and "file_not_found" in problem
+    assert "value_not_in_list" in load_model.VALIDATE_INPUTS(path="models/miniworld", dtype="float64", device="auto", label="b")
+    grpo = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOTrainer"]
+    widgets = {p.name: p.default for p in grpo.INPUTS if p.is_widget}
+    assert grpo.VALIDATE_INPUTS(**widgets) is True
+    assert "unknown reward 'nope'" in grpo.VALIDATE_INPUTS(**{**widgets, "rewards": "nope"})
+    assert "value_bigger_than_max" in grpo.VALIDATE_INPUTS(**{**widgets, "lr": 2.0})
+    # Nodes without custom checks leave every check to ComfyUI (its own node_errors types).
+    assert not hasattr(comfy.NODE_CLASS_MAPPINGS["FlowOPDSample"], "VALIDATE_INPUTS")
+
+
+class Interrupted(Exception):
+    """Stands in for comfy.model_management.InterruptProcessingException."""
+
+
+@pytest.fixture
+def fake_comfyui(tmp_path, monkeypatch):
+    """Minimal stand-ins for the ComfyUI modules the adapter uses; records what the adapter does with them."""
+    state = types.SimpleNamespace(bars=[], events=[], stop_after=None, updates=0, output=tmp_path / "output")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.node_id, self.current = total, node_id, 0
+            state.bars.append(self)
+
+        def update(self, value):
+            self.current += value
+            state.updates += value
+            if state.stop_after is not None and state.updates >= state.stop_after:
+                raise Interrupted("Stop pressed")
+
+    comfy_pkg = types.ModuleType("comfy")
+    comfy_utils = types.ModuleType("comfy.utils")
+    comfy_utils.ProgressBar = ProgressBar
+    comfy_pkg.utils = comfy_utils
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(
+        instance=types.SimpleNamespace(send_sync=lambda event, data: state.events.append((event, data)))
+    )
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_output_directory = lambda: str(state.output)
+    for name, module in {"comfy": comfy_pkg, "comfy.utils": comfy_utils, "server": server, "folder_paths": folder_paths}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return state
+
+
+def test_training_node_in_inference_mode_stops_on_stop_and_resumes(fake_comfyui):
+    node_cls = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOTrainer"]
+    inputs = dict(
+        model=ModelRef(str(ROOT / "models" / "miniworld")), prompts=prompt_set("compose", "train", 2, 0),
+        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, checkpoint_every=1,
+        lora_rank=4, lr=0.01,
+    )
+    fake_comfyui.stop_after = 2  # Stop pressed while epoch 1 reports progress
+    with torch.inference_mode():  # how ComfyUI runs every node
+        with pytest.raises(Interrupted):
+            node_cls().execute(unique_id="12", **inputs)
+    root = fake_comfyui.output / "flowopd"
+    (folder,) = (root / "checkpoints").iterdir()
+    assert folder.name == "12-FlowOPDGRPOTrainer"
+    (ckpt,) = folder.iterdir()
+    assert [h["epoch"] for h in json.loads((ckpt / "history.json").read_text())] == [0, 1]  # both finished epochs kept
+    assert not (root / folder.name / ckpt.name).exists()  # no half-written artifacts
+    assert fake_comfyui.bars[0].total == 3 and fake_comfyui.bars[0].node_id == "12"
+    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events] == [0, 1]
+    assert {(name, e["node"], e["class_type"]) for name, e in fake_comfyui.events} == {
+        ("flowopd.metrics", "12", "FlowOPDGRPOTrainer")
+    }
+
+    fake_comfyui.stop_after = None  # queue the same graph again: resumes from the checkpoint
+    with torch.inference_mode():
+        out = node_cls().execute(unique_id="12", **inputs)
+    model, curves = out["result"]
+    artifacts = root / folder.name / ckpt.name
+    assert Path(model.adapter).parent == artifacts and Path(curves) == artifacts / "curves.png"
+    assert [h["epoch"] for h in json.loads((artifacts / "metrics.json").read_text())] == [0, 1, 2]
+    assert not ckpt.exists()  # removed once the node succeeded
+    assert fake_comfyui.bars[-1].current == 3  # resumed bar starts at the checkpoint's 2 epochs
+    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events[2:]] == [2]
+    assert out["ui"]["images"] == [
+        {"filename": "curves.png", "subfolder": f"flowopd/{folder.name}/{ckpt.name}", "type": "output"}
+    ]
+
+
+def test_outputs_of_one_call_land_in_a_folder_named_by_node_and_inputs(fake_comfyui):
+    render = comfy.NODE_CLASS_MAPPINGS["FlowOPDRenderGroundTruth"]
+    grid = comfy.NODE_CLASS_MAPPINGS["FlowOPDImageGrid"]
+    prompts = prompt_set("text", "test", 3, 0)
+    with torch.inference_mode():
+        (images,) = render().execute(unique_id="4", prompts=prompts, size=32, seed=0)["result"]
+        inference_images = images.clone()  # as another ComfyUI node would hand it over
+    assert inference_images.is_inference() and images.shape == (3, 32, 32, 3)
+    with torch.inference_mode():
+        first = grid().execute(unique_id="5", images=inference_images, prompts=prompts, filename="g.png")
+        again = grid().execute(unique_id="5", images=inference_images, prompts=prompts, filename="g.png")
+        other = grid().execute(unique_id="5", images=inference_images, prompts=prompts, filename="g.png", scale=2)
+    assert first["result"] == again["result"] and first["result"] != other["result"]
+    path = Path(first["result"][0])
+    assert path.is_file() and path.parent.parent == fake_comfyui.output / "flowopd" / "5-FlowOPDImageGrid"
+    assert first["ui"]["images"][0]["subfolder"] == path.parent.relative_to(fake_comfyui.output).as_posix()
+
+
+def test_without_comfyui_the_adapter_writes_under_the_fallback_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWOPD_COMFY_OUTPUT", str(tmp_path))
+    for name in ("comfy", "comfy.utils", "server", "folder_paths"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as without ComfyUI
+    out = comfy.NODE_CLASS_MAPPINGS["FlowOPDSavePrompts"]().execute(prompts=prompt_set("text", "test", 2, 0))
+    (path,) = out["result"]
+    assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "flowopd" / "FlowOPDSavePrompts-FlowOPDSavePrompts")
