@@ -37,6 +37,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from flowopd_core.grpo import KL_FORMS, RewardFn, _nan_stats, _scores, _submit, group_advantages
 from flowopd_core.lora_trainer import LoraTrainer
+from flowopd_core.modelref import ModelRef
 from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES, RoutePlan, distill_loss, route
 from flowopd_core.pipeline import TextEmbeddings, decode, initial_noise, velocity
 from flowopd_core.policy import BASE_ADAPTER, Policy
@@ -194,6 +195,75 @@ class OPDEpochMetrics:
 
 
 STATE_FORMAT = "flowopd-opd-state/1"
+
+
+TEACHER_PREFIX = "teacher_"
+"""Adapter name of the teacher of task ``x`` in a policy built by :meth:`TeacherRefs.load_into`."""
+
+
+@dataclass(frozen=True)
+class TeacherRefs:
+    """A serialisable teacher pool with its routing: one teacher (a LoRA adapter on one shared base) per task.
+
+    teachers: ``(task, ModelRef)`` pairs, each ModelRef with an ``adapter``; route / task_weights: see
+    :func:`flowopd_core.opd.route`.
+    """
+
+    teachers: tuple[tuple[str, ModelRef], ...]
+    route: str = "hard"
+    task_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tasks = [task for task, _ in self.teachers]
+        problems = []
+        if not tasks:
+            problems.append("no teachers")
+        if len(set(tasks)) != len(tasks) or not all(tasks):
+            problems.append(f"task names must be distinct and non-empty, got {tasks}")
+        no_adapter = [task for task, ref in self.teachers if not ref.adapter]
+        if no_adapter:
+            problems.append(f"teachers {no_adapter} have no adapter (a teacher is a LoRA on the shared base)")
+        bases = {(str(ref.path), ref.dtype, ref.device) for _, ref in self.teachers}
+        if len(bases) > 1:
+            problems.append(f"teachers must share ONE base model (path, dtype, device), got {sorted(bases)}")
+        if self.route not in ROUTE_MODES:
+            problems.append(f"route must be one of {ROUTE_MODES}, got {self.route!r}")
+        if problems:
+            raise ValueError("invalid teacher pool: " + "; ".join(problems))
+        if self.task_weights or self.route == "soft":
+            route([], tasks, self.route, self.task_weights)  # checks the weights
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(task for task, _ in self.teachers)
+
+    @property
+    def base(self) -> ModelRef:
+        return self.teachers[0][1].base()
+
+    def check_base(self, ref: ModelRef, what: str) -> None:
+        """Raise unless ``ref`` (a student or anchor) sits on the teachers' base."""
+        base = self.base
+        if (str(ref.path), ref.dtype, ref.device) != (str(base.path), base.dtype, base.device):
+            raise ValueError(f"{what} must use the teachers' base {base.path} ({base.dtype}, {base.device}), "
+                             f"got {ref.path} ({ref.dtype}, {ref.device})")
+
+    def load_into(self, policy: Policy, anchor: ModelRef | None = None) -> TeacherPool:
+        """Load every teacher adapter (as ``teacher_<task>``) and the anchor's (as ``anchor``; an anchor without
+        adapter = the base) into ``policy``; returns the pool."""
+        for task, ref in self.teachers:
+            policy.load_adapter(TEACHER_PREFIX + task, ref.adapter)
+        anchor_name = None
+        if anchor is not None:
+            self.check_base(anchor, "the anchor")
+            anchor_name = BASE_ADAPTER
+            if anchor.adapter:
+                policy.load_adapter("anchor", anchor.adapter)
+                anchor_name = "anchor"
+        return TeacherPool(policy, {task: TEACHER_PREFIX + task for task in self.tasks}, anchor=anchor_name)
+
+    def with_route(self, mode: str, task_weights: Mapping[str, Mapping[str, float]] | None = None) -> TeacherRefs:
+        return TeacherRefs(self.teachers, mode, {k: dict(v) for k, v in (task_weights or {}).items()})
 
 
 class TeacherPool:

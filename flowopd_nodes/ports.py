@@ -153,6 +153,12 @@ class Node:
         """
         return []
 
+    @classmethod
+    def check_links(cls, params: dict[str, Any], linked: frozenset[str]) -> list[tuple[str, str]]:
+        """Checks that need to know which wire inputs are connected (``linked``: their names), e.g. one task
+        name per connected numbered slot. Runs at validation time after :meth:`check_params`."""
+        return []
+
     def run(self, **inputs: Any) -> tuple:
         raise NotImplementedError
 

@@ -3,7 +3,7 @@ from a name read from a graph file."""
 
 from __future__ import annotations
 
-from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, pretrain
+from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, opd, pretrain
 from flowopd_nodes.ports import Node
 
 NODES: list[type[Node]] = [
@@ -18,6 +18,10 @@ NODES: list[type[Node]] = [
     model.Sample,
     pretrain.PretrainMiniWorld,
     grpo.GRPOTrainerNode,
+    opd.TeacherPoolNode,
+    opd.TaskRouterNode,
+    opd.ColdStartNode,
+    opd.DistillerNode,
     evaluate.Evaluator,
 ]
 

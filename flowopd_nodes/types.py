@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowopd_core.distill import TeacherRefs
 from flowopd_core.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
 
@@ -84,6 +85,19 @@ def _decode_model(data: dict[str, Any], entry: Path) -> ModelRef:
     )
 
 
+def _encode_teachers(value: TeacherRefs, entry: Path) -> dict[str, Any]:
+    return {
+        "teachers": [{"task": task, "model": _encode_model(ref, entry)} for task, ref in value.teachers],
+        "route": value.route,
+        "task_weights": value.task_weights,
+    }
+
+
+def _decode_teachers(data: dict[str, Any], entry: Path) -> TeacherRefs:
+    teachers = tuple((item["task"], _decode_model(item["model"], entry)) for item in data["teachers"])
+    return TeacherRefs(teachers, data["route"], data["task_weights"])
+
+
 WIRE_TYPES: dict[str, WireType] = {
     t.name: t
     for t in [
@@ -117,6 +131,13 @@ WIRE_TYPES: dict[str, WireType] = {
             lambda v: isinstance(v, ModelRef),
             lambda v, entry, name: _encode_model(v, entry),
             lambda d, entry: _decode_model(d, entry),
+        ),
+        WireType(
+            "FLOWOPD_TEACHERS",
+            "a teacher pool: one LoRA teacher per task on one shared base, with its routing (hard/soft)",
+            lambda v: isinstance(v, TeacherRefs),
+            lambda v, entry, name: _encode_teachers(v, entry),
+            lambda d, entry: _decode_teachers(d, entry),
         ),
         WireType(
             "FLOWOPD_FILE",

@@ -159,7 +159,7 @@ def _check_node(graph: Graph, node_id: str) -> tuple[ResolvedNode | None, list[G
             how = "set it in params" if port.is_widget else f"link a {port.type} output to it"
             add("required_input_missing", port.name, f"required input {port.name!r} is missing: {how}")
     if not issues:
-        for field, message in cls.check_params(dict(params)):
+        for field, message in [*cls.check_params(dict(params)), *cls.check_links(dict(params), frozenset(links))]:
             add("custom_validation_failed", field, message)
     return ResolvedNode(node_id, cls, params, links, spec.title), issues
 

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import json
 
-from flowopd_core.grpo import (
-    REWARD_MODES,
-    GRPOConfig,
-    GRPOTrainer,
-    load_trainer_state,
-    save_trainer_state,
-)
+from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer
 from flowopd_core.modelref import ModelRef
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards import REAL_REWARDS, REWARDS, make_reward
 from flowopd_nodes import context
+from flowopd_nodes.nodes.train_loop import train_resumable
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 _GRPO_INPUTS = config_inputs(
@@ -115,30 +110,14 @@ class GRPOTrainerNode(Node):
         trainer = GRPOTrainer(
             pipe, Policy(pipe.transformer), "policy", {n: make_reward(n) for n in weights}, config, prompts
         )
-        history: list[dict] = []
-        ckpt = ctx.checkpoint_dir
-        if ckpt is not None and (ckpt / "state").is_dir():  # resume a killed or failed run of this node
-            trainer.load_state_dict(load_trainer_state(ckpt / "state"))
-            history = json.loads((ckpt / "history.json").read_text())[: trainer.epoch_index]
-            ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, ckpt)
-        bar = ctx.progress(config.epochs, f"grpo {label}")
-        bar.update(len(history))
 
-        def on_epoch(metrics) -> None:
-            record = metrics.to_json()
-            record["reward"] = sum(weights[n] * record["reward_mean"][n] for n in weights) / sum(weights.values())
-            history.append(record)
-            ctx.metrics({k: record[k] for k in ("epoch", "reward", "loss", "kl", "clip_fraction")})
-            if ckpt is not None and checkpoint_every and len(history) % checkpoint_every == 0:
-                ckpt.mkdir(parents=True, exist_ok=True)
-                (ckpt / "history.json").write_text(json.dumps(history, default=str))
-                save_trainer_state(trainer.state_dict(), ckpt / "state")
-            bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
+        def record(metrics) -> dict:
+            entry = metrics.to_json()
+            entry["reward"] = sum(weights[n] * entry["reward_mean"][n] for n in weights) / sum(weights.values())
+            return entry
 
-        try:
-            trainer.train(on_epoch)
-        finally:
-            bar.close()
+        history = train_resumable(trainer, "grpo", label, checkpoint_every, record,
+                                  ("epoch", "reward", "loss", "kl", "clip_fraction"))
         adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
         (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
         curves = plot_curves(history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})")

@@ -42,3 +42,33 @@ def test_shipped_model_graphs_run_end_to_end_small(tmp_path):
     assert (run_dir / "nodes" / "teacher" / "curves.png").is_file()
     assert runner.main(args) == 0
     assert json.loads((run_dir / "status.json").read_text())["executed"] == 0
+
+
+def _tiny_full_opd(run_dir: Path) -> list[str]:
+    args = ["run", str(ROOT / "graphs" / "full_opd.yaml"), "--run-dir", str(run_dir), "--no-progress",
+            "--set", "test.per_task=3", "--set", "eval.steps=3"]
+    for node in ("teacher_compose", "teacher_text", "teacher_quality", "grpo_mix"):
+        args += ["--set", f"{node}.epochs=1", "--set", f"{node}.group_size=2", "--set", f"{node}.prompts_per_epoch=2",
+                 "--set", f"{node}.steps=3"]
+    for node in ("opd_no_mar", "opd"):
+        args += ["--set", f"{node}.epochs=2", "--set", f"{node}.prompts_per_epoch=3", "--set", f"{node}.steps=3"]
+    return args
+
+
+def test_full_opd_pipeline_runs_end_to_end_small(tmp_path):
+    """Teachers -> pool -> router -> merge cold start -> OPD with and without MAR -> Evaluator (tiny settings)."""
+    run_dir = tmp_path / "full"
+    assert runner.main(_tiny_full_opd(run_dir)) == 0
+    table = (run_dir / "nodes" / "eval" / "results.md").read_text()
+    for label in ("base", "grpo-compose", "grpo-text", "grpo-quality", "grpo-mix", "flow-opd-no-mar", "flow-opd"):
+        assert f"| {label} |" in table
+    for node in ("opd", "opd_no_mar"):
+        assert (run_dir / "nodes" / node / "adapter" / "adapter_model.safetensors").is_file()
+        history = json.loads((run_dir / "nodes" / node / "metrics.json").read_text())
+        assert len(history) == 2 and all(np.isfinite(h["kl"]) for h in history)
+    assert json.loads((run_dir / "nodes" / "opd" / "metrics.json").read_text())[-1]["anchor_kl"] >= 0
+    assert np.isnan(json.loads((run_dir / "nodes" / "opd_no_mar" / "metrics.json").read_text())[-1]["anchor_kl"])
+    report = json.loads((run_dir / "nodes" / "cold_start" / "cold_start.json").read_text())
+    assert report["method"] == "factor_mean" and report["teachers"] == ["compose", "text", "quality"]
+    assert runner.main(_tiny_full_opd(run_dir)) == 0
+    assert json.loads((run_dir / "status.json").read_text())["executed"] == 0

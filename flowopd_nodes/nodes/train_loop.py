@@ -1,0 +1,49 @@
+"""The epoch loop every training node shares: progress, metrics events, resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from flowopd_core.lora_trainer import LoraTrainer, load_trainer_state, save_trainer_state
+from flowopd_nodes import context
+
+
+def train_resumable(
+    trainer: LoraTrainer,
+    kind: str,
+    label: str,
+    checkpoint_every: int,
+    record: Callable[[Any], dict[str, Any]],
+    metric_keys: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    """Run ``trainer`` to ``config.epochs`` with a progress bar ("<kind> <label>"); ``record(metrics)`` turns each epoch's metrics
+    into a JSON-able dict (its ``metric_keys`` are sent as metrics events). Every ``checkpoint_every`` epochs
+    the trainer state and the history go to the node's checkpoint folder; a killed or failed run of the same
+    node resumes from there (the scheduler removes it once the node succeeds). Returns the history."""
+    ctx = context.current()
+    history: list[dict[str, Any]] = []
+    ckpt = ctx.checkpoint_dir
+    if ckpt is not None and (ckpt / "state").is_dir():
+        trainer.load_state_dict(load_trainer_state(ckpt / "state"))
+        history = json.loads((ckpt / "history.json").read_text())[: trainer.epoch_index]
+        ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, ckpt)
+    bar = ctx.progress(trainer.config.epochs, f"{kind} {label}")
+    bar.update(len(history))
+
+    def on_epoch(metrics: Any) -> None:
+        entry = record(metrics)
+        history.append(entry)
+        ctx.metrics({k: entry[k] for k in metric_keys if k in entry})
+        bar.update(1)
+        if ckpt is not None and checkpoint_every and len(history) % checkpoint_every == 0:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "history.json").write_text(json.dumps(history, default=str))
+            save_trainer_state(trainer.state_dict(), ckpt / "state")
+
+    try:
+        trainer.train(on_epoch)
+    finally:
+        bar.close()
+    return history
