@@ -36,11 +36,11 @@ def train_resumable(
         entry = record(metrics)
         history.append(entry)
         ctx.metrics({k: entry[k] for k in metric_keys if k in entry})
-        bar.update(1)
         if ckpt is not None and checkpoint_every and len(history) % checkpoint_every == 0:
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "history.json").write_text(json.dumps(history, default=str))
             save_trainer_state(trainer.state_dict(), ckpt / "state")
+        bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
 
     try:
         trainer.train(on_epoch)
