@@ -16,6 +16,7 @@ from flowopd_core.miniworld.tiny import (
     clip_tokenizer,
     miniworld_words,
     t5_tokenizer,
+    word_merges,
 )
 from flowopd_core.pipeline import (
     TextEmbeddingCache,
@@ -60,11 +61,47 @@ def test_tiny_config_rejects_bad_sizes():
         TinyConfig(text_dim=32, clip_hidden=32)
 
 
-def test_default_clip_length_holds_every_miniworld_prompt():
-    tokenizer = clip_tokenizer(TinyConfig().clip_max_length)
-    texts = [p.text for split in ("train", "test") for p in all_prompts(split)]
-    lengths = [len(ids) for ids in tokenizer(texts).input_ids]  # untruncated, with start and end tokens
-    assert max(lengths) <= TinyConfig().clip_max_length
+def test_clip_tokenizer_builds_each_miniworld_word_as_one_piece():
+    words = miniworld_words()
+    tokenizer = clip_tokenizer(16, words)
+    for word in words:
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    ids = tokenizer("a red triangle to the left of a green square").input_ids
+    assert len(ids) == 12 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.tokenize("Red, CLEAN") == ["red</w>", ",</w>", "clean</w>"]  # lower-cased first
+    # anything else falls back to characters (some merged): the text is still fully represented
+    pieces = tokenizer.tokenize('the word "XQZW"')
+    assert pieces[:3] == ["the</w>", "word</w>", '"</w>'] and "".join(pieces[3:]) == "xqzw</w>" + '"</w>'
+    assert tokenizer.unk_token_id not in tokenizer("zebra quartz 42").input_ids[1:-1]  # unknown = end token
+    vocab = tokenizer.get_vocab()
+    assert len(vocab) == len(set(vocab.values())) == max(vocab.values()) + 1  # ids 0..n-1, no duplicates
+    assert vocab["<|startoftext|>"] == 512 and vocab["<|endoftext|>"] == 513
+    plain = clip_tokenizer(16)
+    assert len(plain) == 514 and plain.tokenize("red") == ["r", "e", "d</w>"]
+
+
+def test_word_merges_keep_earlier_words_whole_and_reject_non_letters():
+    words = ("the", "three", "re", "red", "tree", "there", "he")
+    merges = word_merges(words)
+    assert len(set(merges)) == len(merges)
+    for n in range(1, len(words) + 1):  # any prefix of the list: its merges keep all of its words whole
+        tokenizer = clip_tokenizer(16, words[:n])
+        assert all(tokenizer.tokenize(w) == [w + "</w>"] for w in words[:n])
+    with pytest.raises(ValueError, match="letters"):
+        word_merges(("red", "x-ray"))
+
+
+def test_no_miniworld_prompt_is_truncated_by_the_default_tokenizers():
+    pipe = build_tiny_pipeline(TinyConfig(num_layers=1, text_layers=1), seed=0)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3):
+        limit = tokenizer.model_max_length
+        assert limit == 16
+        for split in ("train", "test"):
+            texts = [p.text for p in all_prompts(split)]
+            lengths = [len(ids) for ids in tokenizer(texts).input_ids]  # untruncated, with start/end tokens
+            longest = texts[lengths.index(max(lengths))]
+            assert max(lengths) <= limit, (type(tokenizer).__name__, split, longest, max(lengths))
+            assert tokenizer.unk_token_id not in {i for ids in tokenizer(texts).input_ids for i in ids[1:-1]}
 
 
 def test_default_t5_length_holds_every_miniworld_prompt_with_word_pieces():
