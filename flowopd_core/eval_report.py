@@ -145,8 +145,8 @@ class Results:
         raise KeyError(f"no result for model {model!r}, task {task!r}, metric {metric!r}")
 
     def task_metric(self, task: str) -> str:
-        """A task's own metric (``TASK_REWARDS``), else the first metric of its plan."""
-        own = TASK_REWARDS.get(task)
+        """A task's own metric (``config.task_rewards``, else ``TASK_REWARDS``), else the first of its plan."""
+        own = {**TASK_REWARDS, **self.config.task_rewards}.get(task)
         return own if own in self.plan[task] else self.plan[task][0]
 
     def average(self, model: str) -> float:

@@ -70,6 +70,9 @@ class EvalConfig:
     concurrent: bool = field(
         default=True, metadata={"help": "score batch k in a background thread while batch k+1 samples"}
     )
+    task_rewards: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "task -> its own metric, over TASK_REWARDS (e.g. compose -> geneval)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "images_per_prompt"):
@@ -151,13 +154,17 @@ def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingC
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def metric_plan(tasks: Sequence[str], mode: str, available: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """task -> the metric (reward) names computed on its prompts, for a ``mode`` of :data:`METRIC_MODES`."""
+def metric_plan(
+    tasks: Sequence[str], mode: str, available: Sequence[str], task_rewards: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """task -> the metric (reward) names computed on its prompts, for a ``mode`` of :data:`METRIC_MODES`.
+    ``task_rewards`` adds to / overrides :data:`TASK_REWARDS` (e.g. ``{"compose": "geneval"}`` on a cluster)."""
+    own = {**TASK_REWARDS, **(task_rewards or {})}
     if mode not in METRIC_MODES:
         raise ValueError(f"metrics must be one of {sorted(METRIC_MODES)}, got {mode!r}")
     plan = {}
     for task in tasks:
-        names = list(available) if mode == "all" else [TASK_REWARDS[task]] if task in TASK_REWARDS else []
+        names = list(available) if mode == "all" else [own[task]] if task in own else []
         if mode == "task+quality":
             names += SIDE_METRICS
         if not names:
@@ -258,7 +265,7 @@ def evaluate_model(
     (its own transformer). ``rewards``: metric name -> reward; default: the registered rewards the plan needs."""
     if isinstance(sampler, StableDiffusion3Pipeline):
         sampler = target_sampler(EvalTarget(name, sampler), config)
-    plan = metric_plan(prompts.tasks, config.metrics, list(rewards if rewards is not None else REWARDS))
+    plan = metric_plan(prompts.tasks, config.metrics, list(rewards if rewards is not None else REWARDS), config.task_rewards)
     rewards = rewards if rewards is not None else default_rewards(plan)
     if not len(prompts):
         raise ValueError(f"{name}: no prompts to evaluate")
@@ -313,7 +320,7 @@ def evaluate_targets(
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
     if rewards is None:
-        rewards = default_rewards(metric_plan(prompts.tasks, config.metrics, list(REWARDS)))
+        rewards = default_rewards(metric_plan(prompts.tasks, config.metrics, list(REWARDS), config.task_rewards))
     caches: dict[int, TextEmbeddingCache] = {}
     evals = []
     for target in targets:

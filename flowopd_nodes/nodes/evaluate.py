@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from flowopd_core.eval_report import summarise, write_results
-from flowopd_core.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, targets_from_refs
+from flowopd_core.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, metric_plan, targets_from_refs
 from flowopd_core.images import load_png, to_comfy
 from flowopd_core.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
+from flowopd_core.rewards import REWARDS
+from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes import context
+from flowopd_nodes.nodes.grpo import SERVERS_HELP
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 MAX_MODELS = 8  # ComfyUI's V1 contract has no variadic inputs: numbered optional slots
 
 _EVAL_INPUTS = config_inputs(
     EvalConfig,
+    skip=("task_rewards",),
     steps={"min": 1, "max": 1000},
     guidance_scale={"min": 0.0, "max": 50.0, "step": 0.1},
     seed={"min": 0, "max": 2**31 - 1},
@@ -39,6 +43,9 @@ class Evaluator(Node):
         In("prompts", "FLOWOPD_PROMPTS", help="held-out evaluation prompts (with task tags)"),
         In("model_1", "FLOWOPD_MODEL", help="first model (e.g. the base)"),
         *(In(f"model_{i}", "FLOWOPD_MODEL", help=f"model {i} (optional)", optional=True) for i in range(2, MAX_MODELS + 1)),
+        In("task_rewards", "STRING", "", "task -> its own metric over the mini-world's (compose=compose, "
+           "text=ocr, quality=quality), e.g. 'compose=geneval, text=ocr, pick=pickscore'"),
+        In("reward_servers", "STRING", "", SERVERS_HELP),
         *_EVAL_INPUTS,
     )
     OUTPUTS = (
@@ -46,14 +53,30 @@ class Evaluator(Node):
         Out("chart", "IMAGE", "bar chart of the headline metric per task and model, with CI error bars"),
     )
 
-    def run(self, prompts: PromptSet, model_1: ModelRef, **values) -> tuple:
+    @classmethod
+    def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        try:
+            servers = parse_servers(params["reward_servers"])
+        except ValueError as exc:
+            return [("reward_servers", str(exc))]
+        try:
+            parse_task_rewards(params["task_rewards"], servers)
+        except ValueError as exc:
+            return [("task_rewards", str(exc))]
+        return []
+
+    def run(self, prompts: PromptSet, model_1: ModelRef, task_rewards: str, reward_servers: str, **values) -> tuple:
         refs = [model_1, *(values.pop(f"model_{i}", None) for i in range(2, MAX_MODELS + 1))]
         refs = [r for r in refs if r is not None]
-        config = build_config(EvalConfig, values)
+        servers = parse_servers(reward_servers)
+        config = build_config(EvalConfig, {**values, "task_rewards": parse_task_rewards(task_rewards, servers)})
         names = [r.name for r in refs]
         if len(set(names)) != len(names):
             raise ValueError(f"models need distinct names (labels), got {names}")
-        evals = evaluate_targets(targets_from_refs(refs), prompts, config)
+        available = sorted({*REWARDS, *servers, *config.task_rewards.values()})  # 'all' = these
+        plan = metric_plan(prompts.tasks, config.metrics, available, config.task_rewards)
+        rewards = {m: build_reward(m, servers) for m in dict.fromkeys(m for task in plan for m in plan[task])}
+        evals = evaluate_targets(targets_from_refs(refs), prompts, config, rewards)
         files = write_results(summarise(evals), context.current().artifact_dir)
         return (str(files.markdown), to_comfy(load_png(files.chart)))
 

@@ -9,7 +9,7 @@ from flowopd_core.modelref import ModelRef
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
 from flowopd_core.prompts import PromptSet
-from flowopd_core.rewards import REAL_REWARDS, REWARDS, make_reward
+from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes import context
 from flowopd_nodes.nodes.train_loop import train_resumable
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
@@ -46,24 +46,11 @@ _GRPO_INPUTS = config_inputs(
     reward_mode={"choices": REWARD_MODES},
     reward_workers={"min": 0, "max": 64},
 )
+SERVERS_HELP = (
+    "rewards scored by reward servers (runner.py serve-reward), e.g. 'geneval=http://10.0.0.5:18001'; those names "
+    "may then be used like registered ones"
+)
 CURVE_KEYS = ("reward", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm", "zero_std_groups")
-
-
-def parse_rewards(spec: str) -> dict[str, float]:
-    """``"compose"`` or ``"compose:1, ocr:0.5"`` -> {name: weight}; raises ValueError naming the problem."""
-    weights: dict[str, float] = {}
-    for item in [part.strip() for part in spec.split(",") if part.strip()]:
-        name, _, weight = item.partition(":")
-        name = name.strip()
-        if name not in REWARDS and name not in REAL_REWARDS:
-            raise ValueError(f"unknown reward {name!r}; registered: {sorted({**REWARDS, **REAL_REWARDS})}")
-        try:
-            weights[name] = float(weight) if weight.strip() else 1.0
-        except ValueError:
-            raise ValueError(f"weight of {name!r} is not a number: {weight!r}") from None
-    if not weights:
-        raise ValueError("name at least one reward, e.g. 'compose' or 'compose:1, ocr:1'")
-    return weights
 
 
 class GRPOTrainerNode(Node):
@@ -79,6 +66,7 @@ class GRPOTrainerNode(Node):
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),
         In("rewards", "STRING", "compose", "reward names with optional weights: 'compose' or 'compose:1, ocr:1'"),
+        In("reward_servers", "STRING", "", SERVERS_HELP),
         In("label", "STRING", "teacher", "name of the adapter in reports"),
         In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
         *_GRPO_INPUTS,
@@ -91,7 +79,11 @@ class GRPOTrainerNode(Node):
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         try:
-            weights = parse_rewards(params["rewards"])
+            servers = parse_servers(params["reward_servers"])
+        except ValueError as exc:
+            return [("reward_servers", str(exc))]
+        try:
+            weights = parse_reward_weights(params["rewards"], servers)
         except ValueError as exc:
             return [("rewards", str(exc))]
         try:
@@ -101,14 +93,16 @@ class GRPOTrainerNode(Node):
         return []
 
     def run(
-        self, model: ModelRef, prompts: PromptSet, rewards: str, label: str, checkpoint_every: int, **values
+        self, model: ModelRef, prompts: PromptSet, rewards: str, reward_servers: str, label: str,
+        checkpoint_every: int, **values
     ) -> tuple:
-        weights = parse_rewards(rewards)
+        servers = parse_servers(reward_servers)
+        weights = parse_reward_weights(rewards, servers)
         config = build_config(GRPOConfig, {**values, "reward_weights": weights})
         ctx = context.current()
         pipe = model.load(fresh=True)  # the trainer adds an adapter to this transformer
         trainer = GRPOTrainer(
-            pipe, Policy(pipe.transformer), "policy", {n: make_reward(n) for n in weights}, config, prompts
+            pipe, Policy(pipe.transformer), "policy", {n: build_reward(n, servers) for n in weights}, config, prompts
         )
 
         def record(metrics) -> dict:

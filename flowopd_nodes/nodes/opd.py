@@ -14,9 +14,9 @@ from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet
-from flowopd_core.rewards import make_reward
+from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes import context
-from flowopd_nodes.nodes.grpo import parse_rewards
+from flowopd_nodes.nodes.grpo import SERVERS_HELP
 from flowopd_nodes.nodes.train_loop import train_resumable
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
@@ -255,6 +255,7 @@ class DistillerNode(Node):
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts of all tasks (task tags route them)"),
         In("anchor", "FLOWOPD_MODEL", help="MAR anchor: a model on the same base (default: the base)", optional=True),
         In("log_rewards", "STRING", "", "rewards logged per epoch, e.g. 'compose, ocr, quality' (not trained on)"),
+        In("reward_servers", "STRING", "", SERVERS_HELP),
         In("label", "STRING", "flow-opd", "name of the student in reports"),
         In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
         *_OPD_INPUTS,
@@ -266,9 +267,13 @@ class DistillerNode(Node):
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> list[tuple[str, str]]:
+        try:
+            servers = parse_servers(params["reward_servers"])
+        except ValueError as exc:
+            return [("reward_servers", str(exc))]
         if params["log_rewards"].strip():
             try:
-                parse_rewards(params["log_rewards"])
+                parse_reward_weights(params["log_rewards"], servers)
             except ValueError as exc:
                 return [("log_rewards", str(exc))]
         try:
@@ -278,7 +283,8 @@ class DistillerNode(Node):
         return []
 
     def run(self, student: ModelRef, teachers: TeacherRefs, prompts: PromptSet,
-            log_rewards: str, label: str, checkpoint_every: int, anchor: ModelRef | None = None, **values) -> tuple:
+            log_rewards: str, reward_servers: str, label: str, checkpoint_every: int, anchor: ModelRef | None = None,
+            **values) -> tuple:
         ctx = context.current()
         config = build_config(OPDConfig, {**values, "route": teachers.route, "task_weights": teachers.task_weights})
         teachers.check_base(student, "the student")
@@ -289,7 +295,9 @@ class DistillerNode(Node):
         pool = teachers.load_into(policy, anchor if config.anchor_weight > 0 else None)
         if student.adapter:
             policy.load_adapter("student", student.adapter)
-        rewards = {n: make_reward(n) for n in parse_rewards(log_rewards)} if log_rewards.strip() else {}
+        servers = parse_servers(reward_servers)
+        names = parse_reward_weights(log_rewards, servers) if log_rewards.strip() else {}
+        rewards = {n: build_reward(n, servers) for n in names}
         trainer = OPDTrainer(pipe, pool, "student", config, prompts, rewards)
 
         def record(metrics) -> dict:

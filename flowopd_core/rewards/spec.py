@@ -1,0 +1,74 @@
+"""Rewards named in graph files: ``"compose:1, ocr:0.5"`` weights, reward servers and task -> reward maps.
+
+A reward name is either registered here (:data:`REWARDS`, :data:`REAL_REWARDS`) or served by a reward server
+(``runner.py serve-reward``) named in a ``servers`` map, e.g. ``"geneval=http://10.0.0.5:18001"``: that is how a
+cluster graph reaches GenEval, PaddleOCR, DeQA and other heavy scorers. Nothing is imported from a name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+from flowopd_core.rewards import REAL_REWARDS, REWARDS, Reward, make_reward
+from flowopd_core.rewards.client import RemoteReward
+
+
+def _items(spec: str) -> list[str]:
+    return [part.strip() for part in spec.replace(";", ",").split(",") if part.strip()]
+
+
+def parse_servers(spec: str) -> dict[str, str]:
+    """``"geneval=http://host:18001, ocr=http://host:18002"`` -> {name: url}; raises ValueError naming the item."""
+    servers: dict[str, str] = {}
+    for item in _items(spec):
+        name, eq, url = (s.strip() for s in item.partition("="))
+        parsed = urlparse(url)
+        if not eq or not name or parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"expected name=http://host:port, got {item!r}")
+        if name in servers:
+            raise ValueError(f"reward {name!r} has two servers")
+        servers[name] = url
+    return servers
+
+
+def known_rewards(servers: Mapping[str, str] | None = None) -> list[str]:
+    """Every reward name a graph may use: the registered ones and the served ones."""
+    return sorted({*REWARDS, *REAL_REWARDS, *(servers or {})})
+
+
+def parse_reward_weights(spec: str, servers: Mapping[str, str] | None = None) -> dict[str, float]:
+    """``"compose"`` or ``"compose:1, ocr:0.5"`` -> {name: weight}; names must be registered or served."""
+    weights: dict[str, float] = {}
+    for item in _items(spec):
+        name, _, weight = (s.strip() for s in item.partition(":"))
+        if name not in known_rewards(servers):
+            raise ValueError(f"unknown reward {name!r}; registered or served: {known_rewards(servers)}")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"weight of {name!r} is not a number: {weight!r}") from None
+    if not weights:
+        raise ValueError("name at least one reward, e.g. 'compose' or 'compose:1, ocr:1'")
+    return weights
+
+
+def parse_task_rewards(spec: str, servers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``"compose=geneval, text=ocr"`` -> {task: reward name} (the metric that judges each task)."""
+    mapping: dict[str, str] = {}
+    for item in _items(spec):
+        task, eq, name = (s.strip() for s in item.partition("="))
+        if not eq or not task or not name:
+            raise ValueError(f"expected task=reward, got {item!r}")
+        if name not in known_rewards(servers):
+            raise ValueError(f"unknown reward {name!r} for task {task!r}; registered or served: {known_rewards(servers)}")
+        mapping[task] = name
+    return mapping
+
+
+def build_reward(name: str, servers: Mapping[str, str] | None = None) -> Reward:
+    """The reward ``name``: a :class:`RemoteReward` when ``servers`` names a server for it, else the registered
+    one (local weights only)."""
+    if servers and name in servers:
+        return RemoteReward(servers[name], name=name)
+    return make_reward(name)
