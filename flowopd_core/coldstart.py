@@ -79,6 +79,9 @@ class SFTConfig:
 
     samples_per_prompt: int = field(default=2, metadata={"help": "teacher images per training prompt"})
     sample_steps: int = field(default=10, metadata={"help": "ODE steps of the teacher samples"})
+    resolution: int = field(
+        default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
+    )
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG of the teacher samples"})
     route: str = field(default="hard", metadata={"help": "hard or soft routing of prompts to teachers"})
     train_steps: int = field(default=200, metadata={"help": "AdamW steps on the teacher samples"})
@@ -92,6 +95,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         errors = [f"{n} must be >= 1" for n in ("samples_per_prompt", "sample_steps", "train_steps", "batch_size",
                                                  "lora_rank") if getattr(self, n) < 1]
+        if self.resolution < 0:
+            errors.append("resolution must be >= 0")
         if not 0 <= self.cfg_dropout < 1 or not self.lr > 0 or not self.lora_alpha > 0 or self.guidance_scale < 0:
             errors.append("need 0 <= cfg_dropout < 1, lr > 0, lora_alpha > 0, guidance_scale >= 0")
         if self.route not in ROUTE_MODES:
@@ -142,7 +147,8 @@ def sft_cold_start(
             return pool.velocities(x, times, cond, uncond, plan, config.guidance_scale, config.batch_size,
                                    with_anchor=False)[0]
 
-        noise = initial_noise(pipe, len(chunk), generator=generator)
+        size = config.resolution or None
+        noise = initial_noise(pipe, len(chunk), generator=generator, height=size, width=size)
         x0.append(sample(teacher_velocity, noise, sigmas, kind="ode").latents[:, -1])
         if progress is not None:
             progress(1)

@@ -67,6 +67,9 @@ class OPDConfig:
     group_size: int = field(default=2, metadata={"help": "student samples per drawn prompt"})
     prompts_per_epoch: int = field(default=16, metadata={"help": "prompts drawn per epoch (without replacement)"})
     steps: int = field(default=10, metadata={"help": "sampling steps T of the student's rollouts"})
+    resolution: int = field(
+        default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
+    )
     train_fraction: float = field(
         default=0.99, metadata={"help": "train the first int(T * fraction) steps (the last step is deterministic)"}
     )
@@ -104,7 +107,8 @@ class OPDConfig:
                      "lora_rank", "epochs"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("step_subset", "reward_workers", "weight_decay", "grad_clip", "anchor_weight", "advantage_clip"):
+        for name in ("step_subset", "reward_workers", "weight_decay", "grad_clip", "anchor_weight", "advantage_clip",
+                     "resolution"):
             if not getattr(self, name) >= 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("clip_range", "lr", "lora_alpha", "noise_level"):
@@ -402,9 +406,10 @@ class OPDTrainer(LoraTrainer):
             for start in range(0, len(specs), cfg.batch_size):
                 chunk = specs[start : start + cfg.batch_size]
                 cond, uncond = self._conditioning(chunk)
+                size = cfg.resolution or None
+                noise = initial_noise(self.pipe, len(chunk), generator=self.generator, height=size, width=size)
                 rollout = sample(
-                    lambda x, t: self._velocity(x, t, cond, uncond),
-                    initial_noise(self.pipe, len(chunk), generator=self.generator), self.sigmas, kind=cfg.kind,
+                    lambda x, t: self._velocity(x, t, cond, uncond), noise, self.sigmas, kind=cfg.kind,
                     noise_level=cfg.noise_level, generator=self.generator, logprob_reduce=cfg.logprob_reduce,
                 )
                 chunk_images = decode(self.pipe, rollout.latents[:, -1])

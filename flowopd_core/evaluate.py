@@ -60,6 +60,9 @@ Sampler = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
 @dataclass(frozen=True)
 class EvalConfig:
     steps: int = field(default=40, metadata={"help": "ODE steps (paper evaluation: 40; training uses 10)"})
+    resolution: int = field(
+        default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
+    )
     guidance_scale: float = field(default=4.5, metadata={"help": "classifier-free guidance w (1 = no CFG)"})
     seed: int = field(default=0, metadata={"help": "noise seed; sample i of a run starts from noise (seed, i)"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (and per scoring job)"})
@@ -134,7 +137,7 @@ def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingC
     cache = cache or TextEmbeddingCache(pipe)
     sample_config = SampleConfig(
         steps=config.steps, guidance_scale=config.guidance_scale, kind="ode", batch_size=max(1, config.batch_size),
-        seed=config.seed,
+        seed=config.seed, height=config.resolution, width=config.resolution,
     )
 
     def sample_images(texts: Sequence[str], indices: Sequence[int]) -> torch.Tensor:

@@ -80,6 +80,9 @@ class GRPOConfig:
         metadata={"help": "epoch e draws its prompts from task e mod n of the prompt set's tasks (authors' GRPO-Mix)"},
     )
     steps: int = field(default=10, metadata={"help": "sampling steps T of the rollouts"})
+    resolution: int = field(
+        default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
+    )
     train_fraction: float = field(
         default=0.99, metadata={"help": "train the first int(T * fraction) steps (Flow-GRPO: 9 of 10; never the last)"}
     )
@@ -151,7 +154,7 @@ class GRPOConfig:
                      "lora_rank", "epochs"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("step_subset", "sde_window", "reward_workers", "beta", "weight_decay", "grad_clip"):
+        for name in ("step_subset", "sde_window", "reward_workers", "beta", "weight_decay", "grad_clip", "resolution"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("clip_range", "adv_clip", "adv_eps", "lr", "lora_alpha", "noise_level"):
@@ -563,9 +566,10 @@ class GRPOTrainer(LoraTrainer):
                 def velocity_fn(x: torch.Tensor, t: float) -> torch.Tensor:
                     return self._velocity(x, t, cond, uncond)
 
+                size = cfg.resolution or None
+                noise = initial_noise(self.pipe, len(chunk), generator=self.generator, height=size, width=size)
                 rollout = sample(
-                    velocity_fn, initial_noise(self.pipe, len(chunk), generator=self.generator), self.sigmas,
-                    kind=cfg.kind, noise_level=cfg.noise_level, generator=self.generator, sde_window=window,
+                    velocity_fn, noise, self.sigmas, kind=cfg.kind, noise_level=cfg.noise_level, generator=self.generator, sde_window=window,
                     logprob_reduce=cfg.logprob_reduce,
                 )
                 chunk_images = decode(self.pipe, rollout.latents[:, -1])

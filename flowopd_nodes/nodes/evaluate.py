@@ -19,6 +19,7 @@ _EVAL_INPUTS = config_inputs(
     EvalConfig,
     skip=("task_rewards",),
     steps={"min": 1, "max": 1000},
+    resolution={"min": 0, "max": 8192},
     guidance_scale={"min": 0.0, "max": 50.0, "step": 0.1},
     seed={"min": 0, "max": 2**31 - 1},
     batch_size={"min": 1, "max": 4096},

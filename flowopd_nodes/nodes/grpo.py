@@ -20,6 +20,7 @@ _GRPO_INPUTS = config_inputs(
     group_size={"min": 2, "max": 1024},
     prompts_per_epoch={"min": 1, "max": 100_000},
     steps={"min": 1, "max": 1000},
+    resolution={"min": 0, "max": 8192},
     train_fraction={"min": 0.01, "max": 1.0},
     step_subset={"min": 0, "max": 1000},
     sde_window={"min": 0, "max": 1000},

@@ -162,3 +162,12 @@ def test_untagged_prompts_distil_from_the_uniform_blend():
     trainer = OPDTrainer(pipe, pool, "student", _config(prompts_per_epoch=2), prompts)
     batch = trainer.collect()
     assert torch.allclose(batch.plan.weights, torch.full((4, 2), 0.5))
+
+
+def test_resolution_sets_the_rollout_size():
+    pipe, pool = _pool()
+    trainer = OPDTrainer(pipe, pool, "student", _config(resolution=8, prompts_per_epoch=2), PROMPTS)
+    batch = trainer.collect()
+    assert batch.rollout.latents.shape[-2:] == (8, 8) and batch.targets.shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="resolution must be >= 0"):
+        _config(resolution=-1)
