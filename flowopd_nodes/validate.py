@@ -60,8 +60,11 @@ def _type_ok(port: In, value: Any) -> bool:
     return isinstance(value, str)  # STRING, COMBO
 
 
-def check_value(port: In, value: Any, node: str, class_type: str, base_dir: Path) -> tuple[Any, list[GraphIssue]]:
-    """Check one widget value against its port; return the resolved value (absolute path) and problems."""
+def check_value(
+    port: In, value: Any, node: str, class_type: str, base_dir: Path, check_files: bool = True
+) -> tuple[Any, list[GraphIssue]]:
+    """Check one widget value against its port; return the resolved value (absolute path) and problems.
+    ``check_files=False`` skips the existence of ``must_exist`` paths (files that live on another machine)."""
 
     def issue(kind: str, message: str) -> list[GraphIssue]:
         return [GraphIssue(kind, message, node=node, field=port.name, class_type=class_type)]
@@ -84,7 +87,7 @@ def check_value(port: In, value: Any, node: str, class_type: str, base_dir: Path
     if port.path and value:
         path = Path(value).expanduser()
         resolved = path if path.is_absolute() else (base_dir / path)
-        if port.must_exist and not resolved.exists():
+        if port.must_exist and check_files and not resolved.exists():
             return value, issue("file_not_found", f"{value!r} does not exist (looked at {resolved})")
         return str(resolved), []
     if port.path and port.must_exist and not value:
@@ -92,7 +95,7 @@ def check_value(port: In, value: Any, node: str, class_type: str, base_dir: Path
     return value, []
 
 
-def _check_node(graph: Graph, node_id: str) -> tuple[ResolvedNode | None, list[GraphIssue]]:
+def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[ResolvedNode | None, list[GraphIssue]]:
     spec = graph.nodes[node_id]
     cls = REGISTRY.get(spec.type)
     if cls is None:
@@ -144,13 +147,13 @@ def _check_node(graph: Graph, node_id: str) -> tuple[ResolvedNode | None, list[G
         if port.name in spec.links or (port.name in spec.params and not port.is_widget):
             continue  # linked, or already reported as a value given for a wire input
         if port.name in spec.params and port.is_widget:
-            value, problems = check_value(port, spec.params[port.name], node_id, ct, graph.base_dir)
+            value, problems = check_value(port, spec.params[port.name], node_id, ct, graph.base_dir, check_files)
             issues.extend(problems)
             params[port.name] = value
         elif port.default is not REQUIRED:
             value = port.default
             if port.path and value:
-                value, problems = check_value(port, value, node_id, ct, graph.base_dir)
+                value, problems = check_value(port, value, node_id, ct, graph.base_dir, check_files)
                 issues.extend(problems)
             params[port.name] = value
         elif port.optional:
@@ -164,12 +167,15 @@ def _check_node(graph: Graph, node_id: str) -> tuple[ResolvedNode | None, list[G
     return ResolvedNode(node_id, cls, params, links, spec.title), issues
 
 
-def validate(graph: Graph) -> ValidGraph:
-    """Check everything; return the runnable graph or raise one :class:`GraphValidationError`."""
+def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
+    """Check everything; return the runnable graph or raise one :class:`GraphValidationError`.
+
+    ``check_files=False`` checks a graph written for another machine (a cluster's model folders, prompt
+    files): everything but the existence of the files it names."""
     issues: list[GraphIssue] = list(graph.load_issues)
     resolved: dict[str, ResolvedNode] = {}
     for node_id in graph.nodes:
-        node, problems = _check_node(graph, node_id)
+        node, problems = _check_node(graph, node_id, check_files)
         issues.extend(problems)
         if node is not None:
             resolved[node_id] = node

@@ -34,7 +34,8 @@ class LoadModel(Node):
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         # Checked before anything runs, without loading weights (loading here would keep a second copy in
         # memory next to the fresh one a training node loads).
-        if not (Path(params["path"]) / "model_index.json").is_file():
+        path = Path(params["path"])
+        if path.exists() and not (path / "model_index.json").is_file():  # a missing folder: file_not_found
             return [("path", f"{params['path']!r} is not a diffusers pipeline folder (no model_index.json)")]
         return []
 
