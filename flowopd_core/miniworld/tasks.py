@@ -1,29 +1,41 @@
 """Mini-world tasks: the vocabulary, the prompts with their ground truth and the fixed train/test splits
 (images and training batches: ``render.py``).
 
-Three tasks mirror the paper's (method.md §6-7):
+Three tasks mirror the paper's (method.md §6-7); each task's prompts come in templates (the evaluator's
+categories: a task's score is the equal-weight mean over its templates, as GenEval's):
 
-- ``compose`` (GenEval-like). Two templates:
-  ``count``    "a red circle", "two green squares", "three blue triangles"      (colour x shape x count 1-3)
-  ``position`` "a red circle to the left of a blue square" (+ "right of", "above", "below"; the two objects
-               have different colours).
-- ``text`` (OCR-like): ``the word "ACE"``: a three-letter word over the 8-letter alphabet ``LETTERS`` (all
-  ``8**3 = 512`` words, not only English ones), drawn in tall glyphs, black on white, one fixed slot per
-  letter (see ``render.py``).
-- ``quality``: "a large red circle, clean": one object; its pretraining images mix clean and degraded
-  renders (``QUALITY_DEGRADED_FRACTION``), which gives the quality reward real headroom.
+- ``compose`` (GenEval-like), four templates of graded difficulty over 5 colours x 4 shapes:
+  ``single``   "a purple diamond", "a small red circle", "a large blue square" (one object; an optional size)
+  ``count``    "two green squares", "three blue triangles", "four yellow diamonds"
+  ``pair``     "a red circle and a blue square" (two objects of different colours, anywhere: colour binding)
+  ``position`` "a red circle to the left of a blue square" (+ "right of", "above", "below"; different colours)
+- ``text`` (OCR-like): ``the word "BAKE"``: a pseudo-word over the 12 letters ``LETTERS`` (9 consonants,
+  3 vowels) in the patterns consonant-vowel-consonant (template ``word3``: "BAT") and consonant-vowel-
+  consonant-vowel (``word4``: "BETA"), drawn in proportionally spaced glyphs (the place of a letter depends
+  on its neighbours' widths) at a random horizontal and vertical offset, black on white (``render.py``).
+- ``quality``: "a large red circle, clean" (``icon``) and "a red circle and a blue square, clean" (``pair``);
+  its pretraining images mix clean and degraded renders (``QUALITY_DEGRADED_FRACTION``), which gives the
+  quality reward real headroom.
 
-Split rule (fixed, deterministic, no randomness). Every prompt is a combination of attribute indices; a
-prompt is held out for ``test`` when the sum of its attribute indices is divisible by 4:
+Split rule (fixed, deterministic, no randomness). Every prompt is a combination of attribute indices (colour
+i into ``COLOURS``, shape j into ``SHAPES``, ...); a prompt is held out for ``test`` when the sum of its indices
+is divisible by the template's modulus (2 for the small templates, 4 or 8 for the large ones):
 
-- compose/count:     colour i, shape j, count n (1-3):          test iff (i + j + n) % 4 == 0   (9 of 36)
-- compose/position:  colours i1 != i2, shapes j1, j2, relation k: test iff (i1 + j1 + i2 + j2 + k) % 4 == 0
-                                                                 (108 of 432)
-- text:              letters a, b, c (indices into LETTERS):     test iff (a + b + c) % 4 == 0    (128 of 512)
-- quality:           size s, colour i, shape j:                  test iff (s + i + j) % 4 == 0   (6 of 24)
+- compose/single:   colour i, shape j, size s (0 none, 1 small, 2 large)  test iff (i + j + s) % 2 == 0  (30 of 60)
+- compose/count:    colour i, shape j, count n (2-4)                      test iff (i + j + n) % 2 == 0  (30 of 60)
+- compose/pair:     objects (i1, j1), (i2, j2), colours i1 < i2           test iff (i1 + j1 + i2 + j2) % 4 == 0
+                                                                                                       (40 of 160)
+- compose/position: colours i1 != i2, shapes j1, j2, relation k     test iff (i1 + j1 + i2 + j2 + k) % 8 == 0
+                                                                                                     (188 of 1280)
+- text/word3, word4: consonant and vowel indices (into CONSONANTS, VOWELS)  test iff their sum % 4 == 0
+                                                                             (61 of 243; 182 of 729)
+- quality/icon:     size s, colour i, shape j                             test iff (s + i + j) % 4 == 0  (10 of 40)
+- quality/pair:     as compose/pair                                       test iff (i1 + j1 + i2 + j2) % 4 == 0
+                                                                                                       (40 of 160)
 
 So every test prompt is a new combination of attribute values that all occur in train (every colour, shape,
-count, relation and letter-in-position is seen in training); test prompt strings never occur in train.
+size, count, relation and letter-in-position is seen in training); test prompt strings never occur in train.
+Totals: compose 1272 train / 288 test, text 729 / 243, quality 150 / 50 (tests/core/test_miniworld.py).
 """
 
 from __future__ import annotations
@@ -45,11 +57,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "green": (30, 160, 50),
     "blue": (30, 70, 225),
     "yellow": (245, 200, 20),
+    "purple": (110, 40, 150),  # dark: anti-aliased rims of blue or red on white stay nearer those
 }
-COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+PLURALS: dict[str, str] = {shape: shape + "s" for shape in SHAPES}
+COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three", 4: "four"}
 # relation -> phrase; the relation reads "first object <relation> second object"
 RELATIONS: dict[str, str] = {
     "left of": "to the left of",
@@ -57,20 +70,22 @@ RELATIONS: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
-LETTERS: str = "ACEHKNRS"  # all 512 three-letter words read 100 % by rapidocr at 32 px (measured; see render.py)
-WORD_LENGTH: int = 3  # letters per text-task word
+CONSONANTS: str = "BDHKLNRST"  # with VOWELS: letters rapidocr reads at 32 px in the text task's rendering
+VOWELS: str = "AEU"  # (measured on every word: see render.py)
+LETTERS: str = "".join(sorted(CONSONANTS + VOWELS))
+WORD_PATTERNS: dict[str, str] = {"word3": "cvc", "word4": "cvcv"}  # text template -> c(onsonant) / v(owel) pattern
 SIZES: tuple[str, ...] = ("small", "large")
 QUALITY_DEGRADED_FRACTION: float = 0.5  # share of quality-task pretraining images that are degraded
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "compose": ("count", "position"),
-    "text": ("word",),
-    "quality": ("icon",),
+    "compose": ("single", "count", "pair", "position"),
+    "text": ("word3", "word4"),
+    "quality": ("icon", "pair"),
 }
 
 
-def _held_out(*indices: int) -> bool:
-    """The split rule (module doc): a combination is a test prompt iff its index sum is divisible by 4."""
-    return sum(indices) % 4 == 0
+def _held_out(*indices: int, modulus: int = 4) -> bool:
+    """The split rule (module doc): a combination is a test prompt iff its index sum is divisible by ``modulus``."""
+    return sum(indices) % modulus == 0
 
 
 def _spec(task: str, template: str, text: str, **truth: Any) -> PromptSpec:
@@ -79,20 +94,47 @@ def _spec(task: str, template: str, text: str, **truth: Any) -> PromptSpec:
     return PromptSpec(text=text, task=task, id=f"{task}-{template}-{slug}", spec={"template": template, **truth})
 
 
-def _object(colour: str, shape: str, count: int = 1) -> dict[str, Any]:
-    return {"colour": colour, "shape": shape, "count": count}
+def _object(colour: str, shape: str, count: int = 1, size: str | None = None) -> dict[str, Any]:
+    """One object of a compose/quality spec; ``size`` ("small" / "large") only where the prompt names one."""
+    return {"colour": colour, "shape": shape, "count": count, **({"size": size} if size else {})}
 
 
 def _noun(colour: str, shape: str, count: int) -> str:
     return f"{COUNT_WORDS[count]} {colour} {shape if count == 1 else PLURALS[shape]}"
 
 
+def _compose_single() -> list[tuple[bool, PromptSpec]]:
+    out = []
+    for (i, colour), (j, shape), s in itertools.product(enumerate(COLOURS), enumerate(SHAPES), range(3)):
+        size = (None, *SIZES)[s]
+        text = f"a {size} {colour} {shape}" if size else f"a {colour} {shape}"
+        spec = _spec("compose", "single", text, objects=[_object(colour, shape, 1, size)], relation=None)
+        out.append((_held_out(i, j, s, modulus=2), spec))
+    return out
+
+
 def _compose_count() -> list[tuple[bool, PromptSpec]]:
     out = []
-    for (i, colour), (j, shape), n in itertools.product(enumerate(COLOURS), enumerate(SHAPES), COUNT_WORDS):
+    counts = [n for n in COUNT_WORDS if n > 1]
+    for (i, colour), (j, shape), n in itertools.product(enumerate(COLOURS), enumerate(SHAPES), counts):
         spec = _spec("compose", "count", _noun(colour, shape, n), objects=[_object(colour, shape, n)], relation=None)
-        out.append((_held_out(i, j, n), spec))
+        out.append((_held_out(i, j, n, modulus=2), spec))
     return out
+
+
+def _pairs() -> list[tuple[bool, str, list[dict[str, Any]]]]:
+    """Unordered pairs of objects of different colours (the first has the lower colour index)."""
+    out = []
+    objects = list(itertools.product(enumerate(COLOURS), enumerate(SHAPES)))
+    for ((i1, c1), (j1, s1)), ((i2, c2), (j2, s2)) in itertools.product(objects, objects):
+        if i1 < i2:
+            text = f"{_noun(c1, s1, 1)} and {_noun(c2, s2, 1)}"
+            out.append((_held_out(i1, j1, i2, j2), text, [_object(c1, s1), _object(c2, s2)]))
+    return out
+
+
+def _compose_pair() -> list[tuple[bool, PromptSpec]]:
+    return [(held, _spec("compose", "pair", text, objects=objs, relation=None)) for held, text, objs in _pairs()]
 
 
 def _compose_position() -> list[tuple[bool, PromptSpec]]:
@@ -104,15 +146,17 @@ def _compose_position() -> list[tuple[bool, PromptSpec]]:
         for k, (relation, phrase) in enumerate(RELATIONS.items()):
             text = f"{_noun(c1, s1, 1)} {phrase} {_noun(c2, s2, 1)}"
             spec = _spec("compose", "position", text, objects=[_object(c1, s1), _object(c2, s2)], relation=relation)
-            out.append((_held_out(i1, j1, i2, j2, k), spec))
+            out.append((_held_out(i1, j1, i2, j2, k, modulus=8), spec))
     return out
 
 
-def _text_words() -> list[tuple[bool, PromptSpec]]:
+def _text_words(template: str) -> list[tuple[bool, PromptSpec]]:
     out = []
-    for letters in itertools.product(enumerate(LETTERS), repeat=WORD_LENGTH):
+    alphabets = [CONSONANTS if kind == "c" else VOWELS for kind in WORD_PATTERNS[template]]
+    for letters in itertools.product(*(enumerate(a) for a in alphabets)):
         word = "".join(letter for _, letter in letters)
-        out.append((_held_out(*(i for i, _ in letters)), _spec("text", "word", f'the word "{word}"', word=word)))
+        spec = _spec("text", template, f'the word "{word}"', word=word)
+        out.append((_held_out(*(i for i, _ in letters)), spec))
     return out
 
 
@@ -126,11 +170,19 @@ def _quality_icons() -> list[tuple[bool, PromptSpec]]:
     return out
 
 
+def _quality_pairs() -> list[tuple[bool, PromptSpec]]:
+    return [(held, _spec("quality", "pair", f"{text}, clean", objects=objs)) for held, text, objs in _pairs()]
+
+
 _BUILDERS = {
+    ("compose", "single"): _compose_single,
     ("compose", "count"): _compose_count,
+    ("compose", "pair"): _compose_pair,
     ("compose", "position"): _compose_position,
-    ("text", "word"): _text_words,
+    ("text", "word3"): functools.partial(_text_words, "word3"),
+    ("text", "word4"): functools.partial(_text_words, "word4"),
     ("quality", "icon"): _quality_icons,
+    ("quality", "pair"): _quality_pairs,
 }
 
 

@@ -5,15 +5,20 @@ Detector (``detect_objects``), for an ``(H, W, 3)`` uint8 image:
    all of them, white and black (text ink) are not object pixels;
 2. the object pixels of each colour are split into 4-connected components (``scipy.ndimage.label``); components
    smaller than ``min_area`` (a fraction of the image) are noise;
-3. shape = the ideal silhouette (disc, full box, upright triangle) drawn into the component's bounding box
-   that has the highest IoU with it; below ``min_shape_iou`` the component is an unshaped "blob" (matches
-   no shape). (Measured at 32 px on 9,000 single renders: 4 errors, all circles of radius < 5 px read as
-   squares; a plain fill-ratio rule made 6x more.)
-4. position = the component's centroid.
+3. shape = the ideal silhouette (disc, full box, upright triangle, diamond) drawn into the component's
+   bounding box that has the highest soft IoU with the component's coverage (``coverage``: each pixel in the
+   box read as a mix of the object's colour and white, so anti-aliased edges count by how much they are
+   covered; pixels of other objects count 0); below ``min_shape_iou`` the component is an unshaped "blob"
+   (matches no shape). Measured on 600 random ground-truth renders per compose template at 32 px: strict
+   accuracy 0.998 single, 0.983 count, 0.992 pair, 1.0 position; the errors are diamonds of radius < 5 px
+   read as circles (with a hard IoU on the nearest-colour mask: 0.99, 0.95, 0.98, 0.98).
+4. position = the component's centroid;
+5. size = "large" iff the bounding box's longer side is at least ``large_extent`` of the image side.
 
-Judging a prompt (``judge``) against its spec (``{"objects": [{"colour", "shape", "count"}], "relation"}``):
-per object, three constraints -- its colour is present, an object of that colour has its shape, the number of
-objects of that colour and shape equals its count -- and for two-object prompts the relation: the first
+Judging a prompt (``judge``) against its spec (``{"objects": [{"colour", "shape", "count", "size"?}],
+"relation"}``): per object, three constraints -- its colour is present, an object of that colour has its shape,
+the number of objects of that colour and shape equals its count -- plus, where the object names a size, that
+the largest such object has it; and for two-object prompts with a relation, the relation: the first
 object's centroid lies on the named side of the second's, along an axis that dominates (``|dx| >= |dy|`` for
 left/right, ``|dy| >= |dx|`` for above/below), using for each the largest matching component (else the largest
 of its colour). ``score`` = fraction of constraints satisfied (the training reward, in [0, 1]); ``strict`` = 1
@@ -48,6 +53,11 @@ class ComposeConfig:
     min_shape_iou: float = field(
         default=0.6, metadata={"help": "least IoU with the best ideal silhouette; below it the blob has no shape"}
     )
+    large_extent: float = field(
+        default=0.44,
+        metadata={"help": "an object is 'large' iff its bounding box's longer side is at least this fraction of the "
+                          "image side (renders: small <= 0.38 + anti-aliasing, large >= 0.49)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_area < 1.0:
@@ -56,12 +66,14 @@ class ComposeConfig:
             raise ValueError(f"max_distance must be > 0, got {self.max_distance}")
         if not 0.0 <= self.min_shape_iou < 1.0:
             raise ValueError(f"min_shape_iou must lie in [0, 1), got {self.min_shape_iou}")
+        if not 0.0 < self.large_extent < 1.0:
+            raise ValueError(f"large_extent must lie in (0, 1), got {self.large_extent}")
 
 
 @dataclass(frozen=True)
 class Detection:
     """One detected object: centroid ``(cx, cy)`` in pixels, ``iou`` of its shape's silhouette,
-    ``bbox`` = (y0, x0, y1, x1) half-open."""
+    ``bbox`` = (y0, x0, y1, x1) half-open, ``size`` = "large" or "small" (``ComposeConfig.large_extent``)."""
 
     colour: str
     shape: str
@@ -70,6 +82,7 @@ class Detection:
     cy: float
     iou: float
     bbox: tuple[int, int, int, int]
+    size: str = "small"
 
 
 def classify_pixels(image: np.ndarray, max_distance: float) -> np.ndarray:
@@ -89,13 +102,30 @@ def silhouettes(height: int, width: int) -> dict[str, np.ndarray]:
         "circle": (2 * yy - 1) ** 2 + (2 * xx - 1) ** 2 <= 1.0,
         "square": np.ones((height, width), dtype=bool),
         "triangle": np.abs(2 * xx - 1) <= yy,  # apex at the top centre, base along the bottom
+        "diamond": np.abs(2 * xx - 1) + np.abs(2 * yy - 1) <= 1.0,  # corners at the box's edge midpoints
     }
 
 
-def shape_of(part: np.ndarray, min_iou: float) -> tuple[str, float]:
-    """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU)."""
+def coverage(image: np.ndarray, colour: str) -> np.ndarray:
+    """``(h, w, 3)`` uint8 -> ``(h, w)`` float in [0, 1]: how much of each pixel ``colour`` covers, reading the
+    pixel as a mix a * colour + (1 - a) * white (projection onto the white-to-colour segment)."""
+    white, ink = np.array(PALETTE["white"], np.float32), np.array(PALETTE[colour], np.float32)
+    axis = white - ink
+    return np.clip((white - image.astype(np.float32)) @ axis / float(axis @ axis), 0.0, 1.0)
+
+
+def shape_of(part: np.ndarray, min_iou: float, soft: np.ndarray | None = None) -> tuple[str, float]:
+    """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU).
+
+    ``soft``: optional ``(h, w)`` coverage in [0, 1] of the same crop; the IoU is then the soft (fuzzy) IoU
+    sum(min(soft, ideal)) / sum(max(soft, ideal)), which reads anti-aliased edges by how much they are covered.
+    """
     ideals = silhouettes(*part.shape)
-    ious = {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in ideals.items()}
+    if soft is None:
+        ious = {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in ideals.items()}
+    else:
+        ious = {name: float(np.minimum(soft, ideal).sum() / np.maximum(soft, ideal).sum())
+                for name, ideal in ideals.items()}
     best = max(ious, key=ious.__getitem__)
     return (best if ious[best] >= min_iou else "blob"), ious[best]
 
@@ -115,7 +145,10 @@ def detect_objects(image: np.ndarray, config: ComposeConfig) -> list[Detection]:
             if area < min_pixels:
                 continue
             ys, xs = np.nonzero(part)
-            shape, iou = shape_of(part, config.min_shape_iou)
+            own = (components[box] == index) | (labels[box] == 0)  # this object or background, not others
+            soft = np.where(own, coverage(image[box], _CLASS_NAMES[cls]), 0.0) * (part | ~(labels[box] == cls))
+            shape, iou = shape_of(part, config.min_shape_iou, soft)
+            large = max(part.shape) >= config.large_extent * max(labels.shape)
             found.append(
                 Detection(
                     colour=_CLASS_NAMES[cls],
@@ -125,6 +158,7 @@ def detect_objects(image: np.ndarray, config: ComposeConfig) -> list[Detection]:
                     cy=float(ys.mean() + box[0].start + 0.5),
                     iou=round(iou, 3),
                     bbox=(box[0].start, box[1].start, box[0].stop, box[1].stop),
+                    size="large" if large else "small",
                 )
             )
     return sorted(found, key=lambda d: -d.area)
@@ -149,6 +183,8 @@ def judge(detections: Sequence[Detection], truth: dict[str, Any]) -> SampleScore
         constraints[f"object{k}_colour"] = bool(same_colour)
         constraints[f"object{k}_shape"] = bool(matches)
         constraints[f"object{k}_count"] = len(matches) == obj["count"]
+        if obj.get("size"):  # the largest object of that colour and shape has the named size
+            constraints[f"object{k}_size"] = bool(matches) and matches[0].size == obj["size"]
         picks.append((matches or same_colour or [None])[0])  # detections are sorted largest first
     relation = truth.get("relation")
     if relation:
@@ -157,7 +193,7 @@ def judge(detections: Sequence[Detection], truth: dict[str, Any]) -> SampleScore
     met = sum(constraints.values())
     details = {
         "constraints": constraints,
-        "detected": [f"{d.colour} {d.shape} at ({d.cx:.1f}, {d.cy:.1f}) iou {d.iou}" for d in detections],
+        "detected": [f"{d.size} {d.colour} {d.shape} at ({d.cx:.1f}, {d.cy:.1f}) iou {d.iou}" for d in detections],
     }
     return SampleScore(score=met / len(constraints), details=details, strict=float(met == len(constraints)))
 

@@ -10,12 +10,14 @@ non-white regions of at least ``min_area`` of the image. Four terms, each in [0,
 - background (``B``): mean closeness to white of the pixels more than 1 px away from every object.
   Falls with noise, stains, speckles, a grey or washed-out background.
 - purity (``P``): mean closeness of object-interior pixels (objects eroded by 1 px) to their own palette
-  colour. Falls with noise, washed-out or off-palette colours, texture inside objects.
+  colour. Falls with noise, washed-out or off-palette colours, texture inside objects. Text ink (a component
+  whose most frequent colour is black) has strokes too thin to erode: its interior is the darker half of its
+  pixels (by distance to black), the stroke cores.
 - sharpness (``S``): edge width = the summed "mixedness" (1 - closeness to the nearest palette colour) of the
   pixels within 2 px of an object boundary, divided by the boundary length (object pixels with a 4-neighbour
   outside). An anti-aliased edge is about one mixed pixel wide; blur widens it. ``S = clip((blurred - w) /
   (blurred - sharp), 0, 1)`` with the edge widths ``sharp`` and ``blurred`` of the config.
-- form (``F``): mean over coloured objects (text ink is exempt) of their boundary regularity
+- form (``F``): mean over coloured objects (text ink, whose most frequent colour is black, is exempt) of their boundary regularity
   ``2 (h + w) / perimeter`` (bbox height/width; perimeter = 4-neighbour boundary edges). It is exactly 1 for
   every orthogonally convex blob -- all mini-world shapes -- and drops for ragged, notched or fragmented
   outlines; mapped to [0, 1] by ``clip((regularity - ragged) / (1 - ragged), 0, 1)``.
@@ -100,8 +102,14 @@ def quality_terms(image: np.ndarray, config: QualityConfig) -> QualityTerms:
     if keep.size == 0:
         return QualityTerms(0.0, 0.0, 0.0, 0.0, 0.0, 0)
     objects = np.isin(components, keep)
+    # text ink: components whose most frequent colour is black (anti-aliased strokes add greys of any hue)
+    ink_labels = [k for k in keep if np.bincount(nearest[components == k], minlength=len(_NAMES)).argmax() == _BLACK]
+    ink = np.isin(components, ink_labels)  # strokes 1-2 px wide, too thin to erode
     background = ~ndimage.binary_dilation(objects, iterations=1)
-    interior = ndimage.binary_erosion(objects, iterations=1)
+    interior = ndimage.binary_erosion(objects & ~ink, iterations=1)
+    for k in ink_labels:  # the stroke cores: the darker half of each ink component
+        part = components == k
+        interior |= part & (dist[..., _BLACK] <= np.median(dist[..., _BLACK][part]))
     interior = interior if interior.any() else objects
 
     close = _closeness(dist, config)  # (H, W, K)
@@ -119,9 +127,9 @@ def quality_terms(image: np.ndarray, config: QualityConfig) -> QualityTerms:
     for index, box in zip(range(1, count + 1), ndimage.find_objects(components)):
         if sizes[index] < config.min_area * nearest.size:
             continue
-        part = components[box] == index
-        if np.mean(nearest[box][part] == _BLACK) > 0.5:
+        if index in ink_labels:
             continue  # text ink: letters are not convex, their legibility is the OCR reward's business
+        part = components[box] == index
         forms.append((regularity(part) - config.ragged) / (1.0 - config.ragged))
     f = float(np.clip(np.mean(forms), 0.0, 1.0)) if forms else 1.0
     score = b * p * s * f

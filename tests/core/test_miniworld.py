@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowopd_core import miniworld as mw
-from flowopd_core.miniworld.render import layout_pair
+from flowopd_core.miniworld.render import layout_pair, word_slack
 from flowopd_core.rewards.compose import ComposeConfig, detect_objects, relation_holds
 
 
@@ -24,17 +24,29 @@ def test_splits_are_disjoint_fixed_and_complete(task):
 
 def test_split_sizes_follow_the_rule():
     sizes = {t: (len(mw.prompts(t, "train")), len(mw.prompts(t, "test"))) for t in mw.TASKS}
-    assert sizes == {"compose": (351, 117), "text": (384, 128), "quality": (18, 6)}
+    assert sizes == {"compose": (1272, 288), "text": (729, 243), "quality": (150, 50)}
+    per_template = {(t, k): len(mw.template_prompts(t, k, "test")) for t in mw.TASKS for k in mw.TEMPLATES[t]}
+    assert per_template == {("compose", "single"): 30, ("compose", "count"): 30, ("compose", "pair"): 40,
+                            ("compose", "position"): 188, ("text", "word3"): 61, ("text", "word4"): 182,
+                            ("quality", "icon"): 10, ("quality", "pair"): 40}
     assert mw.all_prompts("test") == [p for t in mw.TASKS for p in mw.prompts(t, "test")]
     assert not {p.text for p in mw.all_prompts("train")} & {p.text for p in mw.all_prompts("test")}
 
 
 def test_test_prompts_recombine_attributes_seen_in_training():
-    train, test = mw.prompts("text", "train"), mw.prompts("text", "test")
-    assert all(len(p.spec["word"]) == 3 and p.text == f'the word "{p.spec["word"]}"' for p in train + test)
-    seen = {(pos, p.spec["word"][pos]) for p in train for pos in range(3)}
-    assert seen == set(itertools.product(range(3), mw.LETTERS))  # every letter-in-position is trained
-    assert {p.spec["word"] for p in train + test} == {"".join(w) for w in itertools.product(mw.LETTERS, repeat=3)}
+    for template, pattern in mw.WORD_PATTERNS.items():
+        train, test = mw.template_prompts("text", template, "train"), mw.template_prompts("text", template, "test")
+        alphabets = [mw.CONSONANTS if kind == "c" else mw.VOWELS for kind in pattern]
+        assert all(p.text == f'the word "{p.spec["word"]}"' for p in train + test)
+        assert {p.spec["word"] for p in train + test} == {"".join(w) for w in itertools.product(*alphabets)}
+        seen = {(pos, p.spec["word"][pos]) for p in train for pos in range(len(pattern))}
+        assert seen == {(pos, c) for pos, alphabet in enumerate(alphabets) for c in alphabet}  # all trained
+    assert set(mw.LETTERS) == set(mw.CONSONANTS + mw.VOWELS) and len(mw.LETTERS) == 12
+    single = {(o["colour"], o["shape"], o.get("size")) for p in mw.template_prompts("compose", "single", "train")
+              for o in p.spec["objects"]}
+    assert {c for c, _, _ in single} == set(mw.COLOURS) and {s for _, s, _ in single} == set(mw.SHAPES)
+    pairs = [p for split in mw.SPLITS for p in mw.template_prompts("compose", "pair", split)]
+    assert all(p.spec["objects"][0]["colour"] != p.spec["objects"][1]["colour"] and " and " in p.text for p in pairs)
 
     def triples(split):
         return {(o["colour"], o["shape"], o["count"]) for p in mw.template_prompts("compose", "count", split)
@@ -63,28 +75,52 @@ def test_render_shapes_and_background(size):
         assert (image < 128).any()  # something is drawn
 
 
-def test_render_jitters_compose_but_not_text():
-    compose, text = mw.prompts("compose", "train")[5], mw.prompts("text", "train")[5]
-    a = mw.render(compose, np.random.default_rng(0))
-    b = mw.render(compose, np.random.default_rng(1))
-    assert not np.array_equal(a, b)
-    assert np.array_equal(mw.render(compose, np.random.default_rng(0)), a)
-    assert np.array_equal(mw.render(text, np.random.default_rng(0)), mw.render(text, np.random.default_rng(1)))
+def test_render_jitters_layouts_and_words_deterministically():
+    for spec in (mw.prompts("compose", "train")[5], mw.prompts("text", "train")[5]):
+        a = mw.render(spec, np.random.default_rng(0))
+        assert not np.array_equal(a, mw.render(spec, np.random.default_rng(1)))
+        assert np.array_equal(mw.render(spec, np.random.default_rng(0)), a)
 
 
-def test_text_letters_sit_in_fixed_slots_inside_the_frame():
-    """Each letter is drawn in its own 10 px column slot (centres 6, 16, 26 at 32 px): changing one letter
-    changes pixels only in that slot, and no ink touches the frame's border."""
-    words = [p.spec["word"] for p in mw.prompts("text", "test")[::9]]
-    for word in words:
-        image = mw.render_word(word).astype(int)
-        ink = (255 - image).max(axis=2) > 40
-        assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), word
-        for pos, letter in itertools.product(range(3), mw.LETTERS):
-            other = word[:pos] + letter + word[pos + 1:]
-            changed = np.flatnonzero((np.abs(mw.render_word(other).astype(int) - image).max(axis=2) > 0).any(axis=0))
-            assert letter == word[pos] or changed.size, other
-            assert ((changed >= 1 + 10 * pos) & (changed < 11 + 10 * pos)).all(), (word, other)
+def _ink(image):
+    return (255 - image.astype(int)).max(axis=2) > 40
+
+
+def test_words_stay_inside_the_frame_at_any_offset():
+    rng = np.random.default_rng(0)
+    for size in (32, 48):
+        for spec in mw.prompts("text", "test") + mw.prompts("text", "train")[::7]:
+            ink = _ink(mw.render(spec, rng, size))
+            assert ink.any() and not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), spec
+    assert all(_ink(mw.render(spec, rng, 16)).any() for spec in mw.prompts("text", "test"))  # fits at 16 px too
+    left, right, up, down = word_slack("BUNU")
+    assert mw.render_word("BUNU", offset=(right, -up)).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="offset"):
+        mw.render_word("BUNU", offset=(right + 0.5, 0.0))
+
+
+def test_letters_are_proportionally_spaced():
+    """A letter's place depends on its neighbours' widths: widening the first letter (L -> H) moves the ink of
+    the last letter; centred words of different widths start at different columns."""
+    def columns(word):
+        return np.flatnonzero(_ink(mw.render_word(word)).any(axis=0))
+
+    narrow, wide = columns("LAT"), columns("HAT")
+    assert wide[0] < narrow[0] and wide[-1] > narrow[-1]  # the word grew on both sides (it stays centred)
+    last = np.flatnonzero(_ink(mw.render_word("LAT"))[:, -12:].any(axis=0))
+    assert not np.array_equal(last, np.flatnonzero(_ink(mw.render_word("HAT"))[:, -12:].any(axis=0)))
+    assert columns("BUNU")[-1] - columns("BUNU")[0] > columns("BUN")[-1] - columns("BUN")[0] + 4
+
+
+def test_single_objects_have_their_size():
+    rng = np.random.default_rng(4)
+    config = ComposeConfig()
+    for spec in mw.template_prompts("compose", "single", "train"):
+        size = spec.spec["objects"][0].get("size")
+        found = detect_objects(mw.render(spec, rng), config)
+        assert len(found) == 1
+        if size:
+            assert found[0].size == size, (spec.text, found)
 
 
 @pytest.mark.parametrize("relation", list(mw.RELATIONS))
