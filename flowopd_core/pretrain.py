@@ -8,7 +8,9 @@ linear warm-up, gradient-norm clipping, an EMA of the weights (diffusers ``EMAMo
 (1 + n) / (10 + n) to ``ema_decay``); the EMA weights are what is saved.
 
 Output folder ``out_dir``: ``pipeline/`` (a standard diffusers folder, safetensors), ``loss.png`` and
-``pretrain.json`` (resolved config, per-step losses, seconds).
+``pretrain.json`` (resolved config, per-step losses, seconds, snapshot steps); with ``snapshot_every = N > 0``
+also ``snapshots/step_NNNNN/`` every N steps before the last: the EMA weights at that step as a standard
+pipeline folder (to choose a pretraining budget afterwards). Snapshots do not change the training run.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class PretrainConfig:
         default=None, metadata={"help": "T5 tokens of the cached embeddings; None = the T5 tokenizer's length"}
     )
     log_every: int = field(default=50, metadata={"help": "steps between progress callbacks"})
+    snapshot_every: int = field(
+        default=0,
+        metadata={"help": "also save the EMA weights every this many steps as snapshots/step_NNNNN/ (a pipeline "
+                          "folder each); 0 = off"},
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.image_size < 1 or self.log_every < 1:
@@ -68,6 +75,8 @@ class PretrainConfig:
             raise ValueError("grad_clip must be >= 0, ema_decay and cfg_dropout in [0, 1)")
         if self.logit_std <= 0:
             raise ValueError("logit_std must be > 0")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
 
@@ -85,12 +94,32 @@ ProgressFn = Callable[[int, int, float], None]
 
 @dataclass
 class PretrainResult:
-    """steps: optimizer steps done; losses: per-step loss; seconds: training wall-clock; path: pipeline folder."""
+    """steps: optimizer steps done; losses: per-step loss; seconds: training wall-clock (snapshot saving
+    included); path: pipeline folder; snapshots: the snapshot pipeline folders, by step."""
 
     steps: int
     losses: list[float]
     seconds: float
     path: Path
+    snapshots: dict[int, Path] = field(default_factory=dict)
+
+
+def snapshot_dir(out_dir: str | Path, step: int) -> Path:
+    """Where :func:`pretrain` saves the snapshot of optimizer step ``step``: ``out_dir/snapshots/step_NNNNN``."""
+    return Path(out_dir) / "snapshots" / f"step_{step:05d}"
+
+
+def _save_snapshot(pipe: StableDiffusion3Pipeline, params: list[torch.nn.Parameter], ema: EMAModel | None,
+                   path: Path) -> None:
+    """Save the pipeline with the EMA weights swapped in (the training weights are restored bit-exactly)."""
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        pipe.save_pretrained(path, safe_serialization=True)
+    finally:
+        if ema is not None:
+            ema.restore(params)
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -196,6 +225,7 @@ def pretrain(
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
 
     losses: list[float] = []
+    snapshots: dict[int, Path] = {}
     start = time.perf_counter()
     budget = config.minutes * 60.0
     for step in range(1, config.steps + 1):
@@ -220,6 +250,9 @@ def pretrain(
             ema.step(params)
         losses.append(loss.item())
         done = step == config.steps or (budget > 0 and time.perf_counter() - start >= budget)
+        if config.snapshot_every and step % config.snapshot_every == 0 and not done:
+            snapshots[step] = snapshot_dir(out_dir, step)
+            _save_snapshot(pipe, params, ema, snapshots[step])
         if progress is not None and (step % config.log_every == 0 or done):
             progress(step, config.steps, losses[-1])
         if done:
@@ -233,6 +266,7 @@ def pretrain(
     path = out_dir / "pipeline"
     pipe.save_pretrained(path, safe_serialization=True)
     save_loss_plot(losses, out_dir / "loss.png")
-    record = {"config": dataclasses.asdict(config), "steps": len(losses), "seconds": seconds, "losses": losses}
+    record = {"config": dataclasses.asdict(config), "steps": len(losses), "seconds": seconds,
+              "snapshots": sorted(snapshots), "losses": losses}
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=1))
-    return PretrainResult(steps=len(losses), losses=losses, seconds=seconds, path=path)
+    return PretrainResult(steps=len(losses), losses=losses, seconds=seconds, path=path, snapshots=snapshots)

@@ -42,6 +42,7 @@ _PRETRAIN_INPUTS = config_inputs(
     logit_std={"min": 0.01, "max": 5.0},
     seed={"min": 0, "max": 2**31 - 1},
     log_every=_BIG,
+    snapshot_every={"min": 0, "max": 10**7},
 )
 
 
@@ -52,7 +53,8 @@ class PretrainMiniWorld(Node):
     DESCRIPTION = (
         "Builds a tiny SD3-architecture pipeline offline (tiny CLIP/T5 encoders, SD3 transformer, pixel space by "
         "default) and pretrains it on the mini-world's train prompts with the rectified-flow loss. Writes a "
-        "standard diffusers pipeline folder (EMA weights) and a loss curve."
+        "standard diffusers pipeline folder (EMA weights) and a loss curve; with snapshot_every > 0 also the EMA "
+        "weights every that many steps as pipeline folders snapshots/step_NNNNN/ among its artifacts."
     )
     INPUTS = _TINY_INPUTS + _PRETRAIN_INPUTS
     OUTPUTS = (

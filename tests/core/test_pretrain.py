@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.pipeline import TextEmbeddingCache, encode_images, load_pipeline
-from flowopd_core.pretrain import PretrainConfig, flow_matching_loss, pretrain, sample_times
+from flowopd_core.pretrain import PretrainConfig, flow_matching_loss, pretrain, sample_times, snapshot_dir
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 
@@ -117,3 +118,25 @@ def test_saved_weights_are_the_ema(tmp_path):
 def test_wrong_image_size_is_reported(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares, _fast(image_size=8), tmp_path)
+
+
+def test_snapshots_save_the_ema_weights_and_leave_the_run_unchanged(tmp_path):
+    config = _fast(steps=7, ema_decay=0.5, lr_schedule="constant")
+    plain = pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares, config, tmp_path / "plain")
+    snap = pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares,
+                    dataclasses.replace(config, snapshot_every=3), tmp_path / "snap")
+    assert snap.losses == plain.losses  # saving snapshots does not perturb training
+    final = load_pipeline(snap.path).transformer.state_dict()
+    reference = load_pipeline(plain.path).transformer.state_dict()
+    assert all(torch.equal(final[k], reference[k]) for k in final)
+    assert sorted(snap.snapshots) == [3, 6] and snap.snapshots[3] == snapshot_dir(tmp_path / "snap", 3)
+    assert snap.snapshots[3].name == "step_00003" and (snap.snapshots[3] / "model_index.json").is_file()
+    assert json.loads((tmp_path / "snap" / "pretrain.json").read_text())["snapshots"] == [3, 6]
+    # the step-3 snapshot holds the EMA weights of the same run stopped after 3 steps (constant schedule)
+    short = pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares, dataclasses.replace(config, steps=3),
+                     tmp_path / "short")
+    three, stopped = (load_pipeline(p).transformer.state_dict() for p in (snap.snapshots[3], short.path))
+    assert all(torch.equal(three[k], stopped[k]) for k in three)
+    assert any(not torch.equal(three[k], final[k]) for k in three)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        PretrainConfig(snapshot_every=-1)
