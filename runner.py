@@ -5,9 +5,11 @@
     python runner.py run GRAPH.yaml ...            (same as above)
     python runner.py validate GRAPH.yaml [--set ...]
     python runner.py list-nodes [--json]
-    python runner.py export GRAPH.yaml --comfy-api OUT.json
+    python runner.py export GRAPH.yaml [--comfy-api OUT.json] [--comfy-workflow OUT.json]
+    python runner.py import COMFY.json [-o OUT.yaml]
     python runner.py serve-reward NAME [--port P] [--host 127.0.0.1] [--set FIELD=VALUE ...]
 
+GRAPH may also be a ComfyUI API or UI-workflow JSON file (as exported, or saved from the canvas).
 Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran).
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "requires torchvision" notices on import
 
-COMMANDS = ("run", "validate", "list-nodes", "export", "serve-reward")
+COMMANDS = ("run", "validate", "list-nodes", "export", "import", "serve-reward")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def graph_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("graph", type=Path, help="graph file (YAML)")
+        p.add_argument("graph", type=Path, help="graph file (YAML, or ComfyUI API / UI-workflow JSON)")
         p.add_argument(
             "--set",
             dest="overrides",
@@ -55,7 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="convert a graph to ComfyUI formats")
     graph_args(exp)
-    exp.add_argument("--comfy-api", type=Path, required=True, metavar="OUT.json", help="write ComfyUI API-format JSON")
+    exp.add_argument("--comfy-api", type=Path, metavar="OUT.json", help="write ComfyUI API-format JSON (POST /prompt)")
+    exp.add_argument(
+        "--comfy-workflow", type=Path, metavar="OUT.json", help="write a ComfyUI UI workflow (load it on the canvas)"
+    )
+    imp = sub.add_parser("import", help="convert a ComfyUI API or UI-workflow JSON file to a YAML graph")
+    imp.add_argument("json", type=Path, help="ComfyUI JSON file")
+    imp.add_argument("-o", "--output", type=Path, metavar="OUT.yaml", help="write here (default: print it)")
+    imp.add_argument("--name", help="graph name (default: the one stored in the file, else the file's stem)")
     srv = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (JSON protocol, PNG images)")
     srv.add_argument("name", help="reward name (see flowopd_core.rewards: REWARDS and REAL_REWARDS)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no authentication)")
@@ -91,10 +100,39 @@ def _load(path: Path, overrides: list[str]):
     from flowopd_nodes.graph import apply_overrides, load_graph_file
     from flowopd_nodes.validate import validate
 
-    graph = load_graph_file(path)
+    if path.suffix.lower() == ".json":
+        from flowopd_nodes.comfy_format import load_comfy_file
+
+        graph = load_comfy_file(path)
+    else:
+        graph = load_graph_file(path)
     if overrides:
         apply_overrides(graph, overrides)
     return validate(graph)
+
+
+def _import(args: argparse.Namespace) -> int:
+    """ComfyUI JSON -> YAML graph; the result is validated before it is written (exit 2 and nothing written if not)."""
+    from flowopd_nodes.comfy_format import graph_to_yaml, load_comfy_file
+    from flowopd_nodes.errors import GraphValidationError
+    from flowopd_nodes.validate import validate
+
+    out_dir = (args.output.parent if args.output else Path.cwd()).resolve()
+    try:
+        graph = load_comfy_file(args.json, yaml_dir=out_dir)
+        if args.name:
+            graph.name = args.name
+        validate(graph)
+    except GraphValidationError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    text = graph_to_yaml(graph)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
 
 
 def _list_nodes(as_json: bool) -> int:
@@ -150,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowopd_nodes.errors import GraphValidationError, NodeExecutionError
 
+    if args.command == "import":
+        return _import(args)
+    if args.command == "export" and not (args.comfy_api or args.comfy_workflow):
+        print("error: export needs --comfy-api OUT.json and/or --comfy-workflow OUT.json", file=sys.stderr)
+        return 2
     try:
         valid = _load(args.graph, args.overrides)
     except GraphValidationError as exc:
@@ -163,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.graph}: valid ({len(valid.nodes)} nodes, {len(valid.order)} to run)")
         return 0
     if args.command == "export":
-        from flowopd_nodes.comfy_format import to_api_prompt
+        from flowopd_nodes.comfy_format import to_api_prompt, to_workflow
 
-        args.comfy_api.write_text(json.dumps(to_api_prompt(valid), indent=2), encoding="utf-8")
-        print(f"wrote {args.comfy_api}")
+        for out, make in ((args.comfy_api, to_api_prompt), (args.comfy_workflow, to_workflow)):
+            if out is not None:
+                out.write_text(json.dumps(make(valid), indent=2), encoding="utf-8")
+                print(f"wrote {out}")
         return 0
 
     from flowopd_nodes.scheduler import run_graph

@@ -221,35 +221,45 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
 # --- validation ---------------------------------------------------------------------------------------------
 
 
+def _overrides(cls: type[Node], name: str) -> bool:
+    return getattr(getattr(cls, name), "__func__", None) is not getattr(Node, name).__func__
+
+
 def has_custom_checks(cls: type[Node]) -> bool:
-    """Nodes whose widget values need more than ComfyUI's own checks: path inputs, cross-field checks."""
-    return any(p.path for p in cls.INPUTS) or getattr(cls.check_params, "__func__", None) is not Node.check_params.__func__
+    """Nodes whose inputs need more than ComfyUI's own checks: path inputs, cross-field or link checks."""
+    return any(p.path for p in cls.INPUTS) or _overrides(cls, "check_params") or _overrides(cls, "check_links")
 
 
 def validate_widgets(cls: type[Node], given: dict[str, Any]) -> list[str]:
-    """Every problem of the widget values ComfyUI validates (``given``: the constant inputs it passes).
+    """Every problem of the inputs ComfyUI validates, as messages (empty = fine).
 
-    Each value is checked against its port (type, range, choices, existing path); the node's cross-field
-    ``check_params`` runs when every widget holds a constant (a linked widget's value is known only at run).
+    ``given`` is what ComfyUI passes to ``VALIDATE_INPUTS``: constants by value, linked inputs as None (their
+    values exist only at run time). Each constant is checked against its port (type, range, choices,
+    existing path); the node's ``check_params`` and ``check_links`` run when no widget is linked, as the
+    runner runs them.
     """
     problems: list[str] = []
     params: dict[str, Any] = {}
+    linked = frozenset(name for name, value in given.items() if value is None and cls.input(name) is not None)
     complete = True
     for port in cls.INPUTS:
         if not port.is_widget:
             continue
-        if port.name in given:
+        if port.name in linked:
+            complete = False  # the value comes from another node: known at run time
+        elif port.name in given:
             value, issues = check_value(port, given[port.name], "", cls.NODE_ID, ROOT)
             problems += [f"{port.name}: {i.message} [{i.type}]" for i in issues]
             params[port.name] = value
         elif port.default is not REQUIRED:
-            complete = False  # absent: linked to another node's output (or an older workflow): known at run time
+            params[port.name] = _resolve_path(port.default) if port.path and port.default else port.default
         elif port.optional:
             params[port.name] = None
         else:
             complete = False
     if not problems and complete:
-        problems += [f"{field or 'node'}: {message} [custom_validation_failed]" for field, message in cls.check_params(params)]
+        checks = [*cls.check_params(dict(params)), *cls.check_links(dict(params), linked)]
+        problems += [f"{field or 'node'}: {message} [custom_validation_failed]" for field, message in checks]
     return problems
 
 
@@ -275,6 +285,21 @@ def _is_changed(cls: type[Node], **given: Any) -> str:
 # --- the ComfyUI classes ------------------------------------------------------------------------------------
 
 
+def _decimals(x: float) -> int:
+    text = f"{x:.10f}".rstrip("0")
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def float_step(opts: dict[str, Any]) -> float:
+    """A FLOAT widget's step for the canvas, fine enough to show the default and the bounds exactly.
+
+    The frontend shows (and rounds what is typed to) as many decimals as the step has, 0.5 when none is
+    given: a learning rate of 0.0003 would read 0.0. One decimal finer than the finest of default/min/max.
+    """
+    digits = max(_decimals(float(opts[k])) for k in ("default", "min", "max") if k in opts) if opts else 0
+    return 10.0 ** -min(max(digits + 1, 2), 8)
+
+
 def comfy_input_types(cls: type[Node]) -> dict[str, dict[str, tuple]]:
     """``cls.INPUT_TYPES()`` plus the hidden node id; INT widgets get ``control_after_generate: False`` (the
     frontend would otherwise add a "randomize after each run" control to every input named ``seed``)."""
@@ -283,6 +308,8 @@ def comfy_input_types(cls: type[Node]) -> dict[str, dict[str, tuple]]:
         for name, (kind, opts) in list(spec.get(section, {}).items()):
             if kind == "INT":
                 spec[section][name] = (kind, {**opts, "control_after_generate": False})
+            elif kind == "FLOAT" and "step" not in opts:
+                spec[section][name] = (kind, {**opts, "step": float_step(opts)})
     spec["hidden"] = {"unique_id": "UNIQUE_ID"}
     return spec
 

@@ -84,6 +84,10 @@ def test_input_types_have_comfyui_shape(cls):
             assert kind in PRIMITIVES or kind.startswith("FLOWOPD_") or kind == "IMAGE"
             if kind == "INT":
                 assert opts["control_after_generate"] is False  # seeds stay as set: no "randomize" control
+            if kind == "FLOAT":  # the canvas shows and rounds to the step's decimals: default and bounds survive
+                decimals = len(f"{opts['step']:.10f}".rstrip("0").split(".")[1])
+                for key in ("default", "min", "max"):
+                    assert round(opts[key], decimals) == opts[key], (name, key, opts)
             if kind in ("INT", "FLOAT") and "default" in opts:
                 default = opts["default"]
                 assert opts.get("min", -math.inf) <= default <= opts.get("max", math.inf), name
