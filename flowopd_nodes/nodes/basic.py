@@ -39,11 +39,16 @@ class PromptFile(Node):
         In("format", "COMBO", "auto", "file format: auto = by extension (.jsonl/.ndjson -> jsonl)", choices=("auto", "txt", "jsonl")),
         In("default_task", "STRING", "", "task tag for prompts that carry none"),
         In("limit", "INT", 0, "keep only the first N prompts (0 = all)", min=0, max=1_000_000),
+        In("task", "STRING", "", "keep only the prompts of this task tag ('' = all), before the limit"),
     )
     OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
 
-    def run(self, path: str, format: str, default_task: str, limit: int) -> tuple[PromptSet]:
+    def run(self, path: str, format: str, default_task: str, limit: int, task: str) -> tuple[PromptSet]:
         prompts = load_prompt_file(path, default_task=default_task, format=format)
+        if task:
+            if task not in prompts.tasks:
+                raise ValueError(f"no prompt of task {task!r} in {path} (tasks there: {list(prompts.tasks)})")
+            prompts = prompts.by_task(task)
         return (prompts.head(limit) if limit else prompts,)
 
 
