@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a graph; print every problem")
     graph_args(val)
     val.add_argument("--json", action="store_true", help="print problems as ComfyUI-style node_errors JSON")
+    val.add_argument("--no-file-check", action="store_true",
+                     help="do not require the files the graph names to exist here (a graph for a cluster)")
 
     ls = sub.add_parser("list-nodes", help="list registered nodes with their ports")
     ls.add_argument("--json", action="store_true", help="machine-readable (ComfyUI object_info-like)")
@@ -96,7 +98,7 @@ def _serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: Path, overrides: list[str]):
+def _load(path: Path, overrides: list[str], check_files: bool = True):
     from flowopd_nodes.graph import apply_overrides, load_graph_file
     from flowopd_nodes.validate import validate
 
@@ -108,7 +110,7 @@ def _load(path: Path, overrides: list[str]):
         graph = load_graph_file(path)
     if overrides:
         apply_overrides(graph, overrides)
-    return validate(graph)
+    return validate(graph, check_files=check_files)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: export needs --comfy-api OUT.json and/or --comfy-workflow OUT.json", file=sys.stderr)
         return 2
     try:
-        valid = _load(args.graph, args.overrides)
+        valid = _load(args.graph, args.overrides, check_files=not getattr(args, "no_file_check", False))
     except GraphValidationError as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": {"type": "prompt_outputs_failed_validation"}, "node_errors": exc.node_errors()}, indent=2))
