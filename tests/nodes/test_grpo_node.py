@@ -56,3 +56,11 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] == b[key]).all(), key
+    # TensorBoard has every epoch once, the restored ones included
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(resumed / "nodes" / "teacher" / "tensorboard"))
+    board.Reload()
+    assert "grpo/reward" in board.Tags()["scalars"] and "grpo/reward_mean/compose" in board.Tags()["scalars"]
+    assert sorted({e.step for e in board.Scalars("grpo/reward")}) == [0, 1, 2]
+    assert [e.value for e in board.Scalars("grpo/loss")][-1] == pytest.approx(history[-1]["loss"])
