@@ -63,10 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--comfy-workflow", type=Path, metavar="OUT.json", help="write a ComfyUI UI workflow (load it on the canvas)"
     )
+    exp.add_argument("--no-file-check", action="store_true",
+                     help="do not require the files a graph names to exist here (a cluster graph)")
     imp = sub.add_parser("import", help="convert a ComfyUI API or UI-workflow JSON file to a YAML graph")
     imp.add_argument("json", type=Path, help="ComfyUI JSON file")
     imp.add_argument("-o", "--output", type=Path, metavar="OUT.yaml", help="write here (default: print it)")
     imp.add_argument("--name", help="graph name (default: the one stored in the file, else the file's stem)")
+    imp.add_argument("--no-file-check", action="store_true",
+                     help="do not require the files the graph names to exist here (a cluster graph)")
     srv = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (JSON protocol, PNG images)")
     srv.add_argument("name", help="reward name (see flowopd_core.rewards: REWARDS and REAL_REWARDS)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no authentication)")
@@ -124,7 +128,7 @@ def _import(args: argparse.Namespace) -> int:
         graph = load_comfy_file(args.json, yaml_dir=out_dir)
         if args.name:
             graph.name = args.name
-        validate(graph)
+        validate(graph, check_files=not args.no_file_check)
     except GraphValidationError as exc:
         print(exc, file=sys.stderr)
         return 2

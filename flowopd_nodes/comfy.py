@@ -15,8 +15,9 @@ ComfyUI gets, for each registered node, a thin subclass (same id, ports, display
   under inference mode are cloned into ordinary tensors first;
 - every PNG a node writes at the top of its artifact folder is shown on the node (``{"ui": {"images": ...}}``).
 
-Widget values are checked like the runner checks them (``VALIDATE_INPUTS`` on nodes with path inputs or
-cross-field checks); relative paths typed on the canvas resolve against the repository root.
+ComfyUI checks each value's type, range and choices itself; ``VALIDATE_INPUTS`` (nodes with path inputs)
+adds that the file exists and the node's own checks of it; cross-field and link checks run as the node
+starts. Relative paths typed on the canvas resolve against the repository root.
 Without ComfyUI (tests, the runner) everything here still works: no progress bar, no events, and artifacts
 under ``$FLOWOPD_COMFY_OUTPUT`` (default ``<repo>/runs/comfy``).
 """
@@ -179,6 +180,9 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
     cls = type(node).RUNNER_CLASS
     node_id = str(unique_id) if unique_id is not None else cls.NODE_ID
     inputs = complete_inputs(cls, given)
+    problems = run_checks(cls, inputs)
+    if problems:  # before any work or folder: what the runner reports at validation
+        raise ValueError(f"{cls.NODE_ID} (node {node_id}): " + "; ".join(problems))
     key = call_key(cls, inputs)
     root = output_root()
     folder = _folder_name(node_id, cls)
@@ -219,54 +223,55 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
 
 
 # --- validation ---------------------------------------------------------------------------------------------
+# ComfyUI checks types, ranges and choices itself, input by input, for every input that VALIDATE_INPUTS does
+# not take; an input VALIDATE_INPUTS takes is checked only there and any failure is reported on each input it
+# takes. So VALIDATE_INPUTS takes exactly the path inputs (does the file exist, and the node's own checks about
+# them, e.g. "a diffusers folder"); cross-field and link checks need every value and run when the node starts.
 
 
 def _overrides(cls: type[Node], name: str) -> bool:
     return getattr(getattr(cls, name), "__func__", None) is not getattr(Node, name).__func__
 
 
-def has_custom_checks(cls: type[Node]) -> bool:
-    """Nodes whose inputs need more than ComfyUI's own checks: path inputs, cross-field or link checks."""
-    return any(p.path for p in cls.INPUTS) or _overrides(cls, "check_params") or _overrides(cls, "check_links")
-
-
-def validate_widgets(cls: type[Node], given: dict[str, Any]) -> list[str]:
-    """Every problem of the inputs ComfyUI validates, as messages (empty = fine).
-
-    ``given`` is what ComfyUI passes to ``VALIDATE_INPUTS``: constants by value, linked inputs as None (their
-    values exist only at run time). Each constant is checked against its port (type, range, choices,
-    existing path); the node's ``check_params`` and ``check_links`` run when no widget is linked, as the
-    runner runs them.
-    """
+def path_problems(cls: type[Node], given: dict[str, Any]) -> list[str]:
+    """Problems of the path inputs in ``given`` (constants; a linked one arrives as None and is skipped)."""
     problems: list[str] = []
-    params: dict[str, Any] = {}
-    linked = frozenset(name for name, value in given.items() if value is None and cls.input(name) is not None)
-    complete = True
+    params = {p.name: p.default for p in cls.INPUTS if p.is_widget and p.default is not REQUIRED}
+    checked = set()
     for port in cls.INPUTS:
-        if not port.is_widget:
-            continue
-        if port.name in linked:
-            complete = False  # the value comes from another node: known at run time
-        elif port.name in given:
+        if port.path and given.get(port.name) is not None:
             value, issues = check_value(port, given[port.name], "", cls.NODE_ID, ROOT)
-            problems += [f"{port.name}: {i.message} [{i.type}]" for i in issues]
+            problems += [f"{i.message} [{i.type}]" for i in issues]
             params[port.name] = value
-        elif port.default is not REQUIRED:
-            params[port.name] = _resolve_path(port.default) if port.path and port.default else port.default
-        elif port.optional:
-            params[port.name] = None
-        else:
-            complete = False
-    if not problems and complete:
-        checks = [*cls.check_params(dict(params)), *cls.check_links(dict(params), linked)]
-        problems += [f"{field or 'node'}: {message} [custom_validation_failed]" for field, message in checks]
+            checked.add(port.name)
+    if not problems and checked and _overrides(cls, "check_params"):
+        try:  # the node's own checks, kept to those about the inputs checked here (others are defaults now)
+            problems += [message for field, message in cls.check_params(params) if field in checked]
+        except (KeyError, TypeError, ValueError):
+            pass  # a check that needs values this call does not have: it runs again when the node starts
     return problems
 
 
-def _validate_inputs(cls: type[Node], **given: Any) -> bool | str:
-    given.pop("unique_id", None)
-    problems = validate_widgets(cls.RUNNER_CLASS, given)
+def run_checks(cls: type[Node], inputs: dict[str, Any]) -> list[str]:
+    """The node's cross-field and link checks on the values of one call (as the runner runs them at validation)."""
+    params = {p.name: inputs.get(p.name) for p in cls.INPUTS if p.is_widget}
+    linked = frozenset(p.name for p in cls.INPUTS if not p.is_widget and inputs.get(p.name) is not None)
+    checks = [*cls.check_params(dict(params)), *cls.check_links(dict(params), linked)]
+    return [f"{field or 'node'}: {message}" for field, message in checks]
+
+
+def _validate_paths(cls: type[Node], **given: Any) -> bool | str:
+    problems = path_problems(cls.RUNNER_CLASS, given)
     return True if not problems else "; ".join(problems)
+
+
+def _with_signature(func: Any, names: list[str]) -> Any:
+    """``func`` advertising ``(cls, <names>)``: ComfyUI reads the signature to know which inputs it takes."""
+    import inspect
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    func.__signature__ = inspect.Signature([inspect.Parameter("cls", kind)] + [inspect.Parameter(n, kind, default=None) for n in names])
+    return func
 
 
 def _is_changed(cls: type[Node], **given: Any) -> str:
@@ -325,9 +330,10 @@ def adapt(cls: type[Node]) -> type[Node]:
         "INPUT_TYPES": classmethod(lambda c: comfy_input_types(cls)),
         "execute": execute,
     }
-    if has_custom_checks(cls):
-        attrs["VALIDATE_INPUTS"] = classmethod(_validate_inputs)
-    if any(p.path for p in cls.INPUTS):
+    paths = [p.name for p in cls.INPUTS if p.path]
+    if paths:
+        validate = _with_signature(lambda c, **given: _validate_paths(c, **given), paths)
+        attrs["VALIDATE_INPUTS"] = classmethod(validate)
         attrs["IS_CHANGED"] = classmethod(_is_changed)
     return type(f"Comfy{cls.__name__}", (cls,), attrs)
 

@@ -34,6 +34,7 @@ from flowopd_nodes.validate import ValidGraph
 ROOT = Path(__file__).resolve().parents[1]  # relative paths in ComfyUI JSON are relative to the repository root
 WORKFLOW_VERSION = 0.4
 COLUMN_WIDTH, COLUMN_GAP, ROW_GAP, MARGIN = 320, 90, 40, 40
+PREVIEW_ROOM = 240  # height kept free under a node that shows images after a run
 NOTE_TYPES = {"Note", "MarkdownNote"}
 MODE_MUTED, MODE_BYPASS = 2, 4
 
@@ -88,11 +89,14 @@ def _widget_ports(cls: type[Node]) -> list[In]:
 
 
 def _node_size(cls: type[Node]) -> list[int]:
-    """About the size ComfyUI's frontend gives the node (title, slot rows, widget rows)."""
+    """About the size ComfyUI's frontend gives the node (title, slot rows, widget rows), plus room for the
+    preview images a node that writes files shows once it has run (so previews do not cover the next node)."""
     wires = sum(1 for p in cls.INPUTS if not p.is_widget)
     widgets = _widget_ports(cls)
     rows = max(wires, len(cls.OUTPUTS))
     height = 30 + rows * 22 + sum(80 if p.multiline else 24 for p in widgets) + 10
+    if cls.OUTPUT_NODE or any(o.type == "FLOWOPD_FILE" for o in cls.OUTPUTS):
+        height += PREVIEW_ROOM
     return [COLUMN_WIDTH, height]
 
 

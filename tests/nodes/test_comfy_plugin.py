@@ -101,19 +101,28 @@ def test_input_types_have_comfyui_shape(cls):
                 assert "default" not in opts  # wire inputs are links only
 
 
-def test_validate_inputs_checks_paths_ranges_and_cross_field_rules():
+def test_validate_inputs_takes_the_path_inputs_only():
+    import inspect
+
     load_model = comfy.NODE_CLASS_MAPPINGS["FlowOPDLoadModel"]
-    assert load_model.VALIDATE_INPUTS(path="models/miniworld", dtype="float32", device="auto", label="b", unique_id="1")
-    problem = load_model.VALIDATE_INPUTS(path="no/such/folder", dtype="float32", device="auto", label="b")
-    assert isinstance(problem, str) and "file_not_found" in problem
-    assert "value_not_in_list" in load_model.VALIDATE_INPUTS(path="models/miniworld", dtype="float64", device="auto", label="b")
+    # ComfyUI reads this signature: the inputs listed are checked here, every other one by ComfyUI itself.
+    assert inspect.getfullargspec(load_model.VALIDATE_INPUTS).args == ["cls", "path"]
+    assert inspect.getfullargspec(load_model.VALIDATE_INPUTS).varkw is None
+    assert load_model.VALIDATE_INPUTS(path="models/miniworld") is True  # relative to the repository root
+    assert "file_not_found" in load_model.VALIDATE_INPUTS(path="no/such/folder")
+    assert "not a diffusers pipeline folder" in load_model.VALIDATE_INPUTS(path="graphs")  # the node's own check
+    assert load_model.VALIDATE_INPUTS(path=None) is True  # linked: known at run time
+    for cls in comfy.COMFY_NODES:
+        assert hasattr(cls, "VALIDATE_INPUTS") == any(p.path for p in cls.INPUTS), cls.NODE_ID
+
+
+def test_cross_field_checks_refuse_a_call_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWOPD_COMFY_OUTPUT", str(tmp_path))
     grpo = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOTrainer"]
-    widgets = {p.name: p.default for p in grpo.INPUTS if p.is_widget}
-    assert grpo.VALIDATE_INPUTS(**widgets) is True
-    assert "unknown reward 'nope'" in grpo.VALIDATE_INPUTS(**{**widgets, "rewards": "nope"})
-    assert "value_bigger_than_max" in grpo.VALIDATE_INPUTS(**{**widgets, "lr": 2.0})
-    # Nodes without custom checks leave every check to ComfyUI (its own node_errors types).
-    assert not hasattr(comfy.NODE_CLASS_MAPPINGS["FlowOPDSample"], "VALIDATE_INPUTS")
+    model = ModelRef(str(ROOT / "models" / "miniworld"))
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        grpo().execute(unique_id="3", model=model, prompts=prompt_set("text", "train", 2, 0), rewards="nope")
+    assert not (tmp_path / "flowopd").exists()  # refused before any folder was made
 
 
 class Interrupted(Exception):
