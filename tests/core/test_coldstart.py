@@ -21,14 +21,6 @@ PROMPTS = PromptSet((
 ))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pool():
     pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
     policy = Policy(pipe.transformer)

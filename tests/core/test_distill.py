@@ -22,14 +22,6 @@ PROMPTS = PromptSet((
 ))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pool(anchor: str | None = None, scale: float = 1.0):
     """Tiny pipeline + a policy with two random (non-zero) teacher adapters on one base."""
     pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)

@@ -29,15 +29,6 @@ TEXTS = ("a red circle", "two blue squares", "a green triangle")
 PROMPTS = PromptSet(tuple(PromptSpec(text, task="compose") for text in TEXTS))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on a shared 2-core machine oversubscribe it (10x slower); results are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Brightness:
     """Mean pixel value (``sign`` = -1: darkness shifted to stay positive)."""
 

@@ -3,7 +3,6 @@ teachers as adapters, merges, GRPO and OPD epochs run on a tiny SD3.5-shaped tra
 
 from __future__ import annotations
 
-import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
@@ -16,14 +15,6 @@ from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
 
 PROMPTS = PromptSet((PromptSpec("a red circle", task="compose"), PromptSpec('the word "ACE"', task="text")))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sd35_pipeline():
