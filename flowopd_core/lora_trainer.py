@@ -11,9 +11,7 @@ uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
+from flowopd_core.checkpoint import read_checkpoint, write_checkpoint
 from flowopd_core.ema import EMA
 from flowopd_core.pipeline import TextEmbeddingCache, TextEmbeddings, velocity
 from flowopd_core.policy import LoraSpec, Policy
@@ -212,31 +212,30 @@ class LoraTrainer:
 
 
 
+def state_files(state: TrainerState) -> dict[str, bytes]:
+    """``state`` as checkpoint files: ``trainer_state.safetensors`` (tensors) and ``trainer_state.json`` (meta)."""
+    tensors = {k: v.contiguous() for k, v in state.tensors.items()}
+    return {
+        STATE_TENSORS: safetensors_save(tensors, metadata={"format": "pt"}),
+        STATE_META: json.dumps(state.meta, indent=1).encode(),
+    }
+
+
+def state_from_files(files: Mapping[str, bytes]) -> TrainerState:
+    """The inverse of :func:`state_files` (extra files are ignored)."""
+    missing = [name for name in (STATE_TENSORS, STATE_META) if name not in files]
+    if missing:
+        raise KeyError(f"not a trainer state: {missing} missing")
+    return TrainerState(tensors=safetensors_load(files[STATE_TENSORS]), meta=json.loads(files[STATE_META]))
+
+
 def save_trainer_state(state: TrainerState, directory: str | Path) -> Path:
-    """Write ``state`` as ``trainer_state.safetensors`` + ``trainer_state.json`` into ``directory`` atomically
-    (written to ``directory.tmp`` first, then renamed; an existing ``directory`` is replaced)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.tensors.items()}, tmp / STATE_TENSORS, metadata={"format": "pt"})
-    (tmp / STATE_META).write_text(json.dumps(state.meta, indent=1))
-    for path in (tmp / STATE_TENSORS, tmp / STATE_META):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    return directory
+    """Write ``state`` into the checkpoint folder ``directory`` (atomic, with a verified manifest: see
+    :mod:`flowopd_core.checkpoint`); an existing ``directory`` is replaced."""
+    return write_checkpoint(directory, state_files(state), epoch=int(state.meta.get("epoch", 0)))
 
 
 def load_trainer_state(directory: str | Path) -> TrainerState:
-    """Read a state written by :func:`save_trainer_state`."""
-    directory = Path(directory)
-    for name in (STATE_TENSORS, STATE_META):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"no trainer state at {str(directory)!r}: {name} is missing")
-    meta = json.loads((directory / STATE_META).read_text())
-    return TrainerState(tensors=load_file(directory / STATE_TENSORS), meta=meta)
-
-
+    """Read and verify a state written by :func:`save_trainer_state` (raises
+    :class:`~flowopd_core.checkpoint.CheckpointError` for a broken or partial one)."""
+    return state_from_files(read_checkpoint(directory).files)

@@ -70,6 +70,8 @@ class GRPOTrainerNode(Node):
         In("reward_servers", "STRING", "", SERVERS_HELP),
         In("label", "STRING", "teacher", "name of the adapter in reports"),
         In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
+        In("keep_checkpoints", "INT", 2, "checkpoints kept (the newest); a broken one is skipped on resume",
+           min=1, max=10**4),
         *_GRPO_INPUTS,
     )
     OUTPUTS = (
@@ -95,7 +97,7 @@ class GRPOTrainerNode(Node):
 
     def run(
         self, model: ModelRef, prompts: PromptSet, rewards: str, reward_servers: str, label: str,
-        checkpoint_every: int, **values
+        checkpoint_every: int, keep_checkpoints: int, **values
     ) -> tuple:
         servers = parse_servers(reward_servers)
         weights = parse_reward_weights(rewards, servers)
@@ -112,7 +114,7 @@ class GRPOTrainerNode(Node):
             return entry
 
         history = train_resumable(trainer, "grpo", label, checkpoint_every, record,
-                                  ("epoch", "reward", "loss", "kl", "clip_fraction"))
+                                  ("epoch", "reward", "loss", "kl", "clip_fraction"), keep=keep_checkpoints)
         adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
         (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
         curves = plot_curves(history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})")

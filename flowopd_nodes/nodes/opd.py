@@ -260,6 +260,8 @@ class DistillerNode(Node):
         In("reward_servers", "STRING", "", SERVERS_HELP),
         In("label", "STRING", "flow-opd", "name of the student in reports"),
         In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
+        In("keep_checkpoints", "INT", 2, "checkpoints kept (the newest); a broken one is skipped on resume",
+           min=1, max=10**4),
         *_OPD_INPUTS,
     )
     OUTPUTS = (
@@ -285,7 +287,8 @@ class DistillerNode(Node):
         return []
 
     def run(self, student: ModelRef, teachers: TeacherRefs, prompts: PromptSet,
-            log_rewards: str, reward_servers: str, label: str, checkpoint_every: int, anchor: ModelRef | None = None,
+            log_rewards: str, reward_servers: str, label: str, checkpoint_every: int, keep_checkpoints: int,
+            anchor: ModelRef | None = None,
             **values) -> tuple:
         ctx = context.current()
         config = build_config(OPDConfig, {**values, "route": teachers.route, "task_weights": teachers.task_weights})
@@ -309,7 +312,7 @@ class DistillerNode(Node):
             return entry
 
         history = train_resumable(trainer, "opd", label, checkpoint_every, record,
-                                  ("epoch", "kl", "anchor_kl", "loss", "grad_norm"))
+                                  ("epoch", "kl", "anchor_kl", "loss", "grad_norm"), keep=keep_checkpoints)
         adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
         (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
         extra = sorted(k for k, v in history[-1].items() if k.startswith(("kl_", "reward_")) and isinstance(v, float))

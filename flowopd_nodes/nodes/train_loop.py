@@ -9,9 +9,11 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from flowopd_core.lora_trainer import LoraTrainer, load_trainer_state, save_trainer_state
+from flowopd_core.checkpoint import CheckpointStore
+from flowopd_core.lora_trainer import LoraTrainer, state_files, state_from_files
 from flowopd_nodes import context
 
+HISTORY = "history.json"
 
 def _scalars(entry: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a history entry, nested dicts flattened as ``key/name``."""
@@ -31,21 +33,30 @@ def train_resumable(
     checkpoint_every: int,
     record: Callable[[Any], dict[str, Any]],
     metric_keys: tuple[str, ...],
+    keep: int = 2,
 ) -> list[dict[str, Any]]:
     """Run ``trainer`` to ``config.epochs`` with a progress bar ("<kind> <label>").
 
     ``record(metrics)`` turns each epoch's metrics into a JSON-able dict (its ``metric_keys`` are sent as
     metrics events; all its numbers go to TensorBoard event files in ``<artifacts>/tensorboard``, view them with
     ``tensorboard --logdir runs/``). Every ``checkpoint_every`` epochs the trainer state and the history go to
-    the node's checkpoint folder; a killed or failed run of the same node resumes from there (the scheduler
-    removes it once the node succeeds). Returns the history."""
+    a verified checkpoint ``epoch_NNNNNN/`` in the node's checkpoint folder (:mod:`flowopd_core.checkpoint`;
+    the newest ``keep`` are kept); a killed or failed run of the same node resumes from the newest one that
+    verifies, skipping broken ones with a warning (the scheduler removes the folder once the node succeeds).
+    Returns the history."""
     ctx = context.current()
     history: list[dict[str, Any]] = []
-    ckpt = ctx.checkpoint_dir
-    if ckpt is not None and (ckpt / "state").is_dir():
-        trainer.load_state_dict(load_trainer_state(ckpt / "state"))
-        history = json.loads((ckpt / "history.json").read_text())[: trainer.epoch_index]
-        ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, ckpt)
+    store = CheckpointStore(ctx.checkpoint_dir, keep) if ctx.checkpoint_dir is not None else None
+    if store is not None:
+        found, skipped = store.latest()
+        for path, why in skipped:
+            ctx.log.warning("skipping broken checkpoint %s: %s", path, why)
+        if found is not None:
+            trainer.load_state_dict(state_from_files(found.files))
+            history = json.loads(found.files[HISTORY])[: trainer.epoch_index]
+            ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, found.path)
+        elif (ctx.checkpoint_dir / "state").is_dir():
+            ctx.log.warning("ignoring %s: an unverified checkpoint of an older format", ctx.checkpoint_dir / "state")
     bar = ctx.progress(trainer.config.epochs, f"{kind} {label}")
     bar.update(len(history))
     board = SummaryWriter(str(ctx.artifact_dir / "tensorboard"), purge_step=0)
@@ -63,10 +74,9 @@ def train_resumable(
         history.append(entry)
         ctx.metrics({k: entry[k] for k in metric_keys if k in entry})
         log(entry, len(history) - 1)
-        if ckpt is not None and checkpoint_every and len(history) % checkpoint_every == 0:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "history.json").write_text(json.dumps(history, default=str))
-            save_trainer_state(trainer.state_dict(), ckpt / "state")
+        if store is not None and checkpoint_every and len(history) % checkpoint_every == 0:
+            files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
+            store.save(trainer.epoch_index, files)
         bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
 
     try:

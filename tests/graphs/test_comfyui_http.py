@@ -223,7 +223,7 @@ def test_training_node_progress_metrics_stop_and_resume(comfy):
     checkpoints = comfy.base / "output" / "flowopd" / "checkpoints" / "teacher-FlowOPDGRPOTrainer"
     first = comfy.queue(prompt, client)
     deadline = time.time() + 300
-    while not list(checkpoints.glob("*/history.json")):
+    while not list(checkpoints.glob("*/epoch_*/history.json")):
         assert time.time() < deadline, f"no checkpoint appeared; see {comfy.log}"
         time.sleep(0.2)
     assert comfy.request("/interrupt", {})[0] == 200
@@ -231,8 +231,9 @@ def test_training_node_progress_metrics_stop_and_resume(comfy):
     assert stopped["status"]["status_str"] == "error"
     assert any(m[0] == "execution_interrupted" for m in stopped["status"]["messages"])
     (kept,) = checkpoints.iterdir()
-    done_before = [h["epoch"] for h in json.loads((kept / "history.json").read_text())]
-    assert 1 <= len(done_before) < 4 and (kept / "state").is_dir()
+    newest = sorted(kept.glob("epoch_*"))[-1]
+    done_before = [h["epoch"] for h in json.loads((newest / "history.json").read_text())]
+    assert 1 <= len(done_before) < 4 and (newest / "trainer_state.safetensors").is_file()
 
     entry = comfy.wait(comfy.queue(prompt, client))  # the same graph again: resumes from the checkpoint
     assert entry["status"]["status_str"] == "success", entry["status"]

@@ -175,7 +175,8 @@ def test_training_node_in_inference_mode_stops_on_stop_and_resumes(fake_comfyui)
     (folder,) = (root / "checkpoints").iterdir()
     assert folder.name == "12-FlowOPDGRPOTrainer"
     (ckpt,) = folder.iterdir()
-    assert [h["epoch"] for h in json.loads((ckpt / "history.json").read_text())] == [0, 1]  # both finished epochs kept
+    newest = ckpt / "epoch_000002"
+    assert [h["epoch"] for h in json.loads((newest / "history.json").read_text())] == [0, 1]  # both epochs kept
     assert not (root / folder.name / ckpt.name).exists()  # no half-written artifacts
     assert fake_comfyui.bars[0].total == 3 and fake_comfyui.bars[0].node_id == "12"
     assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events] == [0, 1]

@@ -42,9 +42,9 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(grpo.GRPOTrainer, "epoch", failing_epoch)
     resumed = tmp_path / "resumed"
     assert run(resumed) == 1
-    checkpoints = list((resumed / "checkpoints" / "teacher").glob("*/state"))
-    assert len(checkpoints) == 1
-    assert json.loads((checkpoints[0].parent / "history.json").read_text())[-1]["epoch"] == 1  # epochs 0, 1 done
+    checkpoints = sorted((resumed / "checkpoints" / "teacher").glob("*/epoch_*"))
+    assert [c.name for c in checkpoints] == ["epoch_000001", "epoch_000002"]  # the newest 2 (keep_checkpoints)
+    assert json.loads((checkpoints[-1] / "history.json").read_text())[-1]["epoch"] == 1  # epochs 0, 1 done
     monkeypatch.setattr(grpo.GRPOTrainer, "epoch", real_epoch)
 
     assert run(resumed) == 0
