@@ -11,41 +11,20 @@ from flowopd_core.policy import Policy
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes import context
-from flowopd_nodes.nodes.train_loop import train_resumable
+from flowopd_nodes.nodes.train_loop import TRAINER_RANGES, train_resumable
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 _GRPO_INPUTS = config_inputs(
     GRPOConfig,
     skip=("window_range", "reward_weights"),
     group_size={"min": 2, "max": 1024},
-    prompts_per_epoch={"min": 1, "max": 100_000},
-    steps={"min": 1, "max": 1000},
-    resolution={"min": 0, "max": 8192},
-    train_fraction={"min": 0.01, "max": 1.0},
-    step_subset={"min": 0, "max": 1000},
     sde_window={"min": 0, "max": 1000},
-    kind={"choices": ("sde", "cps")},
-    noise_level={"min": 0.0, "max": 2.0},
-    guidance_scale={"min": 0.0, "max": 50.0},
-    logprob_reduce={"choices": ("mean", "sum")},
-    clip_range={"min": 0.0, "max": 10.0},
     adv_clip={"min": 0.0, "max": 1000.0},
     adv_eps={"min": 0.0, "max": 1.0},
     beta={"min": 0.0, "max": 100.0},
     kl_form={"choices": ("flow_grpo", "true", "mean")},
-    lr={"min": 0.0, "max": 1.0},
-    weight_decay={"min": 0.0, "max": 1.0},
-    grad_clip={"min": 0.0, "max": 1000.0},
-    updates_per_epoch={"min": 1, "max": 1000},
-    batch_size={"min": 1, "max": 4096},
-    ema_decay={"min": 0.0, "max": 0.99999},
-    ema_every={"min": 1, "max": 10_000},
-    lora_rank={"min": 1, "max": 1024},
-    lora_alpha={"min": 0.0, "max": 4096.0},
-    epochs={"min": 1, "max": 10**7},
-    seed={"min": 0, "max": 2**31 - 1},
     reward_mode={"choices": REWARD_MODES},
-    reward_workers={"min": 0, "max": 64},
+    **TRAINER_RANGES,
 )
 SERVERS_HELP = (
     "rewards scored by reward servers (runner.py serve-reward), e.g. 'geneval=http://10.0.0.5:18001'; those names "

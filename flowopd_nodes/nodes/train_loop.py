@@ -15,6 +15,33 @@ from flowopd_nodes import context
 
 HISTORY = "history.json"
 
+TRAINER_RANGES: dict[str, dict[str, Any]] = dict(
+    prompts_per_epoch={"min": 1, "max": 100_000},
+    steps={"min": 1, "max": 1000},
+    resolution={"min": 0, "max": 8192},
+    train_fraction={"min": 0.01, "max": 1.0},
+    step_subset={"min": 0, "max": 1000},
+    kind={"choices": ("sde", "cps")},
+    noise_level={"min": 0.0, "max": 2.0},
+    guidance_scale={"min": 0.0, "max": 50.0},
+    logprob_reduce={"choices": ("mean", "sum")},
+    clip_range={"min": 0.0, "max": 10.0},
+    lr={"min": 0.0, "max": 1.0},
+    weight_decay={"min": 0.0, "max": 1.0},
+    grad_clip={"min": 0.0, "max": 1000.0},
+    updates_per_epoch={"min": 1, "max": 1000},
+    batch_size={"min": 1, "max": 4096},
+    ema_decay={"min": 0.0, "max": 0.99999},
+    ema_every={"min": 1, "max": 10_000},
+    lora_rank={"min": 1, "max": 1024},
+    lora_alpha={"min": 0.0, "max": 4096.0},
+    epochs={"min": 1, "max": 10**7},
+    seed={"min": 0, "max": 2**31 - 1},
+    reward_workers={"min": 0, "max": 64},
+)
+"""Port ranges of the settings every trainer config shares (GRPO, OPD)."""
+
+
 def _scalars(entry: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a history entry, nested dicts flattened as ``key/name``."""
     out: dict[str, float] = {}
