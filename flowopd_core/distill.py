@@ -100,11 +100,17 @@ class OPDConfig:
     epochs: int = field(default=30, metadata={"help": "sampling epochs"})
     seed: int = field(default=0, metadata={"help": "seed of the trainer's generator"})
     reward_workers: int = field(default=1, metadata={"help": "threads scoring logging rewards; 0 = inline"})
+    max_bad_steps: int = field(
+        default=3,
+        metadata={"help": "an optimizer step with a non-finite loss or gradient norm (or, with "
+                          "drop_equal_reward_groups, in an epoch without one finite reward) is skipped; this many "
+                          "consecutive skipped steps stop training"},
+    )
 
     def __post_init__(self) -> None:
         errors = []
         for name in ("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
-                     "lora_rank", "epochs"):
+                     "lora_rank", "epochs", "max_bad_steps"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("step_subset", "reward_workers", "weight_decay", "grad_clip", "anchor_weight", "advantage_clip",
@@ -174,7 +180,8 @@ class OPDBatch:
 class OPDEpochMetrics:
     """What one distillation epoch did. kl / anchor_kl: mean per-step KL (the mode's form) to the target /
     anchor over the trained terms, measured on the student BEFORE each optimizer step (the rollout policy for
-    the first); kl_by_task: the same per task tag. reward_mean: logging rewards (NaN-aware)."""
+    the first); kl_by_task: the same per task tag. reward_mean: logging rewards (NaN-aware). skipped_steps:
+    optimizer steps of this epoch not taken for non-finite values (``max_bad_steps``)."""
 
     epoch: int
     kl: float
@@ -189,6 +196,7 @@ class OPDEpochMetrics:
     trained_samples: int
     reward_mean: dict[str, float]
     optimizer_steps: int
+    skipped_steps: int
     sample_seconds: float
     target_seconds: float
     train_seconds: float
@@ -358,7 +366,7 @@ class OPDTrainer(LoraTrainer):
     """
 
     STATE_FORMAT = STATE_FORMAT
-    FREE_CONFIG_KEYS = ("epochs", "reward_workers")
+    FREE_CONFIG_KEYS = ("epochs", "reward_workers", "max_bad_steps")
 
     def __init__(
         self,
@@ -490,15 +498,23 @@ class OPDTrainer(LoraTrainer):
         order = keep[torch.randperm(len(keep), generator=self.generator)]
         log: dict[str, Any] = {key: [] for key in ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", "grad_norm")}
         log.update(first_dev=0.0, trained=len(keep), task_kl={})
+        self.skipped_steps = 0
+        if cfg.drop_equal_reward_groups and not any(bool(torch.isfinite(r).any()) for r in batch.rewards.values()):
+            for _ in range(cfg.updates_per_epoch):  # the rewards pick the groups: nothing scored, nothing to train
+                self._skip_step("no finite reward in the epoch")
+            log["trained"] = 0
+            return log
         n_steps = batch.train_steps.shape[1]
         for update, part in enumerate(p for p in order.tensor_split(cfg.updates_per_epoch) if len(p)):
             micro = part.split(cfg.batch_size)
             self.optimizer.zero_grad(set_to_none=True)
+            bad = ""
             for rows in micro:
                 for k in range(n_steps):
                     terms = self.step_loss(batch, rows, k)
                     if not torch.isfinite(terms.total):
-                        raise FloatingPointError(f"non-finite OPD loss {terms.total.item()} at epoch {self.epoch_index}")
+                        bad = f"OPD loss {terms.total.item()}"
+                        break
                     (terms.total / (len(micro) * n_steps)).backward()
                     log["loss"].append(terms.total.item())
                     log["opd"].append(terms.opd.item())
@@ -511,7 +527,11 @@ class OPDTrainer(LoraTrainer):
                         log["task_kl"].setdefault(batch.prompts[i].task, []).append(value)
                     if update == 0 and terms.ratio is not None:
                         log["first_dev"] = max(log["first_dev"], (terms.ratio - 1).abs().max().item())
-            log["grad_norm"].append(self._optimizer_step())
+                if bad:
+                    break
+            norm = self._skip_step(bad) if bad else self._optimizer_step()
+            if norm is not None:
+                log["grad_norm"].append(norm)
         self.optimizer.zero_grad(set_to_none=True)
         return log
 
@@ -535,6 +555,7 @@ class OPDTrainer(LoraTrainer):
             trained_samples=log["trained"],
             reward_mean={name: _nan_stats(r)[0] for name, r in batch.rewards.items()},
             optimizer_steps=self.optimizer_steps,
+            skipped_steps=self.skipped_steps,
             sample_seconds=self._sample_seconds,
             target_seconds=self._target_seconds,
             train_seconds=done - sampled,

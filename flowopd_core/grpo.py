@@ -147,11 +147,16 @@ class GRPOConfig:
     reward_workers: int = field(
         default=1, metadata={"help": "threads scoring rewards during the next rollout batch; 0 = score inline"}
     )
+    max_bad_steps: int = field(
+        default=3,
+        metadata={"help": "an optimizer step with a non-finite loss or gradient norm, or in an epoch without one "
+                          "finite reward, is skipped; this many consecutive skipped steps stop training"},
+    )
 
     def __post_init__(self) -> None:
         errors = []
         for name in ("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
-                     "lora_rank", "epochs"):
+                     "lora_rank", "epochs", "max_bad_steps"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("step_subset", "sde_window", "reward_workers", "beta", "weight_decay", "grad_clip", "resolution"):
@@ -436,6 +441,7 @@ class EpochMetrics:
     kl: mean KL to the reference (``kl_form``), NaN when beta = 0. grad_norm: mean pre-clip gradient norm.
     first_update_ratio_dev: max |rho - 1| in the epoch's first optimizer step (before it, the policy is the
     sampler: 0 when re-evaluation reproduces sampling exactly). optimizer_steps: total since the start.
+    skipped_steps: steps of this epoch not taken for non-finite values (``max_bad_steps``).
     When every group is flat (all advantages 0) nothing is trained: the loss terms are NaN and no step is taken.
     """
 
@@ -454,6 +460,7 @@ class EpochMetrics:
     grad_norm: float
     first_update_ratio_dev: float
     optimizer_steps: int
+    skipped_steps: int
     sde_steps: tuple[int, ...]
     sample_seconds: float
     train_seconds: float
@@ -489,7 +496,7 @@ class GRPOTrainer(LoraTrainer):
     """
 
     STATE_FORMAT = STATE_FORMAT
-    FREE_CONFIG_KEYS = ("epochs", "reward_workers")
+    FREE_CONFIG_KEYS = ("epochs", "reward_workers", "max_bad_steps")
 
     def __init__(
         self,
@@ -634,18 +641,25 @@ class GRPOTrainer(LoraTrainer):
         order = keep[torch.randperm(len(keep), generator=self.generator).to(keep.device)]
         log: dict[str, Any] = {k: [] for k in ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl", "grad_norm")}
         log["first_dev"], log["trained"] = 0.0, len(keep)
+        self.skipped_steps = 0
+        if not any(bool(torch.isfinite(r).any()) for r in batch.rewards.values()):
+            for _ in range(cfg.updates_per_epoch):  # nothing was scored: no signal, every step of the epoch is bad
+                self._skip_step("no finite reward in the epoch")
+            log["trained"] = 0
+            return log
         steps_per_sample = batch.train_steps.shape[1]
         self.policy.set_active(self.adapter)
         with_kl = cfg.beta > 0
         for update, part in enumerate(p for p in order.tensor_split(cfg.updates_per_epoch) if len(p)):
             micro = part.split(cfg.batch_size)
             self.optimizer.zero_grad(set_to_none=True)
+            bad = ""
             for rows in micro:
                 for k in range(steps_per_sample):
                     terms = self._step_terms(batch, rows, batch.train_steps[rows, k], with_kl)
                     if not torch.isfinite(terms.loss):
-                        value = terms.loss.item()
-                        raise FloatingPointError(f"non-finite GRPO loss {value} at epoch {self.epoch_index}")
+                        bad = f"GRPO loss {terms.loss.item()}"
+                        break
                     (terms.loss / (len(micro) * steps_per_sample)).backward()
                     log["loss"].append(terms.loss.item())
                     log["policy_loss"].append(terms.ppo.loss.item())
@@ -655,7 +669,11 @@ class GRPOTrainer(LoraTrainer):
                         log["kl"].append(terms.kl.mean().item())
                     if update == 0:
                         log["first_dev"] = max(log["first_dev"], (terms.ppo.ratio - 1).abs().max().item())
-            log["grad_norm"].append(self._optimizer_step())
+                if bad:
+                    break
+            norm = self._skip_step(bad) if bad else self._optimizer_step()
+            if norm is not None:
+                log["grad_norm"].append(norm)
         self.optimizer.zero_grad(set_to_none=True)
         return log
 
@@ -687,6 +705,7 @@ class GRPOTrainer(LoraTrainer):
             grad_norm=_mean(log["grad_norm"]),
             first_update_ratio_dev=log["first_dev"],
             optimizer_steps=self.optimizer_steps,
+            skipped_steps=self.skipped_steps,
             sde_steps=batch.sde_steps,
             sample_seconds=sampled - start,
             train_seconds=done - sampled,

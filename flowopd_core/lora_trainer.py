@@ -43,6 +43,7 @@ class TrainerConfig(Protocol):
     lora_alpha: float
     epochs: int
     seed: int
+    max_bad_steps: int
 
     def to_json(self) -> dict[str, Any]: ...
 
@@ -88,6 +89,8 @@ class LoraTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch_index = 0
         self.optimizer_steps = 0
+        self.bad_streak = 0  # consecutive skipped optimizer steps (checkpointed)
+        self.skipped_steps = 0  # skipped steps of the current epoch (the subclass resets it per epoch)
 
     # ------------------------------------------------------------------------------------------- forwards
 
@@ -99,18 +102,33 @@ class LoraTrainer:
                   uncond: TextEmbeddings | None, adapter_names: list[str] | None = None) -> torch.Tensor:
         return velocity(self.policy, x, t, cond, uncond, self.config.guidance_scale, adapter_names=adapter_names)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> float | None:
         """Clip the gradient norm (``config.grad_clip``, 0 = none), step AdamW and the EMA; returns the pre-clip
-        norm. Raises on a non-finite norm (nothing is stepped then)."""
+        norm. A non-finite norm skips the step instead (:meth:`_skip_step`) and returns None."""
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), getattr(self.config, "grad_clip", 0) or float("inf"))
         if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient norm at epoch {self.epoch_index}")
+            self._skip_step(f"gradient norm {float(norm)}")
+            return None
         self.optimizer.step()
         if self.ema is not None:
             self.ema.step(self.params, self.optimizer_steps)
         self.optimizer_steps += 1
+        self.bad_streak = 0
         return float(norm)
+
+    def _skip_step(self, why: str) -> None:
+        """Do not take this optimizer step (a non-finite loss, gradient norm or an epoch without one finite
+        reward): the gradients are dropped, parameters, optimizer and EMA stay as they are; counted in
+        ``skipped_steps``. After ``config.max_bad_steps`` consecutive skipped steps raise FloatingPointError."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        limit = getattr(self.config, "max_bad_steps", 1)
+        if self.bad_streak >= limit:
+            raise FloatingPointError(
+                f"{self.bad_streak} consecutive optimizer steps skipped for non-finite values at epoch "
+                f"{self.epoch_index} (last: {why}; max_bad_steps = {limit})"
+            )
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -170,6 +188,7 @@ class LoraTrainer:
             "adapter": self.adapter,
             "epoch": self.epoch_index,
             "optimizer_steps": self.optimizer_steps,
+            "bad_streak": self.bad_streak,
             "config": self.config.to_json(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
             "optimizer_scalars": scalars,
@@ -209,6 +228,7 @@ class LoraTrainer:
         self.generator.set_state(tensors["rng/generator"])
         self.epoch_index = int(meta["epoch"])
         self.optimizer_steps = int(meta["optimizer_steps"])
+        self.bad_streak = int(meta.get("bad_streak", 0))
 
 
 

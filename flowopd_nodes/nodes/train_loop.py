@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
@@ -38,6 +39,7 @@ TRAINER_RANGES: dict[str, dict[str, Any]] = dict(
     epochs={"min": 1, "max": 10**7},
     seed={"min": 0, "max": 2**31 - 1},
     reward_workers={"min": 0, "max": 64},
+    max_bad_steps={"min": 1, "max": 10**6},
 )
 """Port ranges of the settings every trainer config shares (GRPO, OPD)."""
 
@@ -74,11 +76,13 @@ def train_resumable(
     ctx = context.current()
     history: list[dict[str, Any]] = []
     store = CheckpointStore(ctx.checkpoint_dir, keep) if ctx.checkpoint_dir is not None else None
+    last_good: list[Path | None] = [None]  # the newest checkpoint on disk
     if store is not None:
         found, skipped = store.latest()
         for path, why in skipped:
             ctx.log.warning("skipping broken checkpoint %s: %s", path, why)
         if found is not None:
+            last_good[0] = found.path
             trainer.load_state_dict(state_from_files(found.files))
             history = json.loads(found.files[HISTORY])[: trainer.epoch_index]
             ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, found.path)
@@ -101,13 +105,20 @@ def train_resumable(
         history.append(entry)
         ctx.metrics({k: entry[k] for k in metric_keys if k in entry})
         log(entry, len(history) - 1)
+        if entry.get("skipped_steps"):
+            ctx.log.warning("%s %s epoch %d: %d optimizer step(s) skipped for non-finite values", kind, label,
+                            len(history) - 1, entry["skipped_steps"])
         if store is not None and checkpoint_every and len(history) % checkpoint_every == 0:
             files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
-            store.save(trainer.epoch_index, files)
+            last_good[0] = store.save(trainer.epoch_index, files)
         bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
 
     try:
         trainer.train(on_epoch)
+    except FloatingPointError as exc:
+        where = f"the last good checkpoint, {last_good[0]}, is intact" if last_good[0] else "no checkpoint was written"
+        raise FloatingPointError(f"node {ctx.node_id} ({kind} {label}): {exc}; {where}: fix the cause (learning "
+                                 "rate, rewards) and rerun the same command to resume") from exc
     finally:
         bar.close()
         board.close()

@@ -64,3 +64,27 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch):
     assert "grpo/reward" in board.Tags()["scalars"] and "grpo/reward_mean/compose" in board.Tags()["scalars"]
     assert sorted({e.step for e in board.Scalars("grpo/reward")}) == [0, 1, 2]
     assert [e.value for e in board.Scalars("grpo/loss")][-1] == pytest.approx(history[-1]["loss"])
+
+
+def test_non_finite_losses_stop_the_node_naming_it_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = grpo.GRPOTrainer._step_terms
+
+    def nan_from_epoch_2(self, batch, rows, steps, with_kl):
+        terms = real(self, batch, rows, steps, with_kl)
+        if self.epoch_index >= 2:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "_step_terms", nan_from_epoch_2)
+    run_dir = tmp_path / "nan"
+    assert runner.main(["run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir), "--no-progress",
+                        *TINY, "--set", "teacher.max_bad_steps=2"]) == 1
+    text = (run_dir / "run.log").read_text()
+    assert "node teacher (grpo grpo-compose): 2 consecutive optimizer steps skipped for non-finite values at epoch 2" in text
+    assert "GRPO loss nan" in text and "epoch_000002, is intact" in text
+    (key,) = (run_dir / "checkpoints" / "teacher").iterdir()
+    from flowopd_core.checkpoint import CheckpointStore
+
+    found, skipped = CheckpointStore(key).latest()
+    assert found.epoch == 2 and skipped == []
+    assert [h["skipped_steps"] for h in json.loads(found.files["history.json"])] == [0, 0]
