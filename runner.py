@@ -10,7 +10,8 @@
     python runner.py serve-reward NAME [--port P] [--host 127.0.0.1] [--set FIELD=VALUE ...]
 
 GRAPH may also be a ComfyUI API or UI-workflow JSON file (as exported, or saved from the canvas).
-Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran).
+Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran), 128 + N a
+training node stopped on signal N (143 SIGTERM, 130 SIGINT) after writing a checkpoint: rerun the same command.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve-reward":
         return _serve_reward(args)
 
-    from flowopd_nodes.errors import GraphValidationError, NodeExecutionError
+    from flowopd_nodes.errors import GraphValidationError, NodeExecutionError, TrainingInterrupted
 
     if args.command == "import":
         return _import(args)
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)
     except NodeExecutionError as exc:
+        if isinstance(exc.cause, TrainingInterrupted):
+            print(f"interrupted: {exc.cause}\n(see {run_dir / 'run.log'})", file=sys.stderr)
+            return 128 + exc.cause.signum
         print(f"error: {exc}\n(see {run_dir / 'run.log'})", file=sys.stderr)
         return 1
     print(f"{valid.name}: {len(result.executed)} executed, {len(result.cached)} cached -> {run_dir}")

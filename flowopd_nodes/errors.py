@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -102,3 +103,15 @@ class NodeExecutionError(RuntimeError):
     def __init__(self, node: str, class_type: str, cause: BaseException):
         self.node, self.class_type, self.cause = node, class_type, cause
         super().__init__(f"node {node!r} ({class_type}) failed: {type(cause).__name__}: {cause}")
+
+
+class TrainingInterrupted(Exception):
+    """A training node stopped on SIGTERM/SIGINT: ``signum``; ``checkpoint``: where its state is (None if it
+    has none). Rerunning the same command resumes from the checkpoint."""
+
+    def __init__(self, node: str, signum: int, epoch: int, checkpoint: str | None):
+        self.node, self.signum, self.epoch, self.checkpoint = node, signum, epoch, checkpoint
+        name = signal.Signals(signum).name
+        where = f"its checkpoint is {checkpoint}" if checkpoint else "it has no checkpoint (it starts over)"
+        super().__init__(f"{name}: node {node!r} stopped after {epoch} epochs; {where}; "
+                         "rerun the same command to resume")

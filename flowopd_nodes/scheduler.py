@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from flowopd_core import __version__ as core_version
 from flowopd_nodes import context
-from flowopd_nodes.errors import NodeExecutionError
+from flowopd_nodes.errors import NodeExecutionError, TrainingInterrupted
 from flowopd_nodes.types import WIRE_TYPES, decode_outputs, encode_outputs
 from flowopd_nodes.validate import ResolvedNode, ValidGraph
 
@@ -294,7 +294,10 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
         shutil.rmtree(entry, ignore_errors=True)
         status.state = "failed"
         status.error = f"{type(exc).__name__}: {exc}"
-        log.error("node %s (%s) failed: %s", node.id, node.cls.NODE_ID, status.error, exc_info=exc)
+        if isinstance(exc, TrainingInterrupted):
+            log.warning("node %s (%s) interrupted: %s", node.id, node.cls.NODE_ID, exc)
+        else:
+            log.error("node %s (%s) failed: %s", node.id, node.cls.NODE_ID, status.error, exc_info=exc)
         if isinstance(exc, Exception):
             raise NodeExecutionError(node.id, node.cls.NODE_ID, exc) from exc
         raise

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from flowopd_core.checkpoint import CheckpointStore
 from flowopd_core.lora_trainer import LoraTrainer, state_files, state_from_files
 from flowopd_nodes import context
+from flowopd_nodes.errors import TrainingInterrupted
 
 HISTORY = "history.json"
 
@@ -55,6 +59,36 @@ def _scalars(entry: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if math.isfinite(v)}
 
 
+class _StopOnSignal:
+    """While a training node runs in the main thread: the first SIGTERM/SIGINT asks for a stop at the end of the
+    running epoch (the loop then checkpoints and raises :class:`TrainingInterrupted`); a second one stops at
+    once (TrainingInterrupted from wherever it lands; the last checkpoint on disk stays). Elsewhere (ComfyUI
+    runs nodes in a worker thread and has its own Stop) nothing is installed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_second: Callable[[int], BaseException]) -> None:
+        self.signum: int | None = None
+        self.on_second = on_second
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise self.on_second(signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this epoch with a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train_resumable(
     trainer: LoraTrainer,
     kind: str,
@@ -72,7 +106,9 @@ def train_resumable(
     a verified checkpoint ``epoch_NNNNNN/`` in the node's checkpoint folder (:mod:`flowopd_core.checkpoint`;
     the newest ``keep`` are kept); a killed or failed run of the same node resumes from the newest one that
     verifies, skipping broken ones with a warning (the scheduler removes the folder once the node succeeds).
-    Returns the history."""
+    SIGTERM / SIGINT: the running epoch finishes, a checkpoint is written, then :class:`TrainingInterrupted`
+    (the runner exits with 128 + the signal's number and says to rerun the same command); a second signal stops
+    at once. Returns the history."""
     ctx = context.current()
     history: list[dict[str, Any]] = []
     store = CheckpointStore(ctx.checkpoint_dir, keep) if ctx.checkpoint_dir is not None else None
@@ -111,10 +147,22 @@ def train_resumable(
         if store is not None and checkpoint_every and len(history) % checkpoint_every == 0:
             files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
             last_good[0] = store.save(trainer.epoch_index, files)
+        if stop.signum is not None:
+            if store is not None and (last_good[0] is None or last_good[0] != store.path(trainer.epoch_index)):
+                files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
+                last_good[0] = store.save(trainer.epoch_index, files)
+            raise interrupted(stop.signum)
         bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
 
+    def interrupted(signum: int) -> TrainingInterrupted:
+        ctx.log.warning("node %s: %s", ctx.node_id, signal.Signals(signum).name)
+        where = str(last_good[0]) if last_good[0] is not None else None
+        return TrainingInterrupted(ctx.node_id, signum, len(history), where)
+
+    stop = _StopOnSignal(interrupted)
     try:
-        trainer.train(on_epoch)
+        with stop:
+            trainer.train(on_epoch)
     except FloatingPointError as exc:
         where = f"the last good checkpoint, {last_good[0]}, is intact" if last_good[0] else "no checkpoint was written"
         raise FloatingPointError(f"node {ctx.node_id} ({kind} {label}): {exc}; {where}: fix the cause (learning "
