@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    -> builds .venv (torch CPU first, then the project) and runs the main graph
 #   make test   -> builds .venv and runs the test suite
+#   make bench  -> runs every benchmark script and rewrites bench/RESULTS.md
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,6 +25,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+bench: setup   # every benchmark script; rewrites bench/RESULTS.md (a few minutes on 2 cores)
+	$(BIN)/python bench/run_all.py
 
 clean-runs:
 	rm -rf runs
