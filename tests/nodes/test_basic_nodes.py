@@ -58,14 +58,18 @@ def test_prompt_text_and_save_round_trip(ctx, tmp_path):
 def test_prompt_file_txt_with_tasks_and_limit(ctx, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# comment\ncompose\ttwo red circles\ntext\tthe word GO\nplain prompt\n")
-    (prompts,) = PromptFile().run(str(f), "auto", "quality", 0)
+    (prompts,) = PromptFile().run(str(f), "auto", "quality", 0, "")
     assert [(p.task, p.text) for p in prompts] == [
         ("compose", "two red circles"),
         ("text", "the word GO"),
         ("quality", "plain prompt"),
     ]
-    (two,) = PromptFile().run(str(f), "auto", "", 2)
+    (two,) = PromptFile().run(str(f), "auto", "", 2, "")
     assert len(two) == 2
+    (text,) = PromptFile().run(str(f), "auto", "quality", 0, "text")  # task filter
+    assert [p.text for p in text] == ["the word GO"]
+    with pytest.raises(ValueError, match="no prompt of task 'ocr'"):
+        PromptFile().run(str(f), "auto", "", 0, "ocr")
 
 
 def test_prompt_ids_are_stable():
