@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {out}")
         return 0
 
+    from flowopd_core.distributed import init_from_env
     from flowopd_nodes.scheduler import run_graph
 
     unknown = sorted(set(args.force) - set(valid.nodes))
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --force names no node of the graph: {unknown}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or Path("runs") / valid.name
+    world = init_from_env()  # several processes under torchrun / accelerate launch (WORLD_SIZE > 1)
     try:
         result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)
     except NodeExecutionError as exc:
@@ -236,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + exc.cause.signum
         print(f"error: {exc}\n(see {run_dir / 'run.log'})", file=sys.stderr)
         return 1
-    print(f"{valid.name}: {len(result.executed)} executed, {len(result.cached)} cached -> {run_dir}")
+    if not world.is_main:
+        return 0
+    print(f"{valid.name}: {len(result.executed)} executed, {len(result.cached)} cached -> {run_dir}"
+          + (f" ({world.size} processes)" if world.size > 1 else ""))
     for node_id in valid.order:
         if valid.nodes[node_id].cls.OUTPUT_NODE:
             for name, value in result.outputs[node_id].items():
@@ -245,5 +251,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit; a multi-process run leaves its process group first (all processes meet at a barrier when the run
+    succeeded) and ends with os._exit: torch's gloo teardown at interpreter exit sometimes aborts a finished
+    run ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")  # not imported: a single process
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    if code == 0:
+        from flowopd_core.distributed import shutdown
+
+        shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

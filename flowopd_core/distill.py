@@ -391,11 +391,11 @@ class OPDTrainer(LoraTrainer):
 
     # ------------------------------------------------------------------------------------------- sampling
 
-    def _draw_train_steps(self, n: int) -> torch.Tensor:
+    def _draw_train_steps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
         candidates = torch.arange(cfg.trainable_steps)
         k = min(cfg.step_subset or len(candidates), len(candidates))
-        rows = [candidates[torch.randperm(len(candidates), generator=self.generator)][:k] for _ in range(n)]
+        rows = [candidates[torch.randperm(len(candidates), generator=generator or self.generator)][:k] for _ in range(n)]
         return torch.stack(rows).to(self.sigmas.device)
 
     @torch.no_grad()
@@ -405,8 +405,10 @@ class OPDTrainer(LoraTrainer):
         self.policy.set_active(self.adapter)
         order = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_epoch]
         drawn = [self.prompts[i] for i in order.tolist()]
-        specs = [p for p in drawn for _ in range(cfg.group_size)]
-        group_ids = torch.arange(len(drawn)).repeat_interleave(cfg.group_size)
+        generator = self._epoch_generator()
+        share = self.world.shard(len(drawn))  # every group in a single process
+        specs = [drawn[g] for g in share for _ in range(cfg.group_size)]
+        group_ids = torch.tensor(list(share), dtype=torch.long).repeat_interleave(cfg.group_size)
         start_time = time.perf_counter()
         parts, images, pending = [], [], []
         pool = ThreadPoolExecutor(cfg.reward_workers) if cfg.reward_workers and self.rewards else None
@@ -415,10 +417,10 @@ class OPDTrainer(LoraTrainer):
                 chunk = specs[start : start + cfg.batch_size]
                 cond, uncond = self._conditioning(chunk)
                 size = cfg.resolution or None
-                noise = initial_noise(self.pipe, len(chunk), generator=self.generator, height=size, width=size)
+                noise = initial_noise(self.pipe, len(chunk), generator=generator, height=size, width=size)
                 rollout = sample(
                     lambda x, t: self._velocity(x, t, cond, uncond), noise, self.sigmas, kind=cfg.kind,
-                    noise_level=cfg.noise_level, generator=self.generator, logprob_reduce=cfg.logprob_reduce,
+                    noise_level=cfg.noise_level, generator=generator, logprob_reduce=cfg.logprob_reduce,
                 )
                 chunk_images = decode(self.pipe, rollout.latents[:, -1])
                 parts.append(rollout)
@@ -437,8 +439,10 @@ class OPDTrainer(LoraTrainer):
             total = sum(scores.values())
             keep = group_advantages(total, group_ids) != 0
         plan = route(specs, self.pool.tasks, cfg.route, cfg.task_weights)
-        train_steps = self._draw_train_steps(len(specs))
+        train_steps = self._draw_train_steps(len(specs), generator)
         targets, anchors = self._targets(rollout, specs, plan, train_steps)
+        if self.world.size > 1:  # the logging rewards of the whole epoch (keep above used this share's groups)
+            scores = {name: self._gather_groups(r, len(drawn), cfg.group_size) for name, r in scores.items()}
         return OPDBatch(
             prompts=specs, group_ids=group_ids, rollout=rollout, train_steps=train_steps, targets=targets,
             anchors=anchors, keep=keep, plan=plan, images=torch.cat(images), rewards=scores,
@@ -495,7 +499,7 @@ class OPDTrainer(LoraTrainer):
     def _update(self, batch: OPDBatch) -> dict[str, Any]:
         cfg = self.config
         keep = torch.nonzero(batch.keep).flatten()
-        order = keep[torch.randperm(len(keep), generator=self.generator)]
+        order = keep[torch.randperm(len(keep), generator=self._local_generator)]
         log: dict[str, Any] = {key: [] for key in ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", "grad_norm")}
         log.update(first_dev=0.0, trained=len(keep), task_kl={})
         self.skipped_steps = 0
@@ -505,8 +509,8 @@ class OPDTrainer(LoraTrainer):
             log["trained"] = 0
             return log
         n_steps = batch.train_steps.shape[1]
-        for update, part in enumerate(p for p in order.tensor_split(cfg.updates_per_epoch) if len(p)):
-            micro = part.split(cfg.batch_size)
+        for update, part in enumerate(self._update_parts(order)):
+            micro = part.split(cfg.batch_size) if len(part) else ()  # empty: another process has this part
             self.optimizer.zero_grad(set_to_none=True)
             bad = ""
             for rows in micro:
@@ -529,10 +533,17 @@ class OPDTrainer(LoraTrainer):
                         log["first_dev"] = max(log["first_dev"], (terms.ratio - 1).abs().max().item())
                 if bad:
                     break
-            norm = self._skip_step(bad) if bad else self._optimizer_step()
+            norm = self._finish_update(len(part), bad)
             if norm is not None:
                 log["grad_norm"].append(norm)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world.size > 1:  # per-task KL of the whole epoch: one list per task tag of the prompt set
+            for task in sorted({p.task for p in self.prompts}):
+                log[f"task_kl/{task}"] = log["task_kl"].pop(task, [])
+            tasks = [k for k in log if k.startswith("task_kl/")]
+            self._reduce_log(log, ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", *tasks), ("first_dev",),
+                             ("trained",))
+            log["task_kl"] = {k.removeprefix("task_kl/"): log.pop(k) for k in tasks if log[k]}
         return log
 
     def epoch(self) -> OPDEpochMetrics:

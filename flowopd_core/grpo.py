@@ -395,6 +395,8 @@ class GRPOBatch:
     sigmas: ``(T+1,)``; sde_steps: the steps drawn with the SDE (all, or the Flow-GRPO-Fast window).
     images: ``(N, 3, H, W)`` in [0, 1]; rewards: name -> ``(N,)`` raw scores (NaN = unscored).
     advantages: ``(N,)``; train_steps: ``(N, K)`` long, each sample's trained steps in training order.
+    With several processes the batch holds this rank's share of the groups (group_ids stay the epoch's);
+    epoch_rewards / epoch_advantages / epoch_group_ids are the whole epoch's (None in a single process).
     """
 
     prompts: list[PromptSpec]
@@ -410,6 +412,9 @@ class GRPOBatch:
     kind: str
     noise_level: float
     logprob_reduce: str
+    epoch_rewards: dict[str, torch.Tensor] | None = None
+    epoch_advantages: torch.Tensor | None = None
+    epoch_group_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -538,7 +543,7 @@ class GRPOTrainer(LoraTrainer):
         start = lo + int(torch.randint(0, hi - lo - width + 1, (1,), generator=self.generator))
         return tuple(range(start, start + width))
 
-    def _draw_train_steps(self, n: int, sde_steps: Sequence[int]) -> torch.Tensor:
+    def _draw_train_steps(self, n: int, sde_steps: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
         """``(n, K)`` trained steps per sample: the SDE steps below ``trainable_steps`` (a random subset of
         ``step_subset`` of them), in a random order per sample with ``shuffle_steps``."""
         cfg = self.config
@@ -548,7 +553,7 @@ class GRPOTrainer(LoraTrainer):
         for _ in range(n):
             pick = candidates
             if cfg.shuffle_steps or k < len(candidates):
-                pick = candidates[torch.randperm(len(candidates), generator=self.generator)][:k]
+                pick = candidates[torch.randperm(len(candidates), generator=generator or self.generator)][:k]
             rows.append(pick if cfg.shuffle_steps else pick.sort().values)
         return torch.stack(rows).to(self.sigmas.device)
 
@@ -559,8 +564,10 @@ class GRPOTrainer(LoraTrainer):
         self.policy.set_active(self.adapter)
         drawn = self._draw_prompts()
         window = self._draw_window()
-        specs = [p for p in drawn for _ in range(cfg.group_size)]
-        group_ids = torch.arange(len(drawn)).repeat_interleave(cfg.group_size)
+        generator = self._epoch_generator()
+        share = self.world.shard(len(drawn))  # every group in a single process
+        specs = [drawn[g] for g in share for _ in range(cfg.group_size)]
+        group_ids = torch.tensor(list(share), dtype=torch.long).repeat_interleave(cfg.group_size)
         parts: list[Rollout] = []
         images: list[torch.Tensor] = []
         pending: list[dict[str, Future]] = []
@@ -574,9 +581,9 @@ class GRPOTrainer(LoraTrainer):
                     return self._velocity(x, t, cond, uncond)
 
                 size = cfg.resolution or None
-                noise = initial_noise(self.pipe, len(chunk), generator=self.generator, height=size, width=size)
+                noise = initial_noise(self.pipe, len(chunk), generator=generator, height=size, width=size)
                 rollout = sample(
-                    velocity_fn, noise, self.sigmas, kind=cfg.kind, noise_level=cfg.noise_level, generator=self.generator, sde_window=window,
+                    velocity_fn, noise, self.sigmas, kind=cfg.kind, noise_level=cfg.noise_level, generator=generator, sde_window=window,
                     logprob_reduce=cfg.logprob_reduce,
                 )
                 chunk_images = decode(self.pipe, rollout.latents[:, -1])
@@ -585,17 +592,23 @@ class GRPOTrainer(LoraTrainer):
                 pending.append({name: _submit(pool, fn, chunk_images, chunk) for name, fn in self.rewards.items()})
             scores = {name: torch.cat([_scores(p[name].result(), name, len(p_imgs))
                                        for p, p_imgs in zip(pending, images)]) for name in self.rewards}
-        advantages = multi_reward_advantages(
-            scores, group_ids, cfg.reward_weights, cfg.reward_mode, global_std=cfg.global_std, eps=cfg.adv_eps,
+        epoch_scores = {name: self._gather_groups(r, len(drawn), cfg.group_size) for name, r in scores.items()}
+        epoch_ids = torch.arange(len(drawn)).repeat_interleave(cfg.group_size)
+        advantages = multi_reward_advantages(  # over the whole epoch (identical on every process)
+            epoch_scores, epoch_ids, cfg.reward_weights, cfg.reward_mode, global_std=cfg.global_std, eps=cfg.adv_eps,
             clip=cfg.adv_clip,
         )
+        start, stop = (g * cfg.group_size for g in self.world.shard_bounds(len(drawn)))
         device = self.sigmas.device
+        several = self.world.size > 1
         return GRPOBatch(
             prompts=specs, group_ids=group_ids.to(device), latents=torch.cat([p.latents for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]), sigmas=self.sigmas, sde_steps=parts[0].sde_steps,
-            images=torch.cat(images), rewards=scores, advantages=advantages.to(device),
-            train_steps=self._draw_train_steps(len(specs), parts[0].sde_steps), kind=cfg.kind,
+            images=torch.cat(images), rewards=scores, advantages=advantages[start:stop].to(device),
+            train_steps=self._draw_train_steps(len(specs), parts[0].sde_steps, generator), kind=cfg.kind,
             noise_level=cfg.noise_level, logprob_reduce=cfg.logprob_reduce,
+            epoch_rewards=epoch_scores if several else None, epoch_advantages=advantages.to(device) if several else None,
+            epoch_group_ids=epoch_ids.to(device) if several else None,
         )
 
     # ------------------------------------------------------------------------------------------- training
@@ -638,11 +651,12 @@ class GRPOTrainer(LoraTrainer):
         keep = torch.arange(len(batch), device=batch.advantages.device)
         if cfg.drop_zero_advantage:
             keep = keep[batch.advantages != 0]
-        order = keep[torch.randperm(len(keep), generator=self.generator).to(keep.device)]
+        order = keep[torch.randperm(len(keep), generator=self._local_generator).to(keep.device)]
         log: dict[str, Any] = {k: [] for k in ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl", "grad_norm")}
         log["first_dev"], log["trained"] = 0.0, len(keep)
         self.skipped_steps = 0
-        if not any(bool(torch.isfinite(r).any()) for r in batch.rewards.values()):
+        rewards = batch.epoch_rewards or batch.rewards
+        if not any(bool(torch.isfinite(r).any()) for r in rewards.values()):
             for _ in range(cfg.updates_per_epoch):  # nothing was scored: no signal, every step of the epoch is bad
                 self._skip_step("no finite reward in the epoch")
             log["trained"] = 0
@@ -650,8 +664,8 @@ class GRPOTrainer(LoraTrainer):
         steps_per_sample = batch.train_steps.shape[1]
         self.policy.set_active(self.adapter)
         with_kl = cfg.beta > 0
-        for update, part in enumerate(p for p in order.tensor_split(cfg.updates_per_epoch) if len(p)):
-            micro = part.split(cfg.batch_size)
+        for update, part in enumerate(self._update_parts(order)):
+            micro = part.split(cfg.batch_size) if len(part) else ()  # empty: another process has this part
             self.optimizer.zero_grad(set_to_none=True)
             bad = ""
             for rows in micro:
@@ -671,10 +685,11 @@ class GRPOTrainer(LoraTrainer):
                         log["first_dev"] = max(log["first_dev"], (terms.ppo.ratio - 1).abs().max().item())
                 if bad:
                     break
-            norm = self._skip_step(bad) if bad else self._optimizer_step()
+            norm = self._finish_update(len(part), bad)
             if norm is not None:
                 log["grad_norm"].append(norm)
         self.optimizer.zero_grad(set_to_none=True)
+        self._reduce_log(log, ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl"), ("first_dev",), ("trained",))
         return log
 
     def epoch(self) -> EpochMetrics:
@@ -684,11 +699,14 @@ class GRPOTrainer(LoraTrainer):
         sampled = time.perf_counter()
         log = self._update(batch)
         done = time.perf_counter()
-        stats = {name: _nan_stats(r) for name, r in batch.rewards.items()}
-        scored = torch.stack([torch.isfinite(r) for r in batch.rewards.values()]).any(0)
-        groups = int(batch.group_ids.max()) + 1
-        nonzero = torch.zeros(groups, device=batch.advantages.device)
-        nonzero.index_add_(0, batch.group_ids, (batch.advantages != 0).float())
+        rewards = batch.epoch_rewards or batch.rewards
+        advantages = batch.advantages if batch.epoch_advantages is None else batch.epoch_advantages
+        group_ids = batch.group_ids if batch.epoch_group_ids is None else batch.epoch_group_ids
+        stats = {name: _nan_stats(r) for name, r in rewards.items()}
+        scored = torch.stack([torch.isfinite(r) for r in rewards.values()]).any(0)
+        groups = int(group_ids.max()) + 1
+        nonzero = torch.zeros(groups, device=advantages.device)
+        nonzero.index_add_(0, group_ids, (advantages != 0).float())
         metrics = EpochMetrics(
             epoch=self.epoch_index,
             reward_mean={name: s[0] for name, s in stats.items()},

@@ -11,7 +11,7 @@ uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from flowopd_core.checkpoint import read_checkpoint, write_checkpoint
+from flowopd_core.distributed import World
 from flowopd_core.ema import EMA
 from flowopd_core.pipeline import TextEmbeddingCache, TextEmbeddings, velocity
 from flowopd_core.policy import LoraSpec, Policy
@@ -87,6 +88,11 @@ class LoraTrainer:
         self.cache = TextEmbeddingCache(pipe)
         self.sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler).to(policy.device)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self._local_generator = self.generator  # this epoch's per-rank draws (see _epoch_generator)
+        self.world = World.current()
+        if getattr(config, "prompts_per_epoch", self.world.size) < self.world.size:
+            raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} must be >= the {self.world.size} "
+                             "processes (each samples a share of the epoch's prompts)")
         self.epoch_index = 0
         self.optimizer_steps = 0
         self.bad_streak = 0  # consecutive skipped optimizer steps (checkpointed)
@@ -129,6 +135,74 @@ class LoraTrainer:
                 f"{self.bad_streak} consecutive optimizer steps skipped for non-finite values at epoch "
                 f"{self.epoch_index} (last: {why}; max_bad_steps = {limit})"
             )
+
+    # ------------------------------------------------------------------------------------------- data parallel
+
+    def _epoch_generator(self) -> torch.Generator:
+        """The generator of this epoch's per-rank draws (initial and SDE noise, trained steps, shuffles): the
+        shared one in a single process; with several processes a fresh one per rank, seeded from one draw of
+        the shared generator (which so stays in step on every rank: a resumed run redraws the same)."""
+        if self.world.size == 1:
+            self._local_generator = self.generator
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            self._local_generator = torch.Generator(self.generator.device).manual_seed(seed + self.world.rank)
+        return self._local_generator
+
+    def _gather_groups(self, values: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
+        """``values`` ``(local samples, ...)`` of this rank's share of ``groups`` groups -> the whole epoch's
+        ``(groups * group_size, ...)`` in group order, on every rank (identity in a single process)."""
+        return self.world.all_gather_cat(values, self.world.shard_sizes(groups, group_size))
+
+    def _update_parts(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """The epoch's optimizer-step parts of the shuffled (local) samples ``order``: the non-empty ones of
+        ``updates_per_epoch`` in a single process; all of them with several processes (a part may be empty on
+        one rank: every rank still takes part in each step)."""
+        parts = order.tensor_split(self.config.updates_per_epoch)
+        return list(parts) if self.world.size > 1 else [p for p in parts if len(p)]
+
+    def _finish_update(self, samples: int, bad: str) -> float | None:
+        """After one part's backward passes (``samples`` of this rank's samples; ``bad``: why this rank's loss
+        is unusable, "" if it is fine): average the gradients over the ranks (weighted by samples), then step
+        or skip. Returns the pre-clip gradient norm, None if no step was taken."""
+        if self.world.size > 1:
+            grads = [p.grad if p.grad is not None and not bad else torch.zeros_like(p) for p in self.params.values()]
+            flat = torch.cat([g.detach().reshape(-1).float() for g in grads]) * samples
+            extra = torch.tensor([float(samples), float(bool(bad))], device=flat.device)
+            total = self.world.all_reduce(torch.cat([flat, extra]))
+            count, bad_ranks = float(total[-2]), float(total[-1])
+            if bad_ranks:
+                return self._skip_step(bad or "a non-finite loss on another process")
+            if count == 0:  # no process had samples in this part (a single process skips such parts)
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            mean = total[:-2] / count
+            offset = 0
+            for p in self.params.values():
+                p.grad = mean[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
+                offset += p.numel()
+        elif bad:
+            return self._skip_step(bad)
+        return self._optimizer_step()
+
+    def _reduce_log(self, log: dict[str, Any], means: Sequence[str], maxes: Sequence[str] = (),
+                    sums: Sequence[str] = ()) -> None:
+        """With several processes, turn ``log``'s per-rank lists ``means`` into one-element lists holding the
+        mean over all ranks (empty if no rank has a value), ``maxes`` / ``sums`` (numbers) into their max / sum
+        over ranks: the epoch metrics are then the whole epoch's and the same on every rank."""
+        if self.world.size == 1:
+            return
+        flat = [float(v) for key in means for v in (sum(log[key]), len(log[key]))] + [float(log[k]) for k in sums]
+        total = self.world.all_reduce(torch.tensor(flat, dtype=torch.float64)).tolist()
+        for i, key in enumerate(means):
+            value, count = total[2 * i], total[2 * i + 1]
+            log[key] = [value / count] if count else []
+        for i, key in enumerate(sums):
+            log[key] = type(log[key])(total[2 * len(means) + i])
+        if maxes:
+            top = self.world.all_reduce(torch.tensor([float(log[k]) for k in maxes], dtype=torch.float64), "max")
+            for key, value in zip(maxes, top.tolist()):
+                log[key] = value
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -189,6 +263,7 @@ class LoraTrainer:
             "epoch": self.epoch_index,
             "optimizer_steps": self.optimizer_steps,
             "bad_streak": self.bad_streak,
+            "world_size": self.world.size,
             "config": self.config.to_json(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
             "optimizer_scalars": scalars,

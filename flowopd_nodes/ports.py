@@ -104,6 +104,9 @@ class Node:
     INPUTS: ClassVar[tuple[In, ...]] = ()
     OUTPUTS: ClassVar[tuple[Out, ...]] = ()
     OUTPUT_NODE: ClassVar[bool] = False
+    DISTRIBUTED: ClassVar[bool] = False
+    """True: under a multi-process launch every process runs the node together (data-parallel training);
+    False: process 0 runs it alone and the others read its outputs."""
     VERSION: ClassVar[int] = 1
     FUNCTION: ClassVar[str] = "run"
     RETURN_TYPES: ClassVar[tuple[str, ...]] = ()

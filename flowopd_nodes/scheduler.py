@@ -15,6 +15,13 @@ producer's key plus a nonce drawn when the producer actually executed, so a re-e
 params, ``--force``) re-executes everything downstream, while a cache hit keeps downstream keys stable.
 An entry is complete only once ``outputs.json`` is in place (written last, atomically); a node that fails
 leaves nothing behind.
+
+Several processes (``torchrun --nproc_per_node N runner.py ...``; see :mod:`flowopd_core.distributed`): every
+process walks the graph in the same order; process 0 decides what is cached, holds the lock and alone writes
+the run directory (cache, checkpoints, status, run.log, links). A node with ``DISTRIBUTED = True`` (the
+trainers) runs in every process at once (data parallel; process r > 0 writes its own files only under
+``ranks/rank<r>/``); any other node runs in process 0 while the others wait. Then every process reads the
+outputs that process 0 wrote (the run directory must be on a filesystem all processes share).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from flowopd_core import __version__ as core_version
+from flowopd_core.distributed import World
 from flowopd_nodes import context
 from flowopd_nodes.errors import NodeExecutionError, TrainingInterrupted
 from flowopd_nodes.types import WIRE_TYPES, decode_outputs, encode_outputs
@@ -176,9 +184,17 @@ def run_graph(
     progress: Callable[[int, str], context.Progress] | None = _TqdmProgress,
     show_progress: bool = True,
 ) -> RunResult:
-    """Run ``valid`` in ``run_dir``; see the module docstring for caching. Raises :class:`NodeExecutionError`."""
+    """Run ``valid`` in ``run_dir``; see the module docstring for caching and several processes. Raises
+    :class:`NodeExecutionError`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    world = World.current()
+    main = world.is_main
+    rank_dir = run_dir / "ranks" / f"rank{world.rank}"  # process r > 0's own files
+    if not main:
+        shutil.rmtree(rank_dir, ignore_errors=True)
+        rank_dir.mkdir(parents=True)
+        progress, show_progress = context._null_progress, False
     unknown = set(force) - set(valid.nodes)
     if unknown:
         raise ValueError(f"--force names no node of the graph: {sorted(unknown)}")
@@ -193,15 +209,18 @@ def run_graph(
     def write_status(force: bool = False) -> None:
         # Throttled: rewriting the whole file after every one of many quick cached nodes is quadratic.
         now = time.monotonic()
-        if not force and now - last_write[0] < 1.0:
+        if not main or not force and now - last_write[0] < 1.0:
             return
         last_write[0] = now
         counts = {s: len(result.ids(s)) for s in ("executed", "cached", "failed", "skipped", "pending")}
         _write_json(run_dir / "status.json", {**status_meta, **counts, "nodes": {k: asdict(v) for k, v in statuses.items()}})
 
-    with _run_lock(run_dir), _file_log(run_dir / "run.log"):
-        (run_dir / "graph.yaml").write_text(yaml.safe_dump(valid.graph.to_data(), sort_keys=False), encoding="utf-8")
-        log.info("run %s: %d nodes to consider in %s", valid.name, len(valid.order), run_dir)
+    lock = _run_lock(run_dir) if main else contextlib.nullcontext()
+    with lock, _file_log(run_dir / "run.log" if main else rank_dir / "run.log"):
+        if main:
+            (run_dir / "graph.yaml").write_text(yaml.safe_dump(valid.graph.to_data(), sort_keys=False), encoding="utf-8")
+        log.info("run %s: %d nodes to consider in %s%s", valid.name, len(valid.order), run_dir,
+                 f" (process {world.rank} of {world.size})" if world.size > 1 else "")
         bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True)
         try:
             for node_id in bar:
@@ -211,17 +230,34 @@ def run_graph(
                 upstream = {name: f"{fingerprints[l.node]}:{l.output}" for name, l in sorted(node.links.items())}
                 status.key = node_key(node, upstream)
                 entry = run_dir / "cache" / node_id / status.key
-                if node_id in force and entry.exists():
+                if main and node_id in force and entry.exists():
                     shutil.rmtree(entry)
                 started = time.perf_counter()
-                if (entry / OUTPUTS_FILE).is_file():
+                # process 0 decides (another process could see an entry that process 0 is writing)
+                if world.broadcast_int(int((entry / OUTPUTS_FILE).is_file()) if main else 0):
                     data = json.loads((entry / OUTPUTS_FILE).read_text(encoding="utf-8"))
                     values = decode_outputs(node.cls.RETURN_TYPES, data["outputs"], entry)
                     fingerprints[node_id] = data["fingerprint"]
                     status.state = "cached"
                     log.info("node %s (%s): cached %s", node_id, node.cls.NODE_ID, status.key)
+                elif not main:
+                    if node.cls.DISTRIBUTED:  # in step with process 0; files of its own go to rank_dir
+                        _execute(node, result, rank_dir / node_id, run_dir, progress, owner=False)
+                    else:
+                        log.info("node %s (%s): runs in process 0", node_id, node.cls.NODE_ID)
+                    if not world.broadcast_int(0):  # waits for process 0's outputs.json
+                        raise NodeExecutionError(node_id, node.cls.NODE_ID, RuntimeError("failed in process 0"))
+                    data = json.loads((entry / OUTPUTS_FILE).read_text(encoding="utf-8"))
+                    values = decode_outputs(node.cls.RETURN_TYPES, data["outputs"], entry)
+                    fingerprints[node_id] = data["fingerprint"]
+                    status.state = "executed"
                 else:
-                    values = _execute(node, result, entry, run_dir, progress)
+                    try:
+                        values = _execute(node, result, entry, run_dir, progress)
+                    except BaseException:
+                        if world.size > 1 and not node.cls.DISTRIBUTED:
+                            world.broadcast_int(0)  # the others wait for this node: tell them it failed
+                        raise
                     fingerprints[node_id] = f"{status.key}-{secrets.token_hex(8)}"
                     _write_json(
                         entry / OUTPUTS_FILE,
@@ -242,9 +278,11 @@ def run_graph(
                         entry,
                     )
                     status.state = "executed"
+                    world.broadcast_int(1)  # the outputs are on disk: the other processes read them
                 status.seconds = time.perf_counter() - started
                 result.outputs[node_id] = dict(zip(node.cls.RETURN_NAMES, values))
-                _link_latest(run_dir, node_id, entry)
+                if main:
+                    _link_latest(run_dir, node_id, entry)
                 write_status()
         except BaseException as exc:
             for status in statuses.values():
@@ -260,7 +298,9 @@ def run_graph(
     return result
 
 
-def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, progress) -> tuple:
+def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, progress, owner: bool = True) -> tuple:
+    """Run one node with ``entry`` as its artifact folder. ``owner``: this process owns the node's checkpoint
+    folder (False for process r > 0 of a multi-process run: it reads checkpoints and never removes them)."""
     status = result.statuses[node.id]
     if entry.exists():  # an incomplete entry from an interrupted run
         shutil.rmtree(entry)
@@ -301,7 +341,8 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
         if isinstance(exc, Exception):
             raise NodeExecutionError(node.id, node.cls.NODE_ID, exc) from exc
         raise
-    shutil.rmtree(checkpoints, ignore_errors=True)  # done: the results live in the cache entry
+    if owner:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # done: the results live in the cache entry
     return values
 
 

@@ -42,6 +42,7 @@ class GRPOTrainerNode(Node):
         "advantages, per-step PPO clip, KL to the base (adapter off), EMA of the LoRA. One reward = a specialist "
         "teacher; several weighted rewards = the GRPO-Mix baseline. Output: the adapter (EMA weights) on the base."
     )
+    DISTRIBUTED = True
     INPUTS = (
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),

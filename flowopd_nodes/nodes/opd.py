@@ -230,6 +230,7 @@ class DistillerNode(Node):
         "lambda w(t)||v_student - v_anchor||^2 on all prompts; the anchor is the base unless an anchor model is "
         "linked. No task reward is needed; rewards named here are logged."
     )
+    DISTRIBUTED = True
     INPUTS = (
         In("student", "FLOWOPD_MODEL", help="the cold-started student (no adapter = start from the base)"),
         In("teachers", "FLOWOPD_TEACHERS", help="teacher pool with routing"),

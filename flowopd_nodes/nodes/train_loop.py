@@ -13,8 +13,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from flowopd_core.checkpoint import CheckpointStore
-from flowopd_core.lora_trainer import LoraTrainer, state_files, state_from_files
+from flowopd_core.checkpoint import CheckpointStore, read_checkpoint
+from flowopd_core.lora_trainer import STATE_META, LoraTrainer, state_files, state_from_files
 from flowopd_nodes import context
 from flowopd_nodes.errors import TrainingInterrupted
 
@@ -108,8 +108,13 @@ def train_resumable(
     verifies, skipping broken ones with a warning (the scheduler removes the folder once the node succeeds).
     SIGTERM / SIGINT: the running epoch finishes, a checkpoint is written, then :class:`TrainingInterrupted`
     (the runner exits with 128 + the signal's number and says to rerun the same command); a second signal stops
-    at once. Returns the history."""
+    at once.
+
+    Several processes (data parallel, ``trainer.world``): all load the checkpoint process 0 picks; process 0
+    alone writes checkpoints, after checking that every process holds the same LoRA weights (again at the end);
+    a signal to any process stops all of them after the same epoch. Returns the history."""
     ctx = context.current()
+    world = trainer.world
     history: list[dict[str, Any]] = []
     store = CheckpointStore(ctx.checkpoint_dir, keep) if ctx.checkpoint_dir is not None else None
     last_good: list[Path | None] = [None]  # the newest checkpoint on disk
@@ -117,11 +122,18 @@ def train_resumable(
         found, skipped = store.latest()
         for path, why in skipped:
             ctx.log.warning("skipping broken checkpoint %s: %s", path, why)
-        if found is not None:
+        chosen = world.broadcast_int(found.epoch if found is not None else -1)  # process 0's choice
+        if chosen >= 0 and (found is None or found.epoch != chosen):
+            found = read_checkpoint(store.path(chosen))
+        if chosen >= 0:
             last_good[0] = found.path
             trainer.load_state_dict(state_from_files(found.files))
             history = json.loads(found.files[HISTORY])[: trainer.epoch_index]
             ctx.log.info("resumed %s at epoch %d from %s", label, trainer.epoch_index, found.path)
+            saved_by = json.loads(found.files[STATE_META]).get("world_size", 1)
+            if saved_by != world.size:
+                ctx.log.warning("the checkpoint was written by %d processes, this run has %d: it continues, but "
+                                "no longer repeats an uninterrupted run bit for bit", saved_by, world.size)
         elif (ctx.checkpoint_dir / "state").is_dir():
             ctx.log.warning("ignoring %s: an unverified checkpoint of an older format", ctx.checkpoint_dir / "state")
     bar = ctx.progress(trainer.config.epochs, f"{kind} {label}")
@@ -145,14 +157,24 @@ def train_resumable(
             ctx.log.warning("%s %s epoch %d: %d optimizer step(s) skipped for non-finite values", kind, label,
                             len(history) - 1, entry["skipped_steps"])
         if store is not None and checkpoint_every and len(history) % checkpoint_every == 0:
-            files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
-            last_good[0] = store.save(trainer.epoch_index, files)
-        if stop.signum is not None:
+            save()
+        if world.any(stop.signum is not None):  # every process stops after the same epoch
             if store is not None and (last_good[0] is None or last_good[0] != store.path(trainer.epoch_index)):
-                files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
-                last_good[0] = store.save(trainer.epoch_index, files)
-            raise interrupted(stop.signum)
+                save()
+            raise interrupted(stop.signum or signal.SIGTERM)
         bar.update(1)  # last: a Stop in ComfyUI raises here, after this epoch's checkpoint is on disk
+
+    def save() -> None:
+        check_identical()
+        if world.is_main:
+            files = {**state_files(trainer.state_dict()), HISTORY: json.dumps(history, default=str).encode()}
+            store.save(trainer.epoch_index, files)
+        world.barrier()  # the checkpoint is on disk for every process
+        last_good[0] = store.path(trainer.epoch_index)
+
+    def check_identical() -> None:
+        if not world.identical(list(trainer.params.values())):
+            raise RuntimeError(f"the {world.size} processes' LoRA weights differ after epoch {trainer.epoch_index}")
 
     def interrupted(signum: int) -> TrainingInterrupted:
         ctx.log.warning("node %s: %s", ctx.node_id, signal.Signals(signum).name)
@@ -170,4 +192,7 @@ def train_resumable(
     finally:
         bar.close()
         board.close()
+    if world.size > 1:
+        check_identical()
+        ctx.log.info("%s %s: the %d processes hold identical LoRA weights", kind, label, world.size)
     return history

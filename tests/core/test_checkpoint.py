@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from flowopd_core.checkpoint import MANIFEST, CheckpointError, CheckpointStore, read_checkpoint, write_checkpoint
-from flowopd_core.lora_trainer import TrainerState, load_trainer_state, save_trainer_state
+from flowopd_core.lora_trainer import (
+    TrainerState,
+    load_trainer_state,
+    save_trainer_state,
+)
 
 
 def _files(epoch: int) -> dict[str, bytes]:
