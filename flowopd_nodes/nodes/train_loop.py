@@ -86,7 +86,7 @@ class _StopOnSignal:
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
 
 
 def train_resumable(
