@@ -453,7 +453,7 @@ def run_time(model: str, repeats: int, config: OPDConfig) -> list[str]:
         f"adapters (hard routing), MAR with the base as anchor, batch {config.batch_size}, mode {config.mode}, "
         f"one optimizer step; {repeats} interleaved repeats, each column the run with the median total; "
         f"torch threads: {torch.get_num_threads()}. CPU = process CPU time (all threads), which background load "
-        f"disturbs far less than wall time.",
+        f"disturbs less than wall time.",
         "",
         "| phase | ours: wall s | model calls alone: wall s | overhead | ours: CPU s | calls alone: CPU s | overhead (CPU) |",
         "|---|---|---|---|---|---|---|",

@@ -56,27 +56,41 @@ def main() -> None:
             output_type="latent",
         )
 
-    times: dict[str, list[float]] = {"ours (SDE + log-probs + decode)": [], "diffusers pipeline (ODE)": []}
+    names = ("ours (SDE + log-probs + decode)", "diffusers pipeline (ODE)")
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
         ours(), plain()  # warm-up
         for _ in range(args.repeats):
-            for name, fn in zip(times, (ours, plain)):
-                start = time.perf_counter()
+            for name, fn in zip(names, (ours, plain)):
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["diffusers pipeline (ODE)"]
-    print(f"| sampler ({args.batch} images, {args.steps} steps, CFG 4.5) | median s | ratio |\n|---|---|---|")
-    for name, value in med.items():
-        print(f"| {name} | {value:.3f} | {value / base:.3f} |")
-    ratio = med["ours (SDE + log-probs + decode)"] / base
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    base, base_cpu = med[names[1]], med_cpu[names[1]]
+    print(f"| sampler ({args.batch} images, {args.steps} steps, CFG 4.5) | median wall s | ratio | median CPU s | "
+          "ratio (CPU) |\n|---|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {med[name]:.3f} | {med[name] / base:.3f} | {med_cpu[name]:.3f} | "
+              f"{med_cpu[name] / base_cpu:.3f} |")
+    ratio, ratio_cpu = med[names[0]] / base, med_cpu[names[0]] / base_cpu
+    paired = sorted(a / b for a, b in zip(wall[names[0]], wall[names[1]]))
     verdict = "met" if ratio <= 1.05 else "MISSED"
     print(f"\n{'Shipped mini-world base' if (folder / 'model_index.json').is_file() else 'Tiny random pipeline'}, "
           f"median of {args.repeats} interleaved repeats, text pre-encoded on both sides; torch threads "
-          f"{torch.get_num_threads()}.")
+          f"{torch.get_num_threads()}. CPU = process CPU time, which background load disturbs less than wall "
+          f"time. Per-repeat wall ratios: {paired[0]:.2f} to {paired[-1]:.2f}.")
     print(f"Target (issues 3, 9): SDE sampling with log-probs <= 1.05x plain pipeline sampling: **{verdict}** "
-          f"({ratio:.2f}x).")
-
+          f"({ratio:.2f}x wall, {ratio_cpu:.2f}x CPU).")
+    if verdict != "met":
+        if paired[0] <= 1.05:
+            print(f"Reason: within this run's noise: the per-repeat wall ratios straddle the target ({paired[0]:.2f} to "
+                  f"{paired[-1]:.2f}); rerun on an idle machine.")
+        else:
+            print(f"Reason: every repeat was above the target ({paired[0]:.2f} to {paired[-1]:.2f}): ours costs more "
+                  "than the pipeline's own loop on this machine.")
 
 if __name__ == "__main__":
     main()

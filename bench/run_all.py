@@ -39,7 +39,7 @@ VERDICT = re.compile(r"^Target \((?P<issue>[^)]*)\): (?P<what>.*): \*\*(?P<verdi
 
 def _git(*args: str) -> str:
     out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-    return out.stdout.strip()
+    return out.stdout.rstrip()
 
 
 def machine() -> list[str]:
@@ -63,11 +63,15 @@ def machine() -> list[str]:
         except ImportError:
             pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    loads = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = " / ".join(f"{x:.1f}" for x in loads) if loads else "unknown"
+    busy = loads is not None and loads[0] > 0.5 * (os.cpu_count() or 1)
     return [
         f"Machine: {cpu}, {os.cpu_count()} cores, {memory}, {gpu}; torch threads {torch.get_num_threads()}; "
         f"Python {platform.python_version()}, {', '.join(versions)}.",
-        f"Load average (1 / 5 / 15 min) when the run started: {load}.",
+        f"Load average (1 / 5 / 15 min) when the run started: {load}."
+        + (" Other work was running: every comparison below is measured side by side in one run, but expect a "
+           "few per cent of noise in each ratio (the CPU-time columns are the steadier ones)." if busy else ""),
     ]
 
 
@@ -95,7 +99,7 @@ def main() -> int:
     header = machine()
     started = datetime.datetime.now().astimezone()
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
     sections, verdicts, ok = [], [], True
     for name in chosen:
         title, path = SCRIPTS[name]
