@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from types import SimpleNamespace
     import torch
-    from flowopd_core.distributed import init_from_env
+    from flowopd_core.distributed import init_from_env, shutdown
     from flowopd_core.lora_trainer import LoraTrainer
 
     world = init_from_env()
@@ -80,6 +80,8 @@ WORKER = textwrap.dedent(
     out["opd_moved"] = any(bool(p.abs().sum()) for n, p in trainer.params.items() if "lora_B" in n)
     with open(f"{sys.argv[1]}/rank{r}.json", "w") as handle:
         json.dump(out, handle)
+    shutdown()
+    os._exit(0)  # as runner.py: gloo's teardown at interpreter exit sometimes aborts a finished process
     """
 )
 
