@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 TIMEOUT_ENV = "FLOWOPD_DIST_TIMEOUT_S"
 """Seconds a rank waits in a collective (e.g. while rank 0 alone runs an evaluation node); default one day."""
+BACKEND_ENV = "FLOWOPD_DIST_BACKEND"
+"""Force a backend (``gloo`` / ``nccl``); default nccl where CUDA is available, else gloo."""
 
 
 @dataclass(frozen=True)
@@ -113,18 +115,19 @@ class World:
 
 def init_from_env() -> World:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (WORLD_SIZE
-    > 1): nccl with one GPU per process (LOCAL_RANK) where CUDA is available, else gloo. Returns the world;
-    the single process when WORLD_SIZE is unset or 1."""
+    > 1): nccl with one GPU per process (LOCAL_RANK) where CUDA is available, else gloo (``BACKEND_ENV``
+    overrides it). Returns the world; the single process when WORLD_SIZE is unset or 1."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "86400")))
-        if torch.cuda.is_available():
+        backend = os.environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"{BACKEND_ENV} must be gloo or nccl, got {backend!r}")
+        if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl", timeout=timeout)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout)
     return World.current()
 
 
