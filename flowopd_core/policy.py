@@ -85,6 +85,7 @@ class Policy:
         transformer.requires_grad_(False)
         transformer.eval()
         self._base = transformer
+        self._dtype, self._device = transformer.dtype, transformer.device  # diffusers walks the parameters
         self._peft: PeftModel | None = None
         self._trainable: set[str] = set()
 
@@ -97,11 +98,11 @@ class Policy:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._base.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self._base.device
+        return self._device
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -176,6 +177,8 @@ class Policy:
     def set_active(self, name: str) -> None:
         """Make ``name`` the adapter used by plain forwards (trainability unchanged)."""
         self._check_known(name)
+        if self._peft.active_adapter == name:
+            return
         self._peft.set_adapter(name)
         self._restore_trainable()
 
