@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer
 from flowopd_core.modelref import ModelRef
@@ -90,7 +91,10 @@ class GRPOTrainerNode(Node):
 
         def record(metrics) -> dict:
             entry = metrics.to_json()
-            entry["reward"] = sum(weights[n] * entry["reward_mean"][n] for n in weights) / sum(weights.values())
+            # weighted mean over the rewards that scored something this epoch (task cycling: one task per epoch)
+            scored = {n: v for n, v in entry["reward_mean"].items() if math.isfinite(v)}
+            total = sum(weights[n] for n in scored)
+            entry["reward"] = sum(weights[n] * v for n, v in scored.items()) / total if total else math.nan
             return entry
 
         history = train_resumable(trainer, "grpo", label, checkpoint_every, record,
