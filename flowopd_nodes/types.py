@@ -57,12 +57,13 @@ def _decode_prompts(data: dict[str, Any], entry: Path) -> PromptSet:
 
 
 def _encode_path(value: str, entry: Path, name: str) -> str:
-    """Paths inside the cache entry are stored relative to it, so a run directory can be moved."""
+    """Paths inside the cache entry are stored relative to it, so a run directory can be moved; any other path
+    is stored absolute (a relative one would be read back relative to the entry, not to the working folder)."""
     path = Path(value)
     try:
         return path.resolve().relative_to(entry.resolve()).as_posix()
     except ValueError:
-        return str(path)
+        return str(path.resolve())
 
 
 def _decode_path(data: str, entry: Path) -> str:
