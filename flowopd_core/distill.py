@@ -36,7 +36,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from flowopd_core.grpo import KL_FORMS, RewardFn, _nan_stats, _scores, _submit, group_advantages
-from flowopd_core.lora_trainer import LoraTrainer
+from flowopd_core.lora_trainer import LoraTrainer, range_errors
 from flowopd_core.modelref import ModelRef
 from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES, RoutePlan, distill_loss, route
 from flowopd_core.pipeline import TextEmbeddings, decode, initial_noise, velocity
@@ -108,18 +108,14 @@ class OPDConfig:
     )
 
     def __post_init__(self) -> None:
-        errors = []
-        for name in ("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
-                     "lora_rank", "epochs", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("step_subset", "reward_workers", "weight_decay", "grad_clip", "anchor_weight", "advantage_clip",
-                     "resolution"):
-            if not getattr(self, name) >= 0:
-                errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("clip_range", "lr", "lora_alpha", "noise_level"):
-            if not getattr(self, name) > 0:
-                errors.append(f"{name} must be > 0, got {getattr(self, name)}")
+        errors = range_errors(
+            self,
+            at_least_one=("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
+                          "lora_rank", "epochs", "max_bad_steps"),
+            non_negative=("step_subset", "reward_workers", "weight_decay", "grad_clip", "anchor_weight",
+                          "advantage_clip", "resolution"),
+            positive=("clip_range", "lr", "lora_alpha", "noise_level"),
+        )
         if self.mode not in DISTILL_MODES:
             errors.append(f"mode must be one of {DISTILL_MODES}, got {self.mode!r}")
         if self.kl_form and self.kl_form not in KL_FORMS:

@@ -41,6 +41,7 @@ from diffusers import StableDiffusion3Pipeline
 from flowopd_core.lora_trainer import (  # noqa: F401  (checkpoint helpers re-exported for callers)
     LoraTrainer,
     TrainerState,
+    range_errors,
     load_trainer_state,
     save_trainer_state,
 )
@@ -154,17 +155,14 @@ class GRPOConfig:
     )
 
     def __post_init__(self) -> None:
-        errors = []
-        for name in ("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
-                     "lora_rank", "epochs", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("step_subset", "sde_window", "reward_workers", "beta", "weight_decay", "grad_clip", "resolution"):
-            if getattr(self, name) < 0:
-                errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("clip_range", "adv_clip", "adv_eps", "lr", "lora_alpha", "noise_level"):
-            if not getattr(self, name) > 0:
-                errors.append(f"{name} must be > 0, got {getattr(self, name)}")
+        errors = range_errors(
+            self,
+            at_least_one=("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
+                          "lora_rank", "epochs", "max_bad_steps"),
+            non_negative=("step_subset", "sde_window", "reward_workers", "beta", "weight_decay", "grad_clip",
+                          "resolution"),
+            positive=("clip_range", "adv_clip", "adv_eps", "lr", "lora_alpha", "noise_level"),
+        )
         if self.group_size < 2:
             errors.append(f"group_size must be >= 2 (a group of one has no advantage), got {self.group_size}")
         if not 0 < self.train_fraction <= 1 or self.trainable_steps < 1:

@@ -49,6 +49,17 @@ class TrainerConfig(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
+def range_errors(
+    config: Any, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+) -> list[str]:
+    """Messages for the fields of ``config`` outside their range (NaN fails every check)."""
+    errors = [f"{n} must be >= 1, got {getattr(config, n)}" for n in at_least_one if not getattr(config, n) >= 1]
+    errors += [f"{n} must be >= 0, got {getattr(config, n)}" for n in non_negative if not getattr(config, n) >= 0]
+    errors += [f"{n} must be > 0, got {getattr(config, n)}" for n in positive if not getattr(config, n) > 0]
+    return errors
+
+
 @dataclass
 class TrainerState:
     """A checkpoint: ``tensors`` (LoRA, EMA, optimizer moments, generator state as uint8) for safetensors and
