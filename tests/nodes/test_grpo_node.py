@@ -80,7 +80,8 @@ def test_non_finite_losses_stop_the_node_naming_it_and_keep_the_last_good_checkp
     run_dir = tmp_path / "nan"
     assert runner.main(["run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir), "--no-progress",
                         *TINY, "--set", "teacher.max_bad_steps=2", "--set", "teacher.group_size=4",
-                        "--set", "teacher.prompts_per_epoch=4"]) == 1  # groups of 4: some never flat
+                        "--set", "teacher.prompts_per_epoch=4", "--set", "teacher.updates_per_epoch=2"]) == 1
+    # groups of 4: some group is never flat; 2 updates in epoch 2 = the 2 consecutive bad steps
     text = (run_dir / "run.log").read_text()
     assert "node teacher (grpo grpo-compose): 2 consecutive optimizer steps skipped for non-finite values at epoch 2" in text
     assert "GRPO loss nan" in text and "epoch_000002, is intact" in text
