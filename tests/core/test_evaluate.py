@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from flowopd_core.eval_report import format_stat, mean_ci, summarise, write_results
+from flowopd_core.eval_report import format_stat, mean_ci, paired_differences, summarise, write_results
 from flowopd_core.evaluate import (
     EvalConfig,
     EvalTarget,
@@ -144,6 +144,15 @@ def test_ground_truth_scores_near_one_and_files_list_every_model_and_task(prompt
     assert len(files.grids) == 6 and files.chart.is_file()
     for path in files.grids + (files.chart,):
         assert Image.open(path).format == "PNG"
+    # paired differences to the first model: blank - truth, per sample, on each task's headline metric
+    paired = paired_differences(results)["blank"]
+    for task, metric, strict in (("compose", "compose", True), ("text", "ocr", False), ("quality", "quality", False)):
+        table_of = (lambda e: e.table.strict) if strict else (lambda e: e.table.scores)
+        rows = evals[0].sample_rows(task)
+        want = (table_of(evals[1])[metric][rows] - table_of(evals[0])[metric][rows]).double().mean().item()
+        assert paired[task].mean == pytest.approx(want) and paired[task].mean < -0.7, (task, paired[task])
+    assert "Paired differences to ground truth" in table and "* = the interval excludes 0" in table
+    assert data["paired_to_first"]["blank"]["text"]["mean"] == pytest.approx(paired["text"].mean)
 
 
 def test_unscorable_images_are_counted_out_and_written_as_null(prompts, tmp_path):
