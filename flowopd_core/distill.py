@@ -337,20 +337,10 @@ class TeacherPool:
             )
         w = torch.tensor(weights, dtype=torch.float32, device=x.device).view(-1, *([1] * (x.ndim - 1)))
         target = torch.zeros((x.shape[0], *x.shape[1:]), dtype=torch.float32, device=x.device)
+        # a one-hot row gets 0 + 1.0 * v: exactly the teacher's velocity
         target.index_add_(0, index[:n_target], w * out[:n_target])
-        hard = plan.index.to(x.device) >= 0  # one-hot rows: exactly the teacher's velocity (no w * v rounding)
-        if bool(hard.any()):
-            target[hard] = out[:n_target][_first_rows(index[:n_target], x.shape[0])[hard]]
         anchor = out[n_target:] if with_anchor else None
         return target, anchor
-
-
-def _first_rows(index: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(batch,)`` position in ``index`` of each row's first occurrence (-1 if absent)."""
-    first = torch.full((batch,), -1, dtype=torch.long, device=index.device)
-    positions = torch.arange(len(index), device=index.device)
-    first.scatter_reduce_(0, index, positions, "amin", include_self=False)
-    return first
 
 
 class OPDTrainer(LoraTrainer):
