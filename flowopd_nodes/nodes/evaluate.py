@@ -10,7 +10,7 @@ from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards import REWARDS
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes import context
-from flowopd_nodes.nodes.grpo import SERVERS_HELP
+from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 MAX_MODELS = 8  # ComfyUI's V1 contract has no variadic inputs: numbered optional slots
@@ -46,7 +46,7 @@ class Evaluator(Node):
         *(In(f"model_{i}", "FLOWOPD_MODEL", help=f"model {i} (optional)", optional=True) for i in range(2, MAX_MODELS + 1)),
         In("task_rewards", "STRING", "", "task -> its own metric over the mini-world's (compose=compose, "
            "text=ocr, quality=quality), e.g. 'compose=geneval, text=ocr, pick=pickscore'"),
-        In("reward_servers", "STRING", "", SERVERS_HELP),
+        REWARD_SERVERS,
         *_EVAL_INPUTS,
     )
     OUTPUTS = (
@@ -56,15 +56,7 @@ class Evaluator(Node):
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
-        try:
-            servers = parse_servers(params["reward_servers"])
-        except ValueError as exc:
-            return [("reward_servers", str(exc))]
-        try:
-            parse_task_rewards(params["task_rewards"], servers)
-        except ValueError as exc:
-            return [("task_rewards", str(exc))]
-        return []
+        return reward_param_errors(params, task_rewards=parse_task_rewards)
 
     def run(self, prompts: PromptSet, model_1: ModelRef, task_rewards: str, reward_servers: str, **values) -> tuple:
         refs = [model_1, *(values.pop(f"model_{i}", None) for i in range(2, MAX_MODELS + 1))]

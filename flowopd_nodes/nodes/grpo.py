@@ -12,7 +12,8 @@ from flowopd_core.policy import Policy
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes import context
-from flowopd_nodes.nodes.train_loop import TRAINER_RANGES, train_resumable
+from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
+from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, TRAINER_RANGES, train_resumable
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 _GRPO_INPUTS = config_inputs(
@@ -26,10 +27,6 @@ _GRPO_INPUTS = config_inputs(
     kl_form={"choices": ("flow_grpo", "true", "mean")},
     reward_mode={"choices": REWARD_MODES},
     **TRAINER_RANGES,
-)
-SERVERS_HELP = (
-    "rewards scored by reward servers (runner.py serve-reward), e.g. 'geneval=http://10.0.0.5:18001'; those names "
-    "may then be used like registered ones"
 )
 CURVE_KEYS = ("reward", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm", "zero_std_groups")
 
@@ -48,11 +45,9 @@ class GRPOTrainerNode(Node):
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),
         In("rewards", "STRING", "compose", "reward names with optional weights: 'compose' or 'compose:1, ocr:1'"),
-        In("reward_servers", "STRING", "", SERVERS_HELP),
+        REWARD_SERVERS,
         In("label", "STRING", "teacher", "name of the adapter in reports"),
-        In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
-        In("keep_checkpoints", "INT", 2, "checkpoints kept (the newest); a broken one is skipped on resume",
-           min=1, max=10**4),
+        *CHECKPOINT_INPUTS,
         *_GRPO_INPUTS,
     )
     OUTPUTS = (
@@ -62,15 +57,11 @@ class GRPOTrainerNode(Node):
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        errors = reward_param_errors(params, rewards=parse_reward_weights)
+        if errors:
+            return errors
         try:
-            servers = parse_servers(params["reward_servers"])
-        except ValueError as exc:
-            return [("reward_servers", str(exc))]
-        try:
-            weights = parse_reward_weights(params["rewards"], servers)
-        except ValueError as exc:
-            return [("rewards", str(exc))]
-        try:
+            weights = parse_reward_weights(params["rewards"], parse_servers(params["reward_servers"]))
             build_config(GRPOConfig, {**params, "reward_weights": weights})
         except ValueError as exc:
             return [("", str(exc))]

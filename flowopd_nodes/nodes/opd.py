@@ -14,10 +14,10 @@ from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet
-from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
+from flowopd_core.rewards.spec import build_reward, parse_servers
 from flowopd_nodes import context
-from flowopd_nodes.nodes.grpo import SERVERS_HELP
-from flowopd_nodes.nodes.train_loop import TRAINER_RANGES, train_resumable
+from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, optional_weights, reward_param_errors
+from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, TRAINER_RANGES, train_resumable
 from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 MAX_TEACHERS = 8  # numbered optional slots: ComfyUI's V1 contract has no variadic inputs
@@ -237,11 +237,9 @@ class DistillerNode(Node):
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts of all tasks (task tags route them)"),
         In("anchor", "FLOWOPD_MODEL", help="MAR anchor: a model on the same base (default: the base)", optional=True),
         In("log_rewards", "STRING", "", "rewards logged per epoch, e.g. 'compose, ocr, quality' (not trained on)"),
-        In("reward_servers", "STRING", "", SERVERS_HELP),
+        REWARD_SERVERS,
         In("label", "STRING", "flow-opd", "name of the student in reports"),
-        In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
-        In("keep_checkpoints", "INT", 2, "checkpoints kept (the newest); a broken one is skipped on resume",
-           min=1, max=10**4),
+        *CHECKPOINT_INPUTS,
         *_OPD_INPUTS,
     )
     OUTPUTS = (
@@ -251,15 +249,9 @@ class DistillerNode(Node):
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> list[tuple[str, str]]:
-        try:
-            servers = parse_servers(params["reward_servers"])
-        except ValueError as exc:
-            return [("reward_servers", str(exc))]
-        if params["log_rewards"].strip():
-            try:
-                parse_reward_weights(params["log_rewards"], servers)
-            except ValueError as exc:
-                return [("log_rewards", str(exc))]
+        errors = reward_param_errors(params, log_rewards=optional_weights)
+        if errors:
+            return errors
         try:
             build_config(OPDConfig, params)
         except ValueError as exc:
@@ -281,7 +273,7 @@ class DistillerNode(Node):
         if student.adapter:
             policy.load_adapter("student", student.adapter)
         servers = parse_servers(reward_servers)
-        names = parse_reward_weights(log_rewards, servers) if log_rewards.strip() else {}
+        names = optional_weights(log_rewards, servers)
         rewards = {n: build_reward(n, servers) for n in names}
         trainer = OPDTrainer(pipe, pool, "student", config, prompts, rewards)
 

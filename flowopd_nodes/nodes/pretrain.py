@@ -7,7 +7,7 @@ from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
 from flowopd_core.modelref import ModelRef
 from flowopd_core.pretrain import PretrainConfig, pretrain
 from flowopd_nodes import context
-from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.ports import Node, Out, build_config, config_inputs
 
 _BIG = {"min": 1, "max": 10**7}
 _TINY_INPUTS = config_inputs(

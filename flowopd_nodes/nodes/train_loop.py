@@ -16,9 +16,17 @@ from torch.utils.tensorboard import SummaryWriter
 from flowopd_core.checkpoint import CheckpointStore, read_checkpoint
 from flowopd_core.lora_trainer import STATE_META, LoraTrainer, state_files, state_from_files
 from flowopd_nodes import context
+from flowopd_nodes.ports import In
 from flowopd_nodes.errors import TrainingInterrupted
 
 HISTORY = "history.json"
+
+CHECKPOINT_INPUTS = (
+    In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
+    In("keep_checkpoints", "INT", 2, "checkpoints kept (the newest); a broken one is skipped on resume",
+       min=1, max=10**4),
+)
+"""The checkpoint ports of every training node (passed on to :func:`train_resumable`)."""
 
 TRAINER_RANGES: dict[str, dict[str, Any]] = dict(
     prompts_per_epoch={"min": 1, "max": 100_000},
