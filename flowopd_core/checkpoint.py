@@ -11,7 +11,7 @@ with a missing, extra-short or altered file is not a checkpoint (:class:`Checkpo
 :class:`CheckpointStore` keeps numbered checkpoints ``epoch_000012/`` under one root, rotates old ones away
 and finds the newest one that verifies, skipping (and reporting) broken ones.
 
-Only bytes are stored: callers serialise with safetensors / JSON (never pickle).
+Only bytes are stored: callers serialise with safetensors / JSON (never Python object serialisation).
 """
 
 from __future__ import annotations

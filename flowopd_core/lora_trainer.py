@@ -1,7 +1,7 @@
 """Shared machinery of the trainers that optimise ONE LoRA adapter of a :class:`~flowopd_core.policy.Policy` by
 sampling epochs (Flow-GRPO teachers, the Flow-OPD student): adapter creation, AdamW over the adapter's LoRA
 parameters only, EMA of the LoRA weights, the trainer's own random generator, CFG velocities with the text
-cache, the epoch loop, and exact, atomic checkpoints (safetensors + JSON, never pickle).
+cache, the epoch loop, and exact, atomic checkpoints (safetensors + JSON only).
 
 A subclass implements :meth:`LoraTrainer.epoch` and names its checkpoint format ``STATE_FORMAT``. Everything
 random must come from ``self.generator`` (its state is checkpointed): then a resumed run repeats the

@@ -13,7 +13,8 @@ and reached with ``RemoteReward``; they also run in process.
   on a machine with network (e.g. ``hf download REPO --local-dir DIR``).
 
 The aesthetic predictor, DeQA-Score, the GenEval detector and PaddleOCR have no adapter yet: their usual
-weights are pickled checkpoints (this project never unpickles) or need packages outside its dependencies.
+weights ship as Python-object checkpoints (this project loads safetensors only) or need packages outside its
+dependencies; reach them through a reward server (graphs/sd35m/README.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A reward served over HTTP (issue 4): heavy real-model rewards run on their own machine, trainers call them.
 
-Protocol, version ``PROTOCOL_VERSION`` = 1, JSON over HTTP, no pickle anywhere:
+Protocol, version ``PROTOCOL_VERSION`` = 1, JSON over HTTP, nothing but JSON and PNG:
 
 - ``POST /score`` with ``{"version": 1, "images": [base64 PNG, ...], "prompts": [PromptSpec.to_json(), ...]}``
   -> ``{"version": 1, "name": str, "scores": [float | null], "strict": [float | null] | null,
