@@ -5,9 +5,10 @@ from __future__ import annotations
 from flowopd_core.miniworld import sample_training_batch
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
 from flowopd_core.modelref import ModelRef
+from flowopd_core.pipeline import load_pipeline
 from flowopd_core.pretrain import PretrainConfig, pretrain
 from flowopd_nodes import context
-from flowopd_nodes.ports import Node, Out, build_config, config_inputs
+from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
 
 _BIG = {"min": 1, "max": 10**7}
 _TINY_INPUTS = config_inputs(
@@ -54,19 +55,38 @@ class PretrainMiniWorld(Node):
         "Builds a tiny SD3-architecture pipeline offline (tiny CLIP/T5 encoders, SD3 transformer, pixel space by "
         "default) and pretrains it on the mini-world's train prompts with the rectified-flow loss. Writes a "
         "standard diffusers pipeline folder (EMA weights) and a loss curve; with snapshot_every > 0 also the EMA "
-        "weights every that many steps as pipeline folders snapshots/step_NNNNN/ among its artifacts."
+        "weights every that many steps as pipeline folders snapshots/step_NNNNN/ among its artifacts. With `init` "
+        "linked it continues training that pipeline instead (its architecture is kept; the architecture fields "
+        "must then be left at their defaults)."
     )
-    INPUTS = _TINY_INPUTS + _PRETRAIN_INPUTS
+    INPUTS = (
+        In("init", "FLOWOPD_MODEL", optional=True,
+           help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
+        *_TINY_INPUTS,
+        *_PRETRAIN_INPUTS,
+    )
     OUTPUTS = (
         Out("model", "FLOWOPD_MODEL", "the pretrained pipeline folder"),
         Out("loss_curve", "FLOWOPD_FILE", "loss curve (PNG)"),
     )
 
-    def run(self, **values) -> tuple:
+    @classmethod
+    def check_links(cls, params: dict, linked: frozenset[str]) -> list[tuple[str, str]]:
+        if "init" not in linked:
+            return []
+        return [(port.name, "the architecture comes from the linked `init` model; leave this field unset")
+                for port in _TINY_INPUTS if port.name in params and params[port.name] != port.default]
+
+    def run(self, init: ModelRef | None = None, **values) -> tuple:
         tiny = build_config(TinyConfig, values)
-        config = build_config(PretrainConfig, {**values, "image_size": tiny.image_size, "max_sequence_length": tiny.t5_max_length})
+        if init is None:
+            pipe = build_tiny_pipeline(tiny, seed=values["seed"])
+            image_size, t5_length = tiny.image_size, tiny.t5_max_length
+        else:  # continue training: the architecture (and T5 length) are the init pipeline's
+            pipe = load_pipeline(init.path)
+            image_size, t5_length = pipe.transformer.config.sample_size * pipe.vae_scale_factor, None
+        config = build_config(PretrainConfig, {**values, "image_size": image_size, "max_sequence_length": t5_length})
         ctx = context.current()
-        pipe = build_tiny_pipeline(tiny, seed=config.seed)
         bar = ctx.progress(config.steps, "pretrain")
         last = [0]
 
