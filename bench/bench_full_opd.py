@@ -47,6 +47,7 @@ def main() -> None:
     engine = max(0.0, wall - node - startup)
     print("| figure | value |\n|---|---|")
     print(f"| full_opd wall (median of {args.runs}) | {wall:.0f} s = {wall / 60:.1f} min |")
+    print(f"| each run's wall | {', '.join(f'{w:.0f} s' for w in walls)} |")
     print(f"| nodes' own seconds | {node:.0f} s |")
     print(f"| interpreter start-up + imports (`runner.py validate`) | {startup:.1f} s |")
     print(f"| graph engine (wall - nodes - start-up) | {engine:.1f} s = {100 * engine / wall:.2f} % |")

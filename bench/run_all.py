@@ -1,6 +1,6 @@
 """Run every benchmark script and rewrite ``bench/RESULTS.md`` (machine, date, commit, each script's figures).
 
-    python bench/run_all.py [--only engine,sampling,opd] [--output bench/RESULTS.md]
+    python bench/run_all.py [--only engine,sampling,opd] [--full-opd-runs 3] [--output bench/RESULTS.md]
     make bench
 
 Each script runs in its own process with its default settings (each figure in it is a median over several
@@ -79,10 +79,10 @@ def machine() -> list[str]:
     ]
 
 
-def run_script(path: str) -> tuple[str, float, bool]:
+def run_script(path: str, args: tuple[str, ...] = ()) -> tuple[str, float, bool]:
     start = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, str(ROOT / path)], cwd=ROOT, capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, str(ROOT / path), *args], cwd=ROOT, capture_output=True, text=True, env=env,
                          check=False)
     seconds = time.perf_counter() - start
     if out.returncode:
@@ -95,8 +95,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(n for n in SCRIPTS if n not in OPT_IN),
                         help=f"comma-separated subset of {list(SCRIPTS)} (default: all but {list(OPT_IN)})")
+    parser.add_argument("--full-opd-runs", type=int, default=1,
+                        help="full_opd runs whose median is reported (about 11 min each)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args()
+    if args.full_opd_runs < 1:
+        parser.error("--full-opd-runs must be >= 1")
+    script_args = {"full_opd": ("--runs", str(args.full_opd_runs))}
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(SCRIPTS))
     if unknown:
@@ -109,7 +114,7 @@ def main() -> int:
     for name in chosen:
         title, path = SCRIPTS[name]
         print(f"running {path} ...", file=sys.stderr, flush=True)
-        text, seconds, success = run_script(path)
+        text, seconds, success = run_script(path, script_args.get(name, ()))
         ok &= success
         print(f"  {seconds:.0f} s", file=sys.stderr, flush=True)
         sections += [f"## {title}: `python {path}`", "", text, "", f"(script wall time {seconds:.0f} s)", ""]
