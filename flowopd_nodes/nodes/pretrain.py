@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flowopd_core.miniworld import sample_training_batch
+import functools
+
+from flowopd_core.miniworld import QUALITY_DEGRADED_FRACTION, sample_training_batch
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
 from flowopd_core.modelref import ModelRef
 from flowopd_core.pipeline import load_pipeline
@@ -62,6 +64,9 @@ class PretrainMiniWorld(Node):
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
+        In("quality_degraded_fraction", "FLOAT", QUALITY_DEGRADED_FRACTION,
+           "share of the quality task's training images that are degraded (sets where a fully trained base's "
+           "quality score lands: 0.5 -> about 0.72, 0.65 -> about 0.64)", min=0.0, max=1.0, step=0.05),
         *_TINY_INPUTS,
         *_PRETRAIN_INPUTS,
     )
@@ -77,7 +82,8 @@ class PretrainMiniWorld(Node):
         return [(port.name, "the architecture comes from the linked `init` model; leave this field unset")
                 for port in _TINY_INPUTS if port.name in params and params[port.name] != port.default]
 
-    def run(self, init: ModelRef | None = None, **values) -> tuple:
+    def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
+            **values) -> tuple:
         tiny = build_config(TinyConfig, values)
         if init is None:
             pipe = build_tiny_pipeline(tiny, seed=values["seed"])
@@ -96,7 +102,8 @@ class PretrainMiniWorld(Node):
             ctx.metrics({"step": step, "loss": loss})
 
         try:
-            result = pretrain(pipe, sample_training_batch, config, ctx.artifact_dir, progress=progress)
+            data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction)
+            result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()
         return (ModelRef(str(result.path)), str(ctx.artifact_dir / "loss.png"))
