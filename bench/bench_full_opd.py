@@ -11,6 +11,7 @@ Targets (issue 9): wall <= 15 min on 2 cores; engine overhead <= 1 %.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -36,18 +37,22 @@ def main() -> None:
     parser.add_argument("--graph", type=Path, default=GRAPH, help="another graph (e.g. a small one to try the script)")
     args = parser.parse_args()
     graph = args.graph.resolve()
-    walls, nodes, startups = [], [], []
+    walls, nodes, startups, tables = [], [], [], []
     for _ in range(args.runs):
         startups.append(timed(["validate", str(graph)]))
         with tempfile.TemporaryDirectory(prefix="flowopd-bench-") as tmp:
             walls.append(timed(["run", str(graph), "--run-dir", tmp, "--no-progress"]))
             status = json.loads((Path(tmp) / "status.json").read_text())
             nodes.append(sum(n["seconds"] for n in status["nodes"].values()))
+            tables += [hashlib.sha256(t.read_bytes()).hexdigest()[:12] for t in Path(tmp).glob("nodes/*/results.md")]
     wall, node, startup = statistics.median(walls), statistics.median(nodes), statistics.median(startups)
     engine = max(0.0, wall - node - startup)
     print("| figure | value |\n|---|---|")
     print(f"| full_opd wall (median of {args.runs}) | {wall:.0f} s = {wall / 60:.1f} min |")
     print(f"| each run's wall | {', '.join(f'{w:.0f} s' for w in walls)} |")
+    if tables:
+        same = "identical" if len(set(tables)) == 1 else "DIFFERENT"
+        print(f"| the Evaluator's results.md (sha256 prefix) | {same} across the {len(tables)} runs ({', '.join(sorted(set(tables)))}) |")
     print(f"| nodes' own seconds | {node:.0f} s |")
     print(f"| interpreter start-up + imports (`runner.py validate`) | {startup:.1f} s |")
     print(f"| graph engine (wall - nodes - start-up) | {engine:.1f} s = {100 * engine / wall:.2f} % |")
