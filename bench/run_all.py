@@ -31,11 +31,11 @@ SCRIPTS = {
     "full_opd": ("The main job end to end: full_opd wall time and engine overhead", "bench/bench_full_opd.py"),
 }
 OPT_IN = ("full_opd",)
-"""Scripts that run only when named in ``--only`` (full_opd takes about 11 minutes)."""
+"""Scripts that run only when named in ``--only`` (full_opd takes about 11 minutes a run)."""
 NOT_MEASURED = (
-    "full_opd end to end (opt-in, about 11 min: `python bench/run_all.py --only engine,sampling,opd,full_opd`); "
-    "measured by hand on 2026-11-25 with `make run` on a fresh clone: 637 s wall (target <= 15 min: met), graph "
-    "engine about 1 s = 0.2 % after 5-6 s of interpreter start-up (target <= 1 %: met)",
+    "full_opd end to end (opt-in, about 11 min a run: `python bench/run_all.py --only engine,sampling,opd,full_opd "
+    "--full-opd-runs 3`); last measured on 2026-11-25 (commit 42b094c): 687 s median of 3 (target <= 15 min: met), "
+    "graph engine 1.0 s = 0.15 % (target <= 1 %: met)",
     "the GPU suite (tiny model and an SD3.5-Medium-sized transformer, model-FLOPs utilisation): needs a lent GPU",
 )
 VERDICT = re.compile(r"^Target \((?P<issue>[^)]*)\): (?P<what>.*): \*\*(?P<verdict>met|MISSED)\*\*(?: \((?P<value>[^)]*)\))?")
