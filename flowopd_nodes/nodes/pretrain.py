@@ -66,7 +66,7 @@ class PretrainMiniWorld(Node):
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
         In("quality_degraded_fraction", "FLOAT", QUALITY_DEGRADED_FRACTION,
            "share of the quality task's training images that are degraded (sets where a fully trained base's "
-           "quality score lands: 0.5 -> about 0.72, 0.65 -> about 0.64)", min=0.0, max=1.0, step=0.05),
+           "quality score lands: the data score 0.72 at 0.5, 0.655 at 0.65)", min=0.0, max=1.0, step=0.05),
         *_TINY_INPUTS,
         *_PRETRAIN_INPUTS,
     )
