@@ -88,7 +88,7 @@ class PickScoreReward(Reward):
         model_dir = require_local_dir(self.config.model_path, "PickScore model_path")
         processor_dir = require_local_dir(self.config.processor_path or self.config.model_path,
                                           "PickScore processor_path")
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
         if not isinstance(model, CLIPModel):
             raise TypeError(f"PickScore needs a CLIPModel in {str(model_dir)!r}, found {type(model).__name__}")
         self.model = model.to(device=self.config.device, dtype=_DTYPES[self.config.dtype]).eval()

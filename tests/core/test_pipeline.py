@@ -159,6 +159,14 @@ def test_load_pipeline_missing_folder_names_the_path(tmp_path):
         load_pipeline(missing)
 
 
+def test_load_pipeline_refuses_weights_that_are_not_safetensors(pipe, tmp_path):
+    """A folder saved in torch's pickle-based .bin format is refused, not unpickled."""
+    pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert not list((tmp_path / "bin" / "transformer").glob("*.safetensors"))  # (transformers 5 always writes safetensors)
+    with pytest.raises(Exception, match="safetensors"):
+        load_pipeline(tmp_path / "bin")
+
+
 def test_latent_shape_and_noise(pipe):
     assert latent_shape(pipe, 2) == (2, 3, 16, 16)
     assert latent_shape(pipe, 2, height=32, width=8) == (2, 3, 32, 8)
