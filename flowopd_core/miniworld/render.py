@@ -21,6 +21,7 @@ words touch the frame, 9 misread L/U); quality reward of these renders 0.99 on a
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -331,6 +332,30 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, severity: st
 
 
 # ---------------------------------------------------------------------------------------- training batches
+def parse_task_weights(spec: str) -> dict[str, float]:
+    """``"compose:1, text:2, quality:1"`` -> {task: weight}; tasks not named get weight 0. Raises ValueError
+    naming the bad item (unknown task, bad or negative number, repeated task, all zero)."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in spec.replace(";", ",").split(",")):
+        if not item:
+            continue
+        task, _, value = (x.strip() for x in item.partition(":"))
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} in {item!r}; tasks: {list(TASKS)}")
+        if task in weights:
+            raise ValueError(f"task {task!r} is weighted twice")
+        try:
+            weight = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"weight of {task!r} is not a number: {value!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {task!r} must be a finite number >= 0, got {value!r}")
+        weights[task] = weight
+    if not any(weights.values()):
+        raise ValueError(f"give at least one task a weight > 0, e.g. 'compose:1, text:2, quality:1'; got {spec!r}")
+    return weights
+
+
 @dataclass(frozen=True)
 class TrainingBatch:
     """One pretraining batch: ``images`` ``(B, 3, H, W)`` float32 in [0, 1] with their prompts.
@@ -351,11 +376,12 @@ def sample_training_batch(
     size: int = 32,
     tasks: Sequence[str] = TASKS,
     quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
+    task_weights: Sequence[float] | None = None,
 ) -> TrainingBatch:
     """Draw ``batch_size`` (prompt, image) pairs from the ``train`` split.
 
-    Sampling: task uniform over ``tasks``, then template uniform within the task, then prompt uniform within
-    the template; the image is ``render(spec, rng, size)``. For the quality task a fraction
+    Sampling: task uniform over ``tasks`` (or in proportion to ``task_weights``, one non-negative weight per
+    task, not all zero), then template uniform within the task, then prompt uniform within the template; the image is ``render(spec, rng, size)``. For the quality task a fraction
     ``quality_degraded_fraction`` (default 0.5) of the images is degraded by one of ``DEGRADATIONS``
     (uniform) at mild severity; compose and text images are always clean. Deterministic given ``rng``.
     """
@@ -365,9 +391,16 @@ def sample_training_batch(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
     if not 0.0 <= quality_degraded_fraction <= 1.0:
         raise ValueError(f"quality_degraded_fraction must lie in [0, 1], got {quality_degraded_fraction}")
+    p = None
+    if task_weights is not None:
+        w = np.asarray(task_weights, dtype=np.float64)
+        if w.shape != (len(tasks),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"task_weights must be one finite weight >= 0 per task, not all 0; got {list(task_weights)}")
+        p = w / w.sum()
     specs, arrays, kinds = [], [], []
     for _ in range(batch_size):
-        task = tasks[int(rng.integers(len(tasks)))]
+        # uniform draws keep their original form, so unweighted data streams are unchanged
+        task = tasks[int(rng.integers(len(tasks)))] if p is None else tasks[int(rng.choice(len(tasks), p=p))]
         templates = TEMPLATES[task]
         pool = template_prompts(task, templates[int(rng.integers(len(templates)))], "train")
         spec = pool[int(rng.integers(len(pool)))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from flowopd_core.miniworld import QUALITY_DEGRADED_FRACTION, sample_training_batch
+from flowopd_core.miniworld import QUALITY_DEGRADED_FRACTION, TASKS, parse_task_weights, sample_training_batch
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
 from flowopd_core.modelref import ModelRef
 from flowopd_core.pipeline import load_pipeline
@@ -67,6 +67,9 @@ class PretrainMiniWorld(Node):
         In("quality_degraded_fraction", "FLOAT", QUALITY_DEGRADED_FRACTION,
            "share of the quality task's training images that are degraded (sets where a fully trained base's "
            "quality score lands: the data score 0.72 at 0.5, 0.655 at 0.65)", min=0.0, max=1.0, step=0.05),
+        In("task_weights", "STRING", "",
+           "share of each task in the training batches, e.g. 'compose:1, text:2, quality:1' (tasks not named get "
+           "none); empty = the three tasks equally"),
         *_TINY_INPUTS,
         *_PRETRAIN_INPUTS,
     )
@@ -76,6 +79,17 @@ class PretrainMiniWorld(Node):
     )
 
     @classmethod
+    def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        spec = params.get("task_weights", "")
+        if not isinstance(spec, str) or not spec.strip():
+            return []
+        try:
+            parse_task_weights(spec)
+        except ValueError as err:
+            return [("task_weights", str(err))]
+        return []
+
+    @classmethod
     def check_links(cls, params: dict, linked: frozenset[str]) -> list[tuple[str, str]]:
         if "init" not in linked:
             return []
@@ -83,7 +97,7 @@ class PretrainMiniWorld(Node):
                 for port in _TINY_INPUTS if port.name in params and params[port.name] != port.default]
 
     def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
-            **values) -> tuple:
+            task_weights: str = "", **values) -> tuple:
         tiny = build_config(TinyConfig, values)
         if init is None:
             pipe = build_tiny_pipeline(tiny, seed=values["seed"])
@@ -102,7 +116,12 @@ class PretrainMiniWorld(Node):
             ctx.metrics({"step": step, "loss": loss})
 
         try:
-            data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction)
+            weights = None
+            if task_weights.strip():
+                named = parse_task_weights(task_weights)
+                weights = [named.get(task, 0.0) for task in TASKS]
+            data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction,
+                                     task_weights=weights)
             result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()

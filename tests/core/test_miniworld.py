@@ -183,3 +183,26 @@ def test_training_batch_rejects_bad_arguments():
         mw.sample_training_batch(rng, 4, tasks=("compose", "video"))
     with pytest.raises(ValueError):
         mw.sample_training_batch(rng, 4, quality_degraded_fraction=1.5)
+    for bad in ([1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="task_weights"):
+            mw.sample_training_batch(rng, 4, task_weights=bad)
+
+
+def test_task_weights_set_the_task_mix_and_leave_unweighted_streams_unchanged():
+    batch = mw.sample_training_batch(np.random.default_rng(0), 600, task_weights=[1.0, 2.0, 1.0])
+    shares = {t: batch.tasks.count(t) / 600 for t in mw.TASKS}
+    assert shares["text"] == pytest.approx(0.5, abs=0.08) and shares["compose"] == pytest.approx(0.25, abs=0.08)  # 0.56, 0.235
+    only = mw.sample_training_batch(np.random.default_rng(0), 40, task_weights=[0.0, 1.0, 0.0])
+    assert set(only.tasks) == {"text"}
+    plain = mw.sample_training_batch(np.random.default_rng(3), 16)  # the shipped base's data: same as before
+    again = mw.sample_training_batch(np.random.default_rng(3), 16, task_weights=None)
+    assert plain.prompts == again.prompts and torch.equal(plain.images, again.images)
+
+
+def test_parse_task_weights():
+    assert mw.parse_task_weights("compose:1, text:2;quality") == {"compose": 1.0, "text": 2.0, "quality": 1.0}
+    assert mw.parse_task_weights("text") == {"text": 1.0}
+    for bad, match in (("txt:1", "unknown task"), ("text:x", "not a number"), ("text:-1", ">= 0"),
+                       ("text:1, text:2", "twice"), ("text:0", "at least one"), ("", "at least one")):
+        with pytest.raises(ValueError, match=match):
+            mw.parse_task_weights(bad)
