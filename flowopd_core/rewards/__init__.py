@@ -3,6 +3,7 @@
 Mini-world rewards, all real and offline:
 - ``compose``: a detector for the mini-world's objects (GenEval-style strict correctness + partial score);
 - ``ocr``: rapidocr 3.x recognition scored as the paper's OCR reward;
+- ``ocr_likelihood``: the same recogniser's CTC likelihood of the target text (a dense form of ``ocr`` to train on);
 - ``quality``: a documented no-reference quality score of mini-world images.
 """
 
@@ -12,13 +13,14 @@ from typing import Any
 
 from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
 from flowopd_core.rewards.compose import ComposeConfig, ComposeReward
-from flowopd_core.rewards.ocr import OCRConfig, OCRReward
+from flowopd_core.rewards.ocr import OCRConfig, OCRLikelihoodReward, OCRReward
 from flowopd_core.rewards.quality import QualityConfig, QualityReward
 from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
 
 REWARDS: dict[str, type[Reward]] = {
     "compose": ComposeReward,
     "ocr": OCRReward,
+    "ocr_likelihood": OCRLikelihoodReward,
     "quality": QualityReward,
 }
 
@@ -43,6 +45,7 @@ __all__ = [
     "ComposeConfig",
     "ComposeReward",
     "OCRConfig",
+    "OCRLikelihoodReward",
     "OCRReward",
     "PickScoreConfig",
     "PickScoreReward",

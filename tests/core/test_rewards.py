@@ -11,8 +11,10 @@ from scipy import ndimage
 
 from flowopd_core import miniworld as mw
 from flowopd_core.prompts import PromptSpec
-from flowopd_core.rewards import REWARDS, TASK_REWARDS, ComposeReward, OCRReward, QualityReward, make_reward
-from flowopd_core.rewards.ocr import ocr_score, target_text
+from flowopd_core.rewards import (
+    REWARDS, TASK_REWARDS, ComposeReward, OCRLikelihoodReward, OCRReward, QualityReward, make_reward
+)
+from flowopd_core.rewards.ocr import ctc_target_loglik, ocr_score, target_text
 
 
 def as_tensor(images):
@@ -68,7 +70,9 @@ def ocr():
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_is_explicit_and_builds_configured_rewards():
-    assert REWARDS == {"compose": ComposeReward, "ocr": OCRReward, "quality": QualityReward}
+    assert REWARDS == {
+        "compose": ComposeReward, "ocr": OCRReward, "ocr_likelihood": OCRLikelihoodReward, "quality": QualityReward
+    }
     assert set(TASK_REWARDS) == set(mw.TASKS) and set(TASK_REWARDS.values()) <= set(REWARDS)
     reward = make_reward("quality", near=10.0, far=50.0)
     assert reward.name == "quality" and reward.config.near == 10.0
@@ -238,3 +242,33 @@ def test_quality_ranks_each_mild_degradation_below_clean():
         mild = reward(as_tensor([mw.degrade(c, kind, rng, "mild") for c in clean]), specs).mean()
         heavy = reward(as_tensor([mw.degrade(c, kind, rng, "heavy") for c in clean]), specs).mean()
         assert heavy < mild < clean_mean - 0.2, kind
+
+
+# ------------------------------------------------------------------------------------------------ OCR likelihood
+def test_ctc_target_loglik_sums_alignments_with_case_folding():
+    classes = np.array(["blank", "a", "b", "a", "z"])  # index 3 is an upper-case "A", lower-cased
+    probs = np.array([[0.1, 0.3, 0.1, 0.4, 0.1], [0.5, 0.1, 0.2, 0.1, 0.1]])  # (T=2, C=5)
+    pa, pb = probs[:, 1] + probs[:, 3], probs[:, 0]  # "a" in either case; the blank
+    expected = pa[0] * pa[1] + pa[0] * pb[1] + pb[0] * pa[1]  # the alignments aa, a-, -a collapse to "a"
+    assert ctc_target_loglik(probs, "A", classes) == pytest.approx(math.log(expected), rel=1e-9)
+    # "ab": only a then b; a repeated letter needs a blank between its copies, which two frames cannot hold
+    assert ctc_target_loglik(probs, "ab", classes) == pytest.approx(math.log(pa[0] * probs[1, 2]), rel=1e-9)
+    assert ctc_target_loglik(probs, "aa", classes) == -math.inf
+    with pytest.raises(ValueError, match="empty"):
+        ctc_target_loglik(probs, " ", classes)
+
+
+def test_ocr_likelihood_is_a_dense_form_of_the_ocr_reward(ocr):
+    reward = make_reward("ocr_likelihood")
+    specs = sample_specs("text", 48, seed=3)
+    clean = renders(specs)
+    result = reward(as_tensor(clean), specs)
+    paper = ocr(as_tensor(clean), specs)
+    assert torch.all((result.scores > 0) & (result.scores <= 1))
+    assert result.mean() >= 0.9  # measured 0.999 (clean renders are read with near-certainty)
+    assert torch.equal(result.strict, paper.strict)  # strict and the reading are the paper reward's
+    assert [d["edit_score"] for d in result.details] == pytest.approx(paper.scores.tolist())
+    assert reward(as_tensor(clean), [wrong_prompt(s) for s in specs]).mean() <= 0.1  # measured 1e-6
+    # it falls with every step of blur: measured 0.998, 0.956, 0.035, 0.0008 (the edit score: 1.0, 0.98, 0.14, 0.02)
+    means = [reward(as_tensor(blur(clean, sigma)), specs).mean() for sigma in (0.5, 1.5, 2.5, 3.5)]
+    assert means == sorted(means, reverse=True) and means[0] - means[-1] >= 0.3
