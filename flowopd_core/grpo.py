@@ -439,8 +439,8 @@ class StepLoss:
 class EpochMetrics:
     """What one epoch did. Means are over the epoch's trained (micro-batch, step) terms.
 
-    reward_mean / reward_std: per reward, NaN-aware over the epoch's samples; unscored: samples that no reward
-    scored. zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal).
+    reward_mean / reward_std: per reward, NaN-aware over the epoch's samples; reward_best: per reward, the mean
+    over groups of each group's best sample (:func:`group_best`); unscored: samples that no reward scored. zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal).
     kl: mean KL to the reference (``kl_form``), NaN when beta = 0. grad_norm: mean pre-clip gradient norm.
     first_update_ratio_dev: max |rho - 1| in the epoch's first optimizer step (before it, the policy is the
     sampler: 0 when re-evaluation reproduces sampling exactly). optimizer_steps: total since the start.
@@ -451,6 +451,7 @@ class EpochMetrics:
     epoch: int
     reward_mean: dict[str, float]
     reward_std: dict[str, float]
+    reward_best: dict[str, float]
     unscored: int
     groups: int
     zero_std_groups: int
@@ -481,6 +482,23 @@ def _nan_stats(values: torch.Tensor) -> tuple[float, float]:
     if not finite.numel():
         return math.nan, math.nan
     return float(finite.mean()), float(finite.std(correction=0))
+
+
+def group_best(scores: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Mean over groups of the group's best score: ``scores`` ``(N,)`` (NaN = unscored), ``group_ids`` ``(N,)``
+    in [0, G). Groups with no finite score are left out; NaN when none has one.
+
+    Next to the mean reward it says whether the policy ever samples what the reward wants: GRPO can only make
+    likelier what some sample of a group already does, so a best-of-group that stays near the mean (or a strict
+    reward whose best is 0) means there is little to learn from (README, the text teacher).
+    """
+    finite = torch.isfinite(scores)
+    if not bool(finite.any()):
+        return math.nan
+    groups = int(group_ids.max()) + 1
+    best = torch.full((groups,), -math.inf, dtype=torch.float64, device=scores.device)
+    best = best.scatter_reduce(0, group_ids[finite], scores[finite].double(), reduce="amax")
+    return float(best[torch.isfinite(best)].mean())
 
 
 def _mean(values: list[float]) -> float:
@@ -709,6 +727,7 @@ class GRPOTrainer(LoraTrainer):
             epoch=self.epoch_index,
             reward_mean={name: s[0] for name, s in stats.items()},
             reward_std={name: s[1] for name, s in stats.items()},
+            reward_best={name: group_best(r, group_ids) for name, r in rewards.items()},
             unscored=int((~scored).sum()),
             groups=groups,
             zero_std_groups=int((nonzero == 0).sum()),

@@ -28,7 +28,8 @@ _GRPO_INPUTS = config_inputs(
     reward_mode={"choices": REWARD_MODES},
     **TRAINER_RANGES,
 )
-CURVE_KEYS = ("reward", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm", "zero_std_groups")
+CURVE_KEYS = ("reward", "reward_best_of_group", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm",
+              "zero_std_groups")
 
 
 class GRPOTrainerNode(Node):
@@ -86,6 +87,8 @@ class GRPOTrainerNode(Node):
             scored = {n: v for n, v in entry["reward_mean"].items() if math.isfinite(v)}
             total = sum(weights[n] for n in scored)
             entry["reward"] = sum(weights[n] * v for n, v in scored.items()) / total if total else math.nan
+            best = {n: entry["reward_best"][n] for n in scored}
+            entry["reward_best_of_group"] = sum(weights[n] * v for n, v in best.items()) / total if total else math.nan
             return entry
 
         history = train_resumable(trainer, "grpo", label, checkpoint_every, record,

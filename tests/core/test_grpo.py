@@ -13,6 +13,7 @@ from flowopd_core.grpo import (
     GRPOTrainer,
     combine_rewards,
     group_advantages,
+    group_best,
     kl_to_reference,
     load_trainer_state,
     multi_reward_advantages,
@@ -81,6 +82,14 @@ def test_group_advantages_closed_form():
                        group_advantages(torch.tensor([2.0, 1.0, 1.0, 2.0]), torch.tensor([0, 1, 0, 1])))
     with pytest.raises(ValueError):
         group_advantages(torch.ones(4), torch.zeros(3, dtype=torch.long))
+
+
+def test_group_best_closed_form():
+    scores = torch.tensor([0.1, 0.5, float("nan"), 0.2, float("nan"), float("nan"), 0.9, 0.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert group_best(scores, groups) == pytest.approx((0.5 + 0.2 + 0.9) / 3)  # group 2 has no score
+    assert math.isnan(group_best(torch.full((4,), float("nan")), torch.tensor([0, 0, 1, 1])))
+    assert group_best(torch.tensor([-3.0, -1.0]), torch.tensor([0, 0])) == -1.0
 
 
 def test_ppo_clip_loss_closed_form():
@@ -170,6 +179,7 @@ def test_first_on_policy_step_has_ratio_one():
     half = torch.randperm(len(batch), generator=torch.Generator().manual_seed(0))[:4]  # other batch composition
     assert torch.equal(trainer.step_loss(batch, half, batch.train_steps[half, 0]).ppo.ratio, torch.ones(4))
     metrics = trainer.epoch()
+    assert metrics.reward_best["bright"] >= metrics.reward_mean["bright"]  # best of each group of 4 vs the mean
     assert metrics.first_update_ratio_dev == 0.0
     assert metrics.clip_fraction > 0  # the second optimizer step is off-policy beyond eps = 1e-4
     # after the updates the stored batch is off-policy
