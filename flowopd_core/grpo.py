@@ -484,6 +484,16 @@ def _nan_stats(values: torch.Tensor) -> tuple[float, float]:
     return float(finite.mean()), float(finite.std(correction=0))
 
 
+def parse_window_range(text: str) -> tuple[int, int]:
+    """``"lo, hi"`` (or ``"lo hi"``) -> ``(lo, hi)`` for :attr:`GRPOConfig.window_range`; ValueError otherwise."""
+    parts = text.replace(",", " ").split()
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"window_range must be two whole numbers 'lo, hi' (hi 0 = T // 2), got {text!r}") from None
+    return lo, hi
+
+
 def group_best(scores: torch.Tensor, group_ids: torch.Tensor) -> float:
     """Mean over groups of the group's best score: ``scores`` ``(N,)`` (NaN = unscored), ``group_ids`` ``(N,)``
     in [0, G). Groups with no finite score are left out; NaN when none has one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer
+from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer, parse_window_range
 from flowopd_core.modelref import ModelRef
 from flowopd_core.plots import plot_curves
 from flowopd_core.policy import Policy
@@ -50,6 +50,8 @@ class GRPOTrainerNode(Node):
         In("label", "STRING", "teacher", "name of the adapter in reports"),
         *CHECKPOINT_INPUTS,
         *_GRPO_INPUTS,
+        In("window_range", "STRING", "0, 0",
+           "Flow-GRPO-Fast: 'lo, hi' = the steps [lo, hi) a window may cover; hi 0 = T // 2 (the authors' range)"),
     )
     OUTPUTS = (
         Out("model", "FLOWOPD_MODEL", "the base with the trained adapter"),
@@ -59,11 +61,15 @@ class GRPOTrainerNode(Node):
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         errors = reward_param_errors(params, rewards=parse_reward_weights)
+        try:
+            window = parse_window_range(params["window_range"])
+        except ValueError as exc:
+            errors.append(("window_range", str(exc)))
         if errors:
             return errors
         try:
             weights = parse_reward_weights(params["rewards"], parse_servers(params["reward_servers"]))
-            build_config(GRPOConfig, {**params, "reward_weights": weights})
+            build_config(GRPOConfig, {**params, "reward_weights": weights, "window_range": window})
         except ValueError as exc:
             return [("", str(exc))]
         return []
@@ -74,7 +80,8 @@ class GRPOTrainerNode(Node):
     ) -> tuple:
         servers = parse_servers(reward_servers)
         weights = parse_reward_weights(rewards, servers)
-        config = build_config(GRPOConfig, {**values, "reward_weights": weights})
+        config = build_config(GRPOConfig, {**values, "reward_weights": weights,
+                                           "window_range": parse_window_range(values["window_range"])})
         ctx = context.current()
         pipe = model.load(fresh=True)  # the trainer adds an adapter to this transformer
         trainer = GRPOTrainer(

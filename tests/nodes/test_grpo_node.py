@@ -91,3 +91,20 @@ def test_non_finite_losses_stop_the_node_naming_it_and_keep_the_last_good_checkp
     found, skipped = CheckpointStore(key).latest()
     assert found.epoch == 2 and skipped == []
     assert [h["skipped_steps"] for h in json.loads(found.files["history.json"])] == [0, 0]
+
+
+def test_window_range_reaches_the_trainer(tmp_path):
+    """Flow-GRPO-Fast's window range is a graph param: with 'lo, hi' = '1, 2' every epoch's SDE window is step 1
+    (the default range [0, T // 2) would put it at step 0)."""
+    assert runner.main(["run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(tmp_path / "run"),
+                        "--no-progress", *TINY, "--set", "teacher.sde_window=1",
+                        "--set", "teacher.window_range=1, 2"]) == 0
+    history = json.loads((tmp_path / "run" / "nodes" / "teacher" / "metrics.json").read_text())
+    assert [entry["sde_steps"] for entry in history] == [[1]] * 3
+
+
+def test_window_range_is_parsed_strictly():
+    assert grpo.parse_window_range("2, 6") == (2, 6) and grpo.parse_window_range(" 0 0 ") == (0, 0)
+    for bad in ("2", "a, b", "1, 2, 3", "1.5, 3"):
+        with pytest.raises(ValueError, match="window_range"):
+            grpo.parse_window_range(bad)
