@@ -440,7 +440,8 @@ class EpochMetrics:
     """What one epoch did. Means are over the epoch's trained (micro-batch, step) terms.
 
     reward_mean / reward_std: per reward, NaN-aware over the epoch's samples; reward_best: per reward, the mean
-    over groups of each group's best sample (:func:`group_best`); unscored: samples that no reward scored. zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal).
+    over groups of each group's best sample (:func:`group_best`); unscored: samples that no reward scored.
+    zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal).
     kl: mean KL to the reference (``kl_form``), NaN when beta = 0. grad_norm: mean pre-clip gradient norm.
     first_update_ratio_dev: max |rho - 1| in the epoch's first optimizer step (before it, the policy is the
     sampler: 0 when re-evaluation reproduces sampling exactly). optimizer_steps: total since the start.

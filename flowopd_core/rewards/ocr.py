@@ -124,6 +124,12 @@ class OCRReward(Reward):
         self._engine: Any = None
         self._lock = threading.Lock()
 
+    def _locked_engine(self) -> Any:
+        """The engine, built on first use; call with ``self._lock`` held."""
+        if self._engine is None:
+            self._engine = self._build_engine()
+        return self._engine
+
     def _build_engine(self) -> Any:
         from rapidocr import RapidOCR  # heavy import (onnxruntime, cv2 models): only when first used
 
@@ -145,9 +151,7 @@ class OCRReward(Reward):
             return []
         lines = [prepare(image, self.config.height, self.config.pad) for image in images]
         with self._lock:
-            if self._engine is None:
-                self._engine = self._build_engine()
-            output = self._engine.recognize_txt(lines)
+            output = self._locked_engine().recognize_txt(lines)
         return [(str(text), float(conf)) for text, conf in zip(output.txts, output.scores)]
 
     def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
@@ -200,9 +204,7 @@ class OCRLikelihoodReward(OCRReward):
         """One recogniser forward: ``(N, T, C)`` frame distributions, the greedy readings, the class letters."""
         lines = [prepare(image, self.config.height, self.config.pad) for image in images]
         with self._lock:
-            if self._engine is None:
-                self._engine = self._build_engine()
-            recogniser = self._engine._load_rec_model()  # rapidocr's TextRecognizer (pinned major version)
+            recogniser = self._locked_engine()._load_rec_model()  # rapidocr's TextRecognizer (pinned major version)
             _, height, width = recogniser.rec_image_shape
             ratio = max(width / height, *(line.shape[1] / line.shape[0] for line in lines))
             frames, readings = [], []

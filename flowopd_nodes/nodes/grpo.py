@@ -91,11 +91,11 @@ class GRPOTrainerNode(Node):
         def record(metrics) -> dict:
             entry = metrics.to_json()
             # weighted mean over the rewards that scored something this epoch (task cycling: one task per epoch)
-            scored = {n: v for n, v in entry["reward_mean"].items() if math.isfinite(v)}
+            scored = [n for n, v in entry["reward_mean"].items() if math.isfinite(v)]
             total = sum(weights[n] for n in scored)
-            entry["reward"] = sum(weights[n] * v for n, v in scored.items()) / total if total else math.nan
-            best = {n: entry["reward_best"][n] for n in scored}
-            entry["reward_best_of_group"] = sum(weights[n] * v for n, v in best.items()) / total if total else math.nan
+            for key, per_reward in (("reward", "reward_mean"), ("reward_best_of_group", "reward_best")):
+                values = entry[per_reward]
+                entry[key] = sum(weights[n] * values[n] for n in scored) / total if total else math.nan
             return entry
 
         history = train_resumable(trainer, "grpo", label, checkpoint_every, record,

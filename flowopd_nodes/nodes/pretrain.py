@@ -80,11 +80,10 @@ class PretrainMiniWorld(Node):
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
-        spec = params.get("task_weights", "")
-        if not isinstance(spec, str) or not spec.strip():
+        if not params["task_weights"].strip():
             return []
         try:
-            parse_task_weights(spec)
+            parse_task_weights(params["task_weights"])
         except ValueError as err:
             return [("task_weights", str(err))]
         return []
