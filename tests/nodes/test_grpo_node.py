@@ -101,6 +101,9 @@ def test_window_range_reaches_the_trainer(tmp_path):
                         "--set", "teacher.window_range=1, 2"]) == 0
     history = json.loads((tmp_path / "run" / "nodes" / "teacher" / "metrics.json").read_text())
     assert [entry["sde_steps"] for entry in history] == [[1]] * 3
+    for entry in history:  # one reward (compose, weight 1): the logged curves are that reward's mean and best
+        assert entry["reward"] == entry["reward_mean"]["compose"]
+        assert entry["reward_best_of_group"] == entry["reward_best"]["compose"] >= entry["reward"]
 
 
 def test_window_range_is_parsed_strictly():
