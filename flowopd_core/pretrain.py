@@ -159,10 +159,11 @@ def _conditioning(
 ) -> TextEmbeddings:
     """Cached embeddings of ``prompts``, each replaced by the negative prompt's with probability ``dropout``."""
     cond = cache.encode(list(prompts))
-    drop = torch.rand(len(prompts), generator=generator) < dropout
+    drop = torch.rand(len(prompts), generator=generator) < dropout  # drawn on the CPU generator
     if not drop.any():
         return cond
     neg = cache.negative(len(prompts))
+    drop = drop.to(cond.prompt_embeds.device)
     return TextEmbeddings(
         torch.where(drop.view(-1, 1, 1), neg.prompt_embeds, cond.prompt_embeds),
         torch.where(drop.view(-1, 1), neg.pooled, cond.pooled),

@@ -9,10 +9,12 @@ categories: a task's score is the equal-weight mean over its templates, as GenEv
   ``count``    "two green squares", "three blue triangles", "four yellow diamonds"
   ``pair``     "a red circle and a blue square" (two objects of different colours, anywhere: colour binding)
   ``position`` "a red circle to the left of a blue square" (+ "right of", "above", "below"; different colours)
-- ``text`` (OCR-like): ``the word "BAKE"``: a pseudo-word over the 12 letters ``LETTERS`` (9 consonants,
-  3 vowels) in the patterns consonant-vowel-consonant (template ``word3``: "BAT") and consonant-vowel-
-  consonant-vowel (``word4``: "BETA"), drawn in proportionally spaced glyphs (the place of a letter depends
-  on its neighbours' widths) at a random horizontal and vertical offset, black on white (``render.py``).
+- ``text`` (OCR-like): ``the word "BAT"``: a pseudo-word over the 12 letters ``LETTERS`` (9 consonants,
+  3 vowels) in the patterns consonant-vowel and vowel-consonant (template ``word2``: "BA", "UT") and
+  consonant-vowel-consonant (``word3``: "BAT"), drawn in proportionally spaced glyphs (the place of a letter
+  depends on its neighbours' widths) at a random horizontal and vertical offset, black on white
+  (``render.py``). Mini-world v2 had three- and four-letter words in smaller glyphs; v3 (this) has two- and
+  three-letter words in larger ones.
 - ``quality``: "a large red circle, clean" (``icon``) and "a red circle and a blue square, clean" (``pair``);
   its pretraining images mix clean and degraded renders (``QUALITY_DEGRADED_FRACTION``), which gives the
   quality reward real headroom.
@@ -27,15 +29,16 @@ is divisible by the template's modulus (2 for the small templates, 4 or 8 for th
                                                                                                        (40 of 160)
 - compose/position: colours i1 != i2, shapes j1, j2, relation k     test iff (i1 + j1 + i2 + j2 + k) % 8 == 0
                                                                                                      (188 of 1280)
-- text/word3, word4: consonant and vowel indices (into CONSONANTS, VOWELS)  test iff their sum % 4 == 0
-                                                                             (61 of 243; 182 of 729)
+- text/word2:        consonant and vowel indices (into CONSONANTS, VOWELS)  test iff their sum % 2 == 0
+                                                                             (14 of 27 cv, 14 of 27 vc)
+- text/word3:        as word2                                              test iff their sum % 4 == 0  (61 of 243)
 - quality/icon:     size s, colour i, shape j                             test iff (s + i + j) % 4 == 0  (10 of 40)
 - quality/pair:     as compose/pair                                       test iff (i1 + j1 + i2 + j2) % 4 == 0
                                                                                                        (40 of 160)
 
 So every test prompt is a new combination of attribute values that all occur in train (every colour, shape,
 size, count, relation and letter-in-position is seen in training); test prompt strings never occur in train.
-Totals: compose 1272 train / 288 test, text 729 / 243, quality 150 / 50 (tests/core/test_miniworld.py).
+Totals: compose 1272 train / 288 test, text 208 / 89, quality 150 / 50 (tests/core/test_miniworld.py).
 """
 
 from __future__ import annotations
@@ -73,12 +76,14 @@ RELATIONS: dict[str, str] = {
 CONSONANTS: str = "BDHKLNRST"  # with VOWELS: letters rapidocr reads at 32 px in the text task's rendering
 VOWELS: str = "AEU"  # (measured on every word: see render.py)
 LETTERS: str = "".join(sorted(CONSONANTS + VOWELS))
-WORD_PATTERNS: dict[str, str] = {"word3": "cvc", "word4": "cvcv"}  # text template -> c(onsonant) / v(owel) pattern
+# text template -> its c(onsonant) / v(owel) patterns and its split modulus
+WORD_PATTERNS: dict[str, tuple[str, ...]] = {"word2": ("cv", "vc"), "word3": ("cvc",)}
+WORD_MODULUS: dict[str, int] = {"word2": 2, "word3": 4}
 SIZES: tuple[str, ...] = ("small", "large")
 QUALITY_DEGRADED_FRACTION: float = 0.5  # share of quality-task pretraining images that are degraded
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "compose": ("single", "count", "pair", "position"),
-    "text": ("word3", "word4"),
+    "text": ("word2", "word3"),
     "quality": ("icon", "pair"),
 }
 
@@ -152,11 +157,12 @@ def _compose_position() -> list[tuple[bool, PromptSpec]]:
 
 def _text_words(template: str) -> list[tuple[bool, PromptSpec]]:
     out = []
-    alphabets = [CONSONANTS if kind == "c" else VOWELS for kind in WORD_PATTERNS[template]]
-    for letters in itertools.product(*(enumerate(a) for a in alphabets)):
-        word = "".join(letter for _, letter in letters)
-        spec = _spec("text", template, f'the word "{word}"', word=word)
-        out.append((_held_out(*(i for i, _ in letters)), spec))
+    for pattern in WORD_PATTERNS[template]:
+        alphabets = [CONSONANTS if kind == "c" else VOWELS for kind in pattern]
+        for letters in itertools.product(*(enumerate(a) for a in alphabets)):
+            word = "".join(letter for _, letter in letters)
+            spec = _spec("text", template, f'the word "{word}"', word=word)
+            out.append((_held_out(*(i for i, _ in letters), modulus=WORD_MODULUS[template]), spec))
     return out
 
 
@@ -179,8 +185,8 @@ _BUILDERS = {
     ("compose", "count"): _compose_count,
     ("compose", "pair"): _compose_pair,
     ("compose", "position"): _compose_position,
+    ("text", "word2"): functools.partial(_text_words, "word2"),
     ("text", "word3"): functools.partial(_text_words, "word3"),
-    ("text", "word4"): functools.partial(_text_words, "word4"),
     ("quality", "icon"): _quality_icons,
     ("quality", "pair"): _quality_pairs,
 }

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import functools
 
-from flowopd_core.miniworld import QUALITY_DEGRADED_FRACTION, TASKS, parse_task_weights, sample_training_batch
+from flowopd_core.miniworld import (
+    QUALITY_DEGRADED_FRACTION,
+    TASKS,
+    TEXT_JITTER,
+    parse_task_weights,
+    parse_text_jitter,
+    sample_training_batch,
+)
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
-from flowopd_core.modelref import ModelRef
+from flowopd_core.modelref import DEVICES, ModelRef, resolve_device
 from flowopd_core.pipeline import load_pipeline
 from flowopd_core.pretrain import PretrainConfig, pretrain
 from flowopd_nodes import context
@@ -70,6 +77,13 @@ class PretrainMiniWorld(Node):
         In("task_weights", "STRING", "",
            "share of each task in the training batches, e.g. 'compose:1, text:2, quality:1' (tasks not named get "
            "none); empty = the three tasks equally"),
+        In("text_jitter", "STRING", "",
+           "largest random (x, y) offset of the text task's words, 'x, y' in px at 32 px (scaled with the size); "
+           f"empty = the default {TEXT_JITTER[0]:g}, {TEXT_JITTER[1]:g}. Larger offsets make the text task harder "
+           "to learn"),
+        In("device", "COMBO", "auto",
+           "where to train: auto = cuda when a GPU is visible, else cpu (the data are drawn on the CPU either way, "
+           "so the random streams do not depend on the device)", choices=DEVICES),
         *_TINY_INPUTS,
         *_PRETRAIN_INPUTS,
     )
@@ -80,13 +94,14 @@ class PretrainMiniWorld(Node):
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
-        if not params["task_weights"].strip():
-            return []
-        try:
-            parse_task_weights(params["task_weights"])
-        except ValueError as err:
-            return [("task_weights", str(err))]
-        return []
+        errors = []
+        for name, parse in (("task_weights", parse_task_weights), ("text_jitter", parse_text_jitter)):
+            if params[name].strip():
+                try:
+                    parse(params[name])
+                except ValueError as err:
+                    errors.append((name, str(err)))
+        return errors
 
     @classmethod
     def check_links(cls, params: dict, linked: frozenset[str]) -> list[tuple[str, str]]:
@@ -96,7 +111,7 @@ class PretrainMiniWorld(Node):
                 for port in _TINY_INPUTS if port.name in params and params[port.name] != port.default]
 
     def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
-            task_weights: str = "", **values) -> tuple:
+            task_weights: str = "", text_jitter: str = "", device: str = "auto", **values) -> tuple:
         tiny = build_config(TinyConfig, values)
         if init is None:
             pipe = build_tiny_pipeline(tiny, seed=values["seed"])
@@ -104,6 +119,7 @@ class PretrainMiniWorld(Node):
         else:  # continue training: the architecture (and T5 length) are the init pipeline's
             pipe = load_pipeline(init.path)
             image_size, t5_length = pipe.transformer.config.sample_size * pipe.vae_scale_factor, None
+        pipe.to(resolve_device(device))
         config = build_config(PretrainConfig, {**values, "image_size": image_size, "max_sequence_length": t5_length})
         ctx = context.current()
         bar = ctx.progress(config.steps, "pretrain")
@@ -119,8 +135,9 @@ class PretrainMiniWorld(Node):
             if task_weights.strip():
                 named = parse_task_weights(task_weights)
                 weights = [named.get(task, 0.0) for task in TASKS]
+            jitter = parse_text_jitter(text_jitter) if text_jitter.strip() else None
             data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction,
-                                     task_weights=weights)
+                                     task_weights=weights, text_jitter=jitter)
             result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()

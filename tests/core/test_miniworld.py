@@ -24,23 +24,28 @@ def test_splits_are_disjoint_fixed_and_complete(task):
 
 def test_split_sizes_follow_the_rule():
     sizes = {t: (len(mw.prompts(t, "train")), len(mw.prompts(t, "test"))) for t in mw.TASKS}
-    assert sizes == {"compose": (1272, 288), "text": (729, 243), "quality": (150, 50)}
+    assert sizes == {"compose": (1272, 288), "text": (208, 89), "quality": (150, 50)}
     per_template = {(t, k): len(mw.template_prompts(t, k, "test")) for t in mw.TASKS for k in mw.TEMPLATES[t]}
     assert per_template == {("compose", "single"): 30, ("compose", "count"): 30, ("compose", "pair"): 40,
-                            ("compose", "position"): 188, ("text", "word3"): 61, ("text", "word4"): 182,
+                            ("compose", "position"): 188, ("text", "word2"): 28, ("text", "word3"): 61,
                             ("quality", "icon"): 10, ("quality", "pair"): 40}
     assert mw.all_prompts("test") == [p for t in mw.TASKS for p in mw.prompts(t, "test")]
     assert not {p.text for p in mw.all_prompts("train")} & {p.text for p in mw.all_prompts("test")}
 
 
 def test_test_prompts_recombine_attributes_seen_in_training():
-    for template, pattern in mw.WORD_PATTERNS.items():
+    for template, patterns in mw.WORD_PATTERNS.items():
         train, test = mw.template_prompts("text", template, "train"), mw.template_prompts("text", template, "test")
-        alphabets = [mw.CONSONANTS if kind == "c" else mw.VOWELS for kind in pattern]
         assert all(p.text == f'the word "{p.spec["word"]}"' for p in train + test)
-        assert {p.spec["word"] for p in train + test} == {"".join(w) for w in itertools.product(*alphabets)}
-        seen = {(pos, p.spec["word"][pos]) for p in train for pos in range(len(pattern))}
-        assert seen == {(pos, c) for pos, alphabet in enumerate(alphabets) for c in alphabet}  # all trained
+        words = set()
+        for pattern in patterns:
+            alphabets = [mw.CONSONANTS if kind == "c" else mw.VOWELS for kind in pattern]
+            words |= {"".join(w) for w in itertools.product(*alphabets)}
+            ours = [p for p in train if all(c in a for c, a in zip(p.spec["word"], alphabets))
+                    and len(p.spec["word"]) == len(pattern)]
+            seen = {(pos, p.spec["word"][pos]) for p in ours for pos in range(len(pattern))}
+            assert seen == {(pos, c) for pos, alphabet in enumerate(alphabets) for c in alphabet}  # all trained
+        assert {p.spec["word"] for p in train + test} == words
     assert set(mw.LETTERS) == set(mw.CONSONANTS + mw.VOWELS) and len(mw.LETTERS) == 12
     single = {(o["colour"], o["shape"], o.get("size")) for p in mw.template_prompts("compose", "single", "train")
               for o in p.spec["objects"]}
@@ -93,10 +98,10 @@ def test_words_stay_inside_the_frame_at_any_offset():
             ink = _ink(mw.render(spec, rng, size))
             assert ink.any() and not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), spec
     assert all(_ink(mw.render(spec, rng, 16)).any() for spec in mw.prompts("text", "test"))  # fits at 16 px too
-    left, right, up, down = word_slack("BUNU")
-    assert mw.render_word("BUNU", offset=(right, -up)).shape == (32, 32, 3)
+    left, right, up, down = word_slack("BUN")
+    assert mw.render_word("BUN", offset=(right, -up)).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="offset"):
-        mw.render_word("BUNU", offset=(right + 0.5, 0.0))
+        mw.render_word("BUN", offset=(right + 0.5, 0.0))
 
 
 def test_letters_are_proportionally_spaced():
@@ -105,11 +110,11 @@ def test_letters_are_proportionally_spaced():
     def columns(word):
         return np.flatnonzero(_ink(mw.render_word(word)).any(axis=0))
 
-    narrow, wide = columns("LAT"), columns("HAT")
+    narrow, wide = columns("LUT"), columns("HUT")
     assert wide[0] < narrow[0] and wide[-1] > narrow[-1]  # the word grew on both sides (it stays centred)
-    last = np.flatnonzero(_ink(mw.render_word("LAT"))[:, -12:].any(axis=0))
-    assert not np.array_equal(last, np.flatnonzero(_ink(mw.render_word("HAT"))[:, -12:].any(axis=0)))
-    assert columns("BUNU")[-1] - columns("BUNU")[0] > columns("BUN")[-1] - columns("BUN")[0] + 4
+    last = np.flatnonzero(_ink(mw.render_word("LUT"))[:, -12:].any(axis=0))
+    assert not np.array_equal(last, np.flatnonzero(_ink(mw.render_word("HUT"))[:, -12:].any(axis=0)))
+    assert columns("BUN")[-1] - columns("BUN")[0] > columns("BU")[-1] - columns("BU")[0] + 4
 
 
 def test_single_objects_have_their_size():
@@ -206,3 +211,25 @@ def test_parse_task_weights():
                        ("text:1, text:2", "twice"), ("text:0", "at least one"), ("", "at least one")):
         with pytest.raises(ValueError, match=match):
             mw.parse_task_weights(bad)
+
+
+def test_text_jitter_bounds_the_word_offset():
+    """text_jitter (0, 0) draws every word centred; a wider jitter spreads the ink further; bad values raise."""
+    batch = mw.sample_training_batch(np.random.default_rng(0), 24, tasks=("text",), text_jitter=(0.0, 0.0))
+    for spec, image in zip(batch.specs, batch.images):
+        centred = mw.render_word(spec.spec["word"])
+        assert np.array_equal((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), centred)
+
+    def spread(jitter):
+        rng = np.random.default_rng(1)
+        starts = [np.flatnonzero(_ink(mw.render_word("BUN", offset=mw.word_offset("BUN", rng, jitter=jitter)))
+                                 .any(axis=0))[0] for _ in range(200)]
+        return max(starts) - min(starts)
+
+    assert spread((0.5, 0.5)) <= 1 < spread((1.5, 1.0)) < spread((3.0, 2.0))
+    assert mw.parse_text_jitter(" 1.5, 1 ") == (1.5, 1.0) and mw.parse_text_jitter("0;0") == (0.0, 0.0)
+    for bad in ("1", "1, 2, 3", "a, 1", "-1, 1", "nan, 1", ""):
+        with pytest.raises(ValueError, match="x, y"):
+            mw.parse_text_jitter(bad)
+    with pytest.raises(ValueError, match="text_jitter"):
+        mw.sample_training_batch(np.random.default_rng(0), 4, text_jitter=(1.0, -1.0))

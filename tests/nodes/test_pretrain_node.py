@@ -31,7 +31,8 @@ def _graph(tmp_path, second: dict) -> dict:
 
 
 def test_init_continues_training_the_linked_pipeline(tmp_path):
-    second = {"steps": 2, "batch_size": 4, "log_every": 1, "seed": 1, "lr": 1e-3, "task_weights": "text:2, quality:1"}
+    second = {"steps": 2, "batch_size": 4, "log_every": 1, "seed": 1, "lr": 1e-3, "task_weights": "text:2, quality:1",
+              "text_jitter": "0.5, 0.5", "device": "cpu"}
     data = _graph(tmp_path, second)
     graph = graph_from_data(data, base_dir=tmp_path, default_name="g", source="test")
     result = run_graph(validate(graph), tmp_path / "run", show_progress=False)
