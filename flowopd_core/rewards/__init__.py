@@ -2,6 +2,7 @@
 
 Mini-world rewards, all real and offline:
 - ``compose``: a detector for the mini-world's objects (GenEval-style strict correctness + partial score);
+- ``compose_strict``: the same detector's all-or-nothing correctness as the score (GenEval's accuracy);
 - ``ocr``: rapidocr 3.x recognition scored as the paper's OCR reward;
 - ``ocr_likelihood``: the same recogniser's CTC likelihood of the target text (a dense form of ``ocr`` to train on);
 - ``quality``: a documented no-reference quality score of mini-world images.
@@ -12,13 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
-from flowopd_core.rewards.compose import ComposeConfig, ComposeReward
+from flowopd_core.rewards.compose import ComposeConfig, ComposeReward, ComposeStrictReward
 from flowopd_core.rewards.ocr import OCRConfig, OCRLikelihoodReward, OCRReward
 from flowopd_core.rewards.quality import QualityConfig, QualityReward
 from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
 
 REWARDS: dict[str, type[Reward]] = {
     "compose": ComposeReward,
+    "compose_strict": ComposeStrictReward,
     "ocr": OCRReward,
     "ocr_likelihood": OCRLikelihoodReward,
     "quality": QualityReward,
@@ -44,6 +46,7 @@ __all__ = [
     "TASK_REWARDS",
     "ComposeConfig",
     "ComposeReward",
+    "ComposeStrictReward",
     "OCRConfig",
     "OCRLikelihoodReward",
     "OCRReward",

@@ -27,6 +27,7 @@ iff all are (GenEval-style accuracy). Objects not named in the prompt are ignore
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,5 +214,23 @@ class ComposeReward(Reward):
                 out.append(cannot_score(f"prompt {prompt.id!r} has no compose spec (objects)"))
                 continue
             out.append(judge(detect_objects(image, self.config), truth))
+        return out
+
+
+class ComposeStrictReward(ComposeReward):
+    """The compose detector's all-or-nothing correctness as the reward itself (GenEval's accuracy): score 1 when
+    every constraint of the prompt is met, else 0; ``details`` as :class:`ComposeReward` (with the partial
+    score under ``partial``). A sparser training signal than the partial score, aligned with the strict metric."""
+
+    name = "compose_strict"
+
+    def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
+        out = []
+        for sample in super().score_batch(images, prompts):
+            if sample.strict is None or math.isnan(sample.strict):
+                out.append(sample)
+            else:
+                out.append(SampleScore(score=sample.strict, details={**sample.details, "partial": sample.score},
+                                       strict=sample.strict))
         return out
 

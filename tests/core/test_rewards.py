@@ -12,7 +12,8 @@ from scipy import ndimage
 from flowopd_core import miniworld as mw
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards import (
-    REWARDS, TASK_REWARDS, ComposeReward, OCRLikelihoodReward, OCRReward, QualityReward, make_reward
+    REWARDS, TASK_REWARDS, ComposeReward, ComposeStrictReward, OCRLikelihoodReward, OCRReward, QualityReward,
+    make_reward,
 )
 from flowopd_core.rewards.ocr import ctc_target_loglik, ocr_score, target_text
 
@@ -71,7 +72,8 @@ def ocr():
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_is_explicit_and_builds_configured_rewards():
     assert REWARDS == {
-        "compose": ComposeReward, "ocr": OCRReward, "ocr_likelihood": OCRLikelihoodReward, "quality": QualityReward
+        "compose": ComposeReward, "compose_strict": ComposeStrictReward, "ocr": OCRReward,
+        "ocr_likelihood": OCRLikelihoodReward, "quality": QualityReward,
     }
     assert set(TASK_REWARDS) == set(mw.TASKS) and set(TASK_REWARDS.values()) <= set(REWARDS)
     reward = make_reward("quality", near=10.0, far=50.0)
@@ -272,3 +274,17 @@ def test_ocr_likelihood_is_a_dense_form_of_the_ocr_reward(ocr):
     # it falls with every step of blur: measured 0.998, 0.956, 0.035, 0.0008 (the edit score: 1.0, 0.98, 0.14, 0.02)
     means = [reward(as_tensor(blur(clean, sigma)), specs).mean() for sigma in (0.5, 1.5, 2.5, 3.5)]
     assert means == sorted(means, reverse=True) and means[0] - means[-1] >= 0.3
+
+
+def test_compose_strict_scores_all_or_nothing():
+    """compose_strict's score is compose's strict correctness (partial kept in details); untagged prompts NaN."""
+    spec = next(p for p in mw.all_prompts("test") + mw.all_prompts("train") if p.text == "two red circles")
+    three = next(p for p in mw.all_prompts("test") + mw.all_prompts("train") if p.text == "three red circles")
+    text = mw.prompts("text", "test")[0]
+    image = as_tensor(renders([spec, spec, spec]))
+    result = make_reward("compose_strict")(image, [spec, three, text])
+    assert result.scores[0] == 1.0 and result.scores[1] == 0.0 and math.isnan(result.scores[2])
+    assert result.details[1]["partial"] == pytest.approx(2 / 3) and torch.equal(result.strict[:2], result.scores[:2])
+    partial = make_reward("compose")(image[:2], [spec, three])
+    assert torch.equal(partial.strict, result.scores[:2])
+
