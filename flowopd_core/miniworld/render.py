@@ -368,6 +368,11 @@ def parse_task_weights(spec: str) -> dict[str, float]:
     return weights
 
 
+def _is_text_jitter(values: Sequence[float]) -> bool:
+    """Two finite numbers >= 0: a valid (x, y) bound on the text task's word offset."""
+    return len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
+
+
 def parse_text_jitter(spec: str) -> tuple[float, float]:
     """``"1.5, 1"`` -> (1.5, 1.0): the text task's largest (x, y) offset in px at size 32. Raises ValueError
     unless it is exactly two finite numbers >= 0."""
@@ -376,7 +381,7 @@ def parse_text_jitter(spec: str) -> tuple[float, float]:
         values = tuple(float(part) for part in parts)
     except ValueError:
         raise ValueError(f"expected two numbers 'x, y' (px at 32 px), got {spec!r}") from None
-    if len(values) != 2 or not all(math.isfinite(v) and v >= 0 for v in values):
+    if not _is_text_jitter(values):
         raise ValueError(f"expected two finite numbers >= 0 'x, y' (px at 32 px), got {spec!r}")
     return values  # type: ignore[return-value]
 
@@ -419,8 +424,7 @@ def sample_training_batch(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
     if not 0.0 <= quality_degraded_fraction <= 1.0:
         raise ValueError(f"quality_degraded_fraction must lie in [0, 1], got {quality_degraded_fraction}")
-    if text_jitter is not None and (len(text_jitter) != 2 or not all(math.isfinite(j) and j >= 0
-                                                                     for j in text_jitter)):
+    if text_jitter is not None and not _is_text_jitter(text_jitter):
         raise ValueError(f"text_jitter must be two finite numbers >= 0 (x, y px), got {text_jitter!r}")
     p = None
     if task_weights is not None:

@@ -27,6 +27,7 @@ iff all are (GenEval-style accuracy). Objects not named in the prompt are ignore
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -225,12 +226,6 @@ class ComposeStrictReward(ComposeReward):
     name = "compose_strict"
 
     def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
-        out = []
-        for sample in super().score_batch(images, prompts):
-            if sample.strict is None or math.isnan(sample.strict):
-                out.append(sample)
-            else:
-                out.append(SampleScore(score=sample.strict, details={**sample.details, "partial": sample.score},
-                                       strict=sample.strict))
-        return out
-
+        return [sample if math.isnan(sample.strict) else  # unscorable: NaN stays NaN
+                dataclasses.replace(sample, score=sample.strict, details={**sample.details, "partial": sample.score})
+                for sample in super().score_batch(images, prompts)]
