@@ -80,6 +80,12 @@ class GRPOConfig:
         default=False,
         metadata={"help": "epoch e draws its prompts from task e mod n of the prompt set's tasks (authors' GRPO-Mix)"},
     )
+    balance_templates: bool = field(
+        default=False,
+        metadata={"help": "spread each epoch's prompts evenly over the prompts' categories (spec 'template', e.g. "
+                          "compose's single / count / pair / position), which the evaluator weighs equally; else "
+                          "uniform over prompts"},
+    )
     steps: int = field(default=10, metadata={"help": "sampling steps T of the rollouts"})
     resolution: int = field(
         default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
@@ -512,6 +518,33 @@ def group_best(scores: torch.Tensor, group_ids: torch.Tensor) -> float:
     return float(best[torch.isfinite(best)].mean())
 
 
+def template_strata(prompts: PromptSet) -> dict[str, list[int]]:
+    """Indices of ``prompts`` per category (``spec["template"]``; "" where a prompt has none), in order of first
+    appearance."""
+    strata: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        strata.setdefault(str(prompt.spec.get("template", "")), []).append(index)
+    return strata
+
+
+def balanced_draw(strata: Mapping[str, Sequence[int]], n: int, epoch: int, generator: torch.Generator) -> list[int]:
+    """``n`` indices spread evenly over ``strata`` (category -> its indices): each of the k categories gets
+    n // k, drawn at random without replacement; the n % k left over go to the next categories in a rotation
+    that moves on with ``epoch``, so over k epochs every category gets the same number of draws.
+
+    Each category must hold at least ceil(n / k) indices (checked by the trainer)."""
+    names = list(strata)
+    k = len(names)
+    extra = n % k
+    lucky = {names[(epoch * extra + j) % k] for j in range(extra)}
+    out: list[int] = []
+    for name in names:
+        rows = strata[name]
+        take = n // k + (name in lucky)
+        out += [rows[i] for i in torch.randperm(len(rows), generator=generator)[:take].tolist()]
+    return out
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -548,6 +581,10 @@ class GRPOTrainer(LoraTrainer):
             raise ValueError("GRPOTrainer needs a non-empty PromptSet")
         pools = [prompts.by_task(task) for task in prompts.tasks] if config.task_cycling else [prompts]
         small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
+        if config.balance_templates:  # every category must hold its share of an epoch's prompts
+            small = [(f"{pool.name}:{name}", len(rows)) for pool in pools
+                     for name, rows in template_strata(pool).items()
+                     if len(rows) < -(-config.prompts_per_epoch // len(template_strata(pool)))]
         if small:
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the prompts available: {small}")
         super().__init__(pipe, policy, adapter_name, config)
@@ -559,7 +596,10 @@ class GRPOTrainer(LoraTrainer):
 
     def _draw_prompts(self) -> list[PromptSpec]:
         pool = self._pools[self.epoch_index % len(self._pools)]
-        order = torch.randperm(len(pool), generator=self.generator)[: self.config.prompts_per_epoch]
+        n = self.config.prompts_per_epoch
+        if self.config.balance_templates:
+            return [pool[i] for i in balanced_draw(template_strata(pool), n, self.epoch_index, self.generator)]
+        order = torch.randperm(len(pool), generator=self.generator)[:n]
         return [pool[i] for i in order.tolist()]
 
     def _draw_window(self) -> tuple[int, ...] | None:

@@ -17,8 +17,10 @@ from flowopd_core.grpo import (
     kl_to_reference,
     load_trainer_state,
     multi_reward_advantages,
+    balanced_draw,
     ppo_clip_loss,
     save_trainer_state,
+    template_strata,
 )
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.policy import Policy
@@ -53,6 +55,24 @@ def _trainer(config: GRPOConfig, reward=None, prompts: PromptSet = PROMPTS) -> G
 
 
 # ------------------------------------------------------------------------------------------ pure functions
+
+
+def test_balanced_draw_spreads_each_epoch_over_the_categories():
+    strata = {"single": list(range(0, 5)), "count": list(range(5, 10)), "position": list(range(10, 100))}
+    generator = torch.Generator().manual_seed(0)
+    totals = {name: 0 for name in strata}
+    for epoch in range(6):
+        picked = balanced_draw(strata, 8, epoch, generator)
+        assert len(picked) == len(set(picked)) == 8  # without replacement
+        per = {name: sum(i in rows for i in picked) for name, rows in strata.items()}
+        assert sorted(per.values()) == [2, 3, 3]  # 8 // 3 each, the 2 left over to two categories
+        for name in strata:
+            totals[name] += per[name]
+    assert set(totals.values()) == {16}  # the left-overs rotate: equal draws over every 3 epochs
+    prompts = PromptSet(tuple(PromptSpec(t, spec={"template": k}) for t, k in (("a", "x"), ("b", "y"), ("c", "x"))))
+    assert template_strata(prompts) == {"x": [0, 2], "y": [1]}
+    assert template_strata(PROMPTS) == {"": [0, 1, 2]}  # no categories: one stratum (a uniform draw)
+
 
 
 def test_group_advantages_closed_form():
@@ -253,6 +273,19 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert all(torch.equal(state_a.tensors[k], state_b.tensors[k]) for k in state_a.tensors)
     with pytest.raises(ValueError, match="different config"):
         _trainer(_config(lr=1e-3)).load_state_dict(load_trainer_state(tmp_path / "ckpt"))
+
+
+def test_balance_templates_draws_every_category_each_epoch():
+    specs = [PromptSpec(f"{k} {i}", task="compose", spec={"template": k}) for k in ("single", "position")
+             for i in range(2 if k == "single" else 20)]
+    trainer = _trainer(_config(balance_templates=True, prompts_per_epoch=4), prompts=PromptSet(tuple(specs)))
+    for _ in range(3):
+        drawn = trainer._draw_prompts()
+        assert sorted(p.spec["template"] for p in drawn) == ["position", "position", "single", "single"]
+    plain = _trainer(_config(prompts_per_epoch=4), prompts=PromptSet(tuple(specs)))
+    assert any(all(p.spec["template"] == "position" for p in plain._draw_prompts()) for _ in range(10))
+    with pytest.raises(ValueError, match="single"):  # 2 single prompts cannot fill a share of 3
+        _trainer(_config(balance_templates=True, prompts_per_epoch=6), prompts=PromptSet(tuple(specs)))
 
 
 def test_fast_window_step_subset_and_task_cycling(tmp_path):
