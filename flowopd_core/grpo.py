@@ -581,10 +581,11 @@ class GRPOTrainer(LoraTrainer):
             raise ValueError("GRPOTrainer needs a non-empty PromptSet")
         pools = [prompts.by_task(task) for task in prompts.tasks] if config.task_cycling else [prompts]
         small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
-        if config.balance_templates:  # every category must hold its share of an epoch's prompts
-            small = [(f"{pool.name}:{name}", len(rows)) for pool in pools
-                     for name, rows in template_strata(pool).items()
-                     if len(rows) < -(-config.prompts_per_epoch // len(template_strata(pool)))]
+        if config.balance_templates:  # every category must hold its share (rounded up) of an epoch's prompts
+            strata = [(pool.name, template_strata(pool)) for pool in pools]
+            small = [(f"{name}:{template}", len(rows)) for name, by_template in strata
+                     for template, rows in by_template.items()
+                     if len(rows) < -(-config.prompts_per_epoch // len(by_template))]
         if small:
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the prompts available: {small}")
         super().__init__(pipe, policy, adapter_name, config)
