@@ -22,15 +22,14 @@ from flowopd_core.miniworld import tasks  # noqa: E402
 from flowopd_core.pipeline import load_pipeline  # noqa: E402
 from flowopd_core.policy import Policy  # noqa: E402
 from flowopd_core.prompts import PromptSet  # noqa: E402
+from flowopd_core.rewards import TASK_REWARDS  # noqa: E402
 from flowopd_core.rewards.spec import build_reward  # noqa: E402
-
-TASK_REWARD = {"compose": "compose", "text": "ocr", "quality": "quality"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="base pipeline folder")
-    parser.add_argument("--task", choices=sorted(TASK_REWARD), default="compose")
+    parser.add_argument("--task", choices=sorted(TASK_REWARDS), default="compose")
     parser.add_argument("--prompts", required=True, help="'|'-separated training prompts of the task")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clip-range", type=float, default=1e-2)
@@ -46,7 +45,7 @@ def main() -> None:
     if missing:
         parser.error(f"not {args.task} training prompts: {missing}")
     prompts = PromptSet(tuple(known[n] for n in names), name="overfit")
-    reward = TASK_REWARD[args.task]
+    reward = TASK_REWARDS[args.task]
     config = GRPOConfig(
         group_size=args.group_size, prompts_per_epoch=len(prompts), steps=8, guidance_scale=4.5, lr=args.lr,
         clip_range=args.clip_range, beta=0.01, updates_per_epoch=args.updates_per_epoch, ema_decay=0.0,

@@ -179,7 +179,7 @@ def summarise(evals: Sequence[ModelEval]) -> Results:
         for task, metrics in e.plan.items():
             idx = e.sample_rows(task)
             groups = [i // k for i in idx]
-            strata = [str(e.samples[i].spec.get("template", "")) for i in idx]
+            strata = [e.samples[i].category for i in idx]
             for metric in metrics:
                 score = mean_ci(e.table.scores[metric][idx], groups, e.config.confidence, strata)
                 strict = e.table.strict.get(metric)
@@ -205,7 +205,7 @@ def paired_differences(results: Results) -> dict[str, dict[str, Stat]]:
             idx = e.sample_rows(task)
             table_e, table_r = (e.table.strict if strict else e.table.scores), (ref.table.strict if strict else ref.table.scores)
             diff = np.asarray(table_e[metric][idx], dtype=np.float64) - np.asarray(table_r[metric][idx], dtype=np.float64)
-            strata = [str(e.samples[i].spec.get("template", "")) for i in idx]
+            strata = [e.samples[i].category for i in idx]
             out[e.name][task] = mean_ci(diff, [i // k for i in idx], e.config.confidence, strata)
     return out
 

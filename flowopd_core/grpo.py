@@ -519,11 +519,10 @@ def group_best(scores: torch.Tensor, group_ids: torch.Tensor) -> float:
 
 
 def template_strata(prompts: PromptSet) -> dict[str, list[int]]:
-    """Indices of ``prompts`` per category (``spec["template"]``; "" where a prompt has none), in order of first
-    appearance."""
+    """Indices of ``prompts`` per category (:attr:`PromptSpec.category`), in order of first appearance."""
     strata: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        strata.setdefault(str(prompt.spec.get("template", "")), []).append(index)
+        strata.setdefault(prompt.category, []).append(index)
     return strata
 
 
@@ -580,26 +579,27 @@ class GRPOTrainer(LoraTrainer):
         if prompts is None or len(prompts) == 0:
             raise ValueError("GRPOTrainer needs a non-empty PromptSet")
         pools = [prompts.by_task(task) for task in prompts.tasks] if config.task_cycling else [prompts]
-        small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
-        if config.balance_templates:  # every category must hold its share (rounded up) of an epoch's prompts
-            strata = [(pool.name, template_strata(pool)) for pool in pools]
-            small = [(f"{name}:{template}", len(rows)) for name, by_template in strata
-                     for template, rows in by_template.items()
-                     if len(rows) < -(-config.prompts_per_epoch // len(by_template))]
+        strata = [template_strata(pool) for pool in pools] if config.balance_templates else None
+        if strata is None:
+            small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
+        else:  # every category must hold its share (rounded up) of an epoch's prompts
+            small = [(f"{pool.name}:{name}", len(rows)) for pool, by_name in zip(pools, strata)
+                     for name, rows in by_name.items() if len(rows) < -(-config.prompts_per_epoch // len(by_name))]
         if small:
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the prompts available: {small}")
         super().__init__(pipe, policy, adapter_name, config)
         self.rewards = dict(rewards)
         self.prompts = prompts
         self._pools = pools
+        self._strata = strata  # per pool: category -> prompt indices (balance_templates), else None
 
     # ------------------------------------------------------------------------------------------- sampling
 
     def _draw_prompts(self) -> list[PromptSpec]:
-        pool = self._pools[self.epoch_index % len(self._pools)]
-        n = self.config.prompts_per_epoch
-        if self.config.balance_templates:
-            return [pool[i] for i in balanced_draw(template_strata(pool), n, self.epoch_index, self.generator)]
+        which = self.epoch_index % len(self._pools)
+        pool, n = self._pools[which], self.config.prompts_per_epoch
+        if self._strata is not None:
+            return [pool[i] for i in balanced_draw(self._strata[which], n, self.epoch_index, self.generator)]
         order = torch.randperm(len(pool), generator=self.generator)[:n]
         return [pool[i] for i in order.tolist()]
 

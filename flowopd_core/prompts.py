@@ -32,6 +32,12 @@ class PromptSpec:
             digest = hashlib.sha1(f"{self.task}\x00{self.text}".encode()).hexdigest()[:10]
             object.__setattr__(self, "id", f"{self.task or 'prompt'}-{digest}")
 
+    @property
+    def category(self) -> str:
+        """The prompt's category within its task (``spec["template"]``, e.g. compose's ``count``), "" if none:
+        what the evaluator weighs equally and the GRPO trainer can balance."""
+        return str(self.spec.get("template", ""))
+
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, "task": self.task, "spec": self.spec}
 
