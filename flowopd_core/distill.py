@@ -42,7 +42,7 @@ from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES, RoutePlan, distill_loss
 from flowopd_core.pipeline import TextEmbeddings, decode, initial_noise, velocity
 from flowopd_core.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
-from flowopd_core.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS, Rollout, sample, transition_logprob
+from flowopd_core.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS, Rollout, noisy_steps, sample, transition_logprob
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,11 @@ class OPDConfig:
     step_subset: int = field(default=0, metadata={"help": "train k random steps per sample and epoch; 0 = all"})
     kind: str = field(default="sde", metadata={"help": "sde or cps rollouts"})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a"})
+    min_step_std: float = field(
+        default=0.01,
+        metadata={"help": "train only steps whose transition noise std is at least this (cps: skips the step onto "
+                          "the schedule's last sigma, std ~1e-3, where the KL weight 1 / std^2 explodes); 0 = no floor"},
+    )
     guidance_scale: float = field(
         default=4.5, metadata={"help": "CFG w of student and teachers (KL on CFG-combined velocities); 1 = off"}
     )
@@ -113,7 +118,7 @@ class OPDConfig:
             at_least_one=("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
                           "lora_rank", "epochs", "max_bad_steps"),
             non_negative=("step_subset", "reward_workers", "weight_decay", "grad_clip", "anchor_weight",
-                          "advantage_clip", "resolution"),
+                          "advantage_clip", "resolution", "min_step_std"),
             positive=("clip_range", "lr", "lora_alpha", "noise_level"),
         )
         if self.mode not in DISTILL_MODES:
@@ -374,12 +379,18 @@ class OPDTrainer(LoraTrainer):
         route(list(prompts), pool.tasks, config.route, config.task_weights)  # every prompt has a route: fail now
         super().__init__(pipe, pool.policy, student, config)
         self.pool, self.prompts, self.rewards = pool, prompts, dict(rewards or {})
+        noisy = noisy_steps(self.sigmas, config.noise_level, config.kind, config.min_step_std)
+        self._trained = [j for j in range(config.trainable_steps) if j in noisy]
+        if not self._trained:
+            raise ValueError(f"no step to train: none of the steps below {config.trainable_steps} (train_fraction) "
+                             f"has a transition noise std >= min_step_std {config.min_step_std} (kind "
+                             f"{config.kind!r}, noise_level {config.noise_level}, {config.steps} steps)")
 
     # ------------------------------------------------------------------------------------------- sampling
 
     def _draw_train_steps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
-        candidates = torch.arange(cfg.trainable_steps)
+        candidates = torch.tensor(self._trained, dtype=torch.long)
         k = min(cfg.step_subset or len(candidates), len(candidates))
         rows = [candidates[torch.randperm(len(candidates), generator=generator or self.generator)][:k] for _ in range(n)]
         return torch.stack(rows).to(self.sigmas.device)

@@ -53,6 +53,7 @@ from flowopd_core.samplers import (
     LOGPROB_REDUCES,
     STOCHASTIC_KINDS,
     Rollout,
+    noisy_steps,
     sample,
     transition_logprob,
 )
@@ -110,6 +111,11 @@ class GRPOConfig:
     )
     kind: str = field(default="sde", metadata={"help": "sde (Flow-GRPO) or cps (coefficients-preserving)"})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (0.8 recommended for cps)"})
+    min_step_std: float = field(
+        default=0.01,
+        metadata={"help": "train only steps whose transition noise std is at least this (cps: skips the step onto "
+                          "the schedule's last sigma, std ~1e-3, whose log-prob ratio explodes); 0 = no floor"},
+    )
     guidance_scale: float = field(
         default=4.5, metadata={"help": "CFG w in rollouts and training forwards; 1 = no CFG (one forward, cheaper)"}
     )
@@ -166,7 +172,7 @@ class GRPOConfig:
             at_least_one=("group_size", "prompts_per_epoch", "steps", "updates_per_epoch", "batch_size", "ema_every",
                           "lora_rank", "epochs", "max_bad_steps"),
             non_negative=("step_subset", "sde_window", "reward_workers", "beta", "weight_decay", "grad_clip",
-                          "resolution"),
+                          "resolution", "min_step_std"),
             positive=("clip_range", "adv_clip", "adv_eps", "lr", "lora_alpha", "noise_level"),
         )
         if self.group_size < 2:
@@ -592,6 +598,16 @@ class GRPOTrainer(LoraTrainer):
         self.prompts = prompts
         self._pools = pools
         self._strata = strata  # per pool: category -> prompt indices (balance_templates), else None
+        noisy = noisy_steps(self.sigmas, config.noise_level, config.kind, config.min_step_std)
+        self._trained = tuple(j for j in noisy if j < config.trainable_steps)  # steps any sample may train
+        width = config.sde_window or config.steps
+        lo, hi = config.window_bounds if config.sde_window else (0, config.steps)
+        empty = [(a, a + width) for a in range(lo, hi - width + 1) if not any(a <= j < a + width for j in self._trained)]
+        if empty:  # every window the trainer may draw must hold a step to train
+            raise ValueError(f"no step to train in the steps {empty[0][0]}..{empty[0][1] - 1}: none below "
+                             f"{config.trainable_steps} (train_fraction) has a transition noise std >= min_step_std "
+                             f"{config.min_step_std} (kind {config.kind!r}, noise_level {config.noise_level}, "
+                             f"{config.steps} steps)")
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -612,10 +628,11 @@ class GRPOTrainer(LoraTrainer):
         return tuple(range(start, start + width))
 
     def _draw_train_steps(self, n: int, sde_steps: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(n, K)`` trained steps per sample: the SDE steps below ``trainable_steps`` (a random subset of
-        ``step_subset`` of them), in a random order per sample with ``shuffle_steps``."""
+        """``(n, K)`` trained steps per sample: the SDE steps below ``trainable_steps`` whose noise std is at
+        least ``min_step_std`` (a random subset of ``step_subset`` of them), in a random order per sample with
+        ``shuffle_steps``."""
         cfg = self.config
-        candidates = torch.tensor([j for j in sde_steps if j < cfg.trainable_steps], dtype=torch.long)
+        candidates = torch.tensor([j for j in sde_steps if j in self._trained], dtype=torch.long)
         k = min(cfg.step_subset or len(candidates), len(candidates))
         rows = []
         for _ in range(n):

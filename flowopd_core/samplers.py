@@ -263,6 +263,23 @@ def sde_noise_std(t: Time, t_next: Time, noise_level: float = 0.7, kind: str = "
     return t_next * math.sin(noise_level * math.pi / 2)
 
 
+def noisy_steps(sigmas: torch.Tensor, noise_level: float, kind: str, min_std: float) -> tuple[int, ...]:
+    """The steps j of the schedule ``sigmas`` ``(T+1,)`` whose transition sigmas[j] -> sigmas[j+1] has noise
+    std (:func:`sde_noise_std`) of at least ``min_std``: the steps a trainer may train on.
+
+    The others are (near-)deterministic, and an exact Gaussian log-prob or KL there is ill-conditioned: it
+    scales with 1 / std^2. diffusers schedules end ..., sigma_min, 0 with sigma_min = 1e-3 at shift 1, so CPS
+    (std = t_next sin(a pi / 2)) gives the step onto sigma_min a std of about 1e-3; one AdamW step at lr 1e-3
+    then moves its per-element log-ratio by ~6 (measured on the mini-world, 8 steps), which no PPO clip range
+    holds and which swamps the other steps' gradients and KL. Flow-GRPO's SDE stds stay above 0.1 there.
+    """
+    if kind not in STOCHASTIC_KINDS:
+        raise ValueError(f"kind must be one of {STOCHASTIC_KINDS}, got {kind!r}")
+    std = sde_noise_std(sigmas[:-1].double(), sigmas[1:].double(), noise_level, kind).reshape(-1)
+    std = std.expand(len(sigmas) - 1)
+    return tuple(j for j in range(len(sigmas) - 1) if float(std[j]) >= min_std)
+
+
 def kl_weight(t: Time, t_next: Time, noise_level: float = 0.7, kind: str = "sde") -> torch.Tensor:
     """w(t) with KL(N(mu_p, s^2 I) || N(mu_q, s^2 I)) = w(t) ||v_p - v_q||^2 (summed over D), method.md §4.
 

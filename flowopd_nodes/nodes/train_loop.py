@@ -36,6 +36,7 @@ TRAINER_RANGES: dict[str, dict[str, Any]] = dict(
     step_subset={"min": 0, "max": 1000},
     kind={"choices": ("sde", "cps")},
     noise_level={"min": 0.0, "max": 2.0},
+    min_step_std={"min": 0.0, "max": 10.0},
     guidance_scale={"min": 0.0, "max": 50.0},
     logprob_reduce={"choices": ("mean", "sum")},
     clip_range={"min": 0.0, "max": 10.0},

@@ -162,3 +162,15 @@ def test_resolution_sets_the_rollout_size():
     assert batch.rollout.latents.shape[-2:] == (8, 8) and batch.targets.shape[-2:] == (8, 8)
     with pytest.raises(ValueError, match="resolution must be >= 0"):
         _config(resolution=-1)
+
+
+def test_cps_distillation_leaves_out_the_step_onto_sigma_min():
+    """The KL weight of CPS's step onto sigma_min (std ~1e-3) is ~1e6 times the others': not trained."""
+    pipe, pool = _pool()
+    trainer = OPDTrainer(pipe, pool, "student", _config(kind="cps", noise_level=0.8), PROMPTS)
+    assert trainer.sigmas[-2].item() == pytest.approx(1e-3) and trainer.config.trainable_steps == 3
+    assert set(trainer.collect().train_steps.unique().tolist()) == {0, 1}
+    loose = OPDTrainer(pipe, pool, "student2", _config(kind="cps", noise_level=0.8, min_step_std=0.0), PROMPTS)
+    assert set(loose.collect().train_steps.unique().tolist()) == {0, 1, 2}
+    with pytest.raises(ValueError, match="no step to train"):
+        OPDTrainer(pipe, pool, "student3", _config(kind="cps", noise_level=0.8, steps=2), PROMPTS)

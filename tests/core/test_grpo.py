@@ -26,7 +26,7 @@ from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
-from flowopd_core.samplers import gaussian_kl, sde_noise_std
+from flowopd_core.samplers import gaussian_kl, noisy_steps, sde_noise_std
 
 TEXTS = ("a red circle", "two blue squares", "a green triangle")
 PROMPTS = PromptSet(tuple(PromptSpec(text, task="compose") for text in TEXTS))
@@ -305,3 +305,29 @@ def test_fast_window_step_subset_and_task_cycling(tmp_path):
     assert [m.epoch for m in history] == [1] and history[0].first_update_ratio_dev == 0
     folder = trainer.save_adapter(tmp_path / "adapter")
     assert (folder / "adapter_model.safetensors").is_file()
+
+
+def test_cps_never_trains_the_near_deterministic_step_onto_sigma_min():
+    """CPS's step onto the schedule's last sigma (1e-3) has noise std ~1e-3: after one AdamW step its exact
+    log-prob ratio is far outside any clip range, so the trainer leaves it out (min_step_std), and says so
+    before anything runs when nothing would be left to train."""
+    cps = dict(kind="cps", noise_level=0.8, updates_per_epoch=1)
+    trainer = _trainer(_config(**cps))
+    assert trainer.sigmas[-2].item() == pytest.approx(1e-3)
+    near = len(trainer.sigmas) - 3  # the step onto sigma_min, below trainable_steps (int(4 * 0.99) = 3)
+    assert near < trainer.config.trainable_steps
+    assert noisy_steps(trainer.sigmas, 0.8, "cps", 0.01) == tuple(range(near))
+    assert set(trainer.collect().train_steps.unique().tolist()) == set(range(near))
+    # without the floor that step is trained, and one optimizer step moves its ratio by orders of magnitude more
+    loose = _trainer(_config(**cps, min_step_std=0.0))
+    batch = loose.collect()
+    assert set(batch.train_steps.unique().tolist()) == set(range(near + 1))
+    loose._update(batch)
+    rows = torch.arange(len(batch))
+    dev = {j: loose.step_loss(batch, rows, torch.full((len(batch),), j)).ppo.ratio.log().abs().max().item()
+           for j in (0, near)}
+    assert dev[near] > 100 * dev[0], dev
+    with pytest.raises(ValueError, match="no step to train"):
+        _trainer(_config(kind="cps", noise_level=0.8, steps=2))  # its one trainable step lands on sigma_min
+    with pytest.raises(ValueError, match="min_step_std"):
+        GRPOConfig(min_step_std=-1.0)

@@ -17,6 +17,7 @@ from flowopd_core.samplers import (
     flow_sigmas,
     gaussian_kl,
     kl_weight,
+    noisy_steps,
     ode_step,
     rollout_logprobs,
     sample,
@@ -420,3 +421,21 @@ def test_progress_callback_sees_every_step():
     sample(lambda x, t: x, torch.zeros(1, 1, 2, 2), flow_sigmas(4), kind="ode",
            progress=lambda j, n: calls.append((j, n)))
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_noisy_steps_leave_out_the_near_deterministic_transitions():
+    sigmas = flow_sigmas(8)  # 1, 6/7 ..., 1/7 (about), 1e-3, 0
+    assert sigmas[-2].item() == pytest.approx(1e-3)
+    std = {kind: sde_noise_std(sigmas[:-1], sigmas[1:], a, kind) for kind, a in (("sde", 0.7), ("cps", 0.8))}
+    # CPS: std = t_next sin(0.4 pi), so the step onto sigma_min = 1e-3 has std ~1e-3 and the last one 0
+    assert std["cps"][6].item() == pytest.approx(1e-3 * math.sin(0.4 * math.pi), rel=1e-4)
+    assert noisy_steps(sigmas, 0.8, "cps", 0.01) == (0, 1, 2, 3, 4, 5)
+    assert noisy_steps(sigmas, 0.7, "sde", 0.01) == (0, 1, 2, 3, 4, 5, 6)  # SDE std there is still ~0.1
+    assert std["sde"][6].item() > 0.1 and std["sde"][7].item() < 0.01
+    assert noisy_steps(sigmas, 0.8, "cps", 0.0) == tuple(range(8))
+    for kind in ("sde", "cps"):  # exactly the steps whose std reaches the floor
+        a = 0.7 if kind == "sde" else 0.8
+        for floor in (1e-4, 0.05, 0.2):
+            assert noisy_steps(sigmas, a, kind, floor) == tuple(j for j in range(8) if std[kind][j].item() >= floor)
+    with pytest.raises(ValueError, match="kind"):
+        noisy_steps(sigmas, 0.7, "ode", 0.01)
