@@ -87,6 +87,12 @@ class GRPOConfig:
                           "compose's single / count / pair / position), which the evaluator weighs equally; else "
                           "uniform over prompts"},
     )
+    same_initial_noise: bool = field(
+        default=False,
+        metadata={"help": "the samples of a group start from the same initial noise, so their rewards differ only "
+                          "through the SDE steps the policy is trained on (DanceGRPO; Flow-GRPO's same_latent); "
+                          "else each sample draws its own"},
+    )
     steps: int = field(default=10, metadata={"help": "sampling steps T of the rollouts"})
     resolution: int = field(
         default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
@@ -657,6 +663,11 @@ class GRPOTrainer(LoraTrainer):
         images: list[torch.Tensor] = []
         pending: list[dict[str, Future]] = []
         pool = ThreadPoolExecutor(cfg.reward_workers) if cfg.reward_workers else None
+        size = cfg.resolution or None
+        shared = None
+        if cfg.same_initial_noise:  # one draw per group, repeated over its samples
+            shared = initial_noise(self.pipe, len(share), generator=generator, height=size, width=size)
+            shared = shared.repeat_interleave(cfg.group_size, dim=0)
         with pool or nullcontext():
             for start in range(0, len(specs), cfg.batch_size):
                 chunk = specs[start : start + cfg.batch_size]
@@ -665,8 +676,10 @@ class GRPOTrainer(LoraTrainer):
                 def velocity_fn(x: torch.Tensor, t: float) -> torch.Tensor:
                     return self._velocity(x, t, cond, uncond)
 
-                size = cfg.resolution or None
-                noise = initial_noise(self.pipe, len(chunk), generator=generator, height=size, width=size)
+                if shared is None:
+                    noise = initial_noise(self.pipe, len(chunk), generator=generator, height=size, width=size)
+                else:
+                    noise = shared[start : start + len(chunk)]
                 rollout = sample(
                     velocity_fn, noise, self.sigmas, kind=cfg.kind, noise_level=cfg.noise_level, generator=generator, sde_window=window,
                     logprob_reduce=cfg.logprob_reduce,

@@ -331,3 +331,15 @@ def test_cps_never_trains_the_near_deterministic_step_onto_sigma_min():
         _trainer(_config(kind="cps", noise_level=0.8, steps=2))  # its one trainable step lands on sigma_min
     with pytest.raises(ValueError, match="min_step_std"):
         GRPOConfig(min_step_std=-1.0)
+
+
+def test_same_initial_noise_shares_x_T_within_each_group_only():
+    batch = _trainer(_config(same_initial_noise=True, group_size=3, batch_size=4)).collect()  # groups straddle chunks
+    x_T = batch.latents[:, 0]
+    for g in range(2):
+        rows = (batch.group_ids == g).nonzero().flatten()
+        assert len(rows) == 3 and all(torch.equal(x_T[rows[0]], x_T[r]) for r in rows[1:])
+        assert not torch.equal(batch.latents[rows[0], -1], batch.latents[rows[1], -1])  # the SDE steps differ
+    assert not torch.equal(x_T[0], x_T[3])
+    default = _trainer(_config(group_size=3, batch_size=4)).collect().latents[:, 0]
+    assert not torch.equal(default[0], default[1])  # off: every sample draws its own
