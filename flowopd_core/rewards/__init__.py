@@ -5,7 +5,8 @@ Mini-world rewards, all real and offline:
 - ``compose_strict``: the same detector's all-or-nothing correctness as the score (GenEval's accuracy);
 - ``ocr``: rapidocr 3.x recognition scored as the paper's OCR reward;
 - ``ocr_likelihood``: the same recogniser's CTC likelihood of the target text (a dense form of ``ocr`` to train on);
-- ``quality``: a documented no-reference quality score of mini-world images.
+- ``quality``: a documented no-reference quality score of mini-world images;
+- ``null``: pseudo-random scores unrelated to the image, a null control for training recipes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
 from flowopd_core.rewards.compose import ComposeConfig, ComposeReward, ComposeStrictReward
+from flowopd_core.rewards.null import NullConfig, NullReward
 from flowopd_core.rewards.ocr import OCRConfig, OCRLikelihoodReward, OCRReward
 from flowopd_core.rewards.quality import QualityConfig, QualityReward
 from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
@@ -26,14 +28,17 @@ REWARDS: dict[str, type[Reward]] = {
     "quality": QualityReward,
 }
 
+# rewards to train on in experiments only: never a metric (the Evaluator's "all" is REWARDS)
+CONTROL_REWARDS: dict[str, type[Reward]] = {"null": NullReward}
+
 # mini-world task -> the reward that judges it
 TASK_REWARDS: dict[str, str] = {"compose": "compose", "text": "ocr", "quality": "quality"}
 
 
 def make_reward(name: str, **config: Any) -> Reward:
-    """Build a registered reward (:data:`REWARDS`, or a local-weights adapter of :data:`REAL_REWARDS`);
-    ``config`` are the fields of its config dataclass."""
-    registry: dict[str, type[Reward]] = {**REWARDS, **REAL_REWARDS}
+    """Build a registered reward (:data:`REWARDS`, a local-weights adapter of :data:`REAL_REWARDS`, or one of
+    :data:`CONTROL_REWARDS`); ``config`` are the fields of its config dataclass."""
+    registry: dict[str, type[Reward]] = {**REWARDS, **REAL_REWARDS, **CONTROL_REWARDS}
     if name not in registry:
         raise ValueError(f"unknown reward {name!r}; registered: {sorted(registry)}")
     cls = registry[name]
@@ -44,9 +49,12 @@ __all__ = [
     "REAL_REWARDS",
     "REWARDS",
     "TASK_REWARDS",
+    "CONTROL_REWARDS",
     "ComposeConfig",
     "ComposeReward",
     "ComposeStrictReward",
+    "NullConfig",
+    "NullReward",
     "OCRConfig",
     "OCRLikelihoodReward",
     "OCRReward",

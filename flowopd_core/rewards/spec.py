@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-from flowopd_core.rewards import REAL_REWARDS, REWARDS, Reward, make_reward
+from flowopd_core.rewards import CONTROL_REWARDS, REAL_REWARDS, REWARDS, Reward, make_reward
 from flowopd_core.rewards.client import RemoteReward
 
 
@@ -34,7 +34,7 @@ def parse_servers(spec: str) -> dict[str, str]:
 
 def known_rewards(servers: Mapping[str, str] | None = None) -> list[str]:
     """Every reward name a graph may use: the registered ones and the served ones."""
-    return sorted({*REWARDS, *REAL_REWARDS, *(servers or {})})
+    return sorted({*REWARDS, *REAL_REWARDS, *CONTROL_REWARDS, *(servers or {})})
 
 
 def parse_reward_weights(spec: str, servers: Mapping[str, str] | None = None) -> dict[str, float]:
