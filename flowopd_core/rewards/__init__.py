@@ -6,7 +6,7 @@ Mini-world rewards, all real and offline:
 - ``ocr``: rapidocr 3.x recognition scored as the paper's OCR reward;
 - ``ocr_likelihood``: the same recogniser's CTC likelihood of the target text (a dense form of ``ocr`` to train on);
 - ``quality``: a documented no-reference quality score of mini-world images;
-- ``null``: pseudo-random scores unrelated to the image, a null control for training recipes.
+- ``random``: pseudo-random scores unrelated to the image, a null control for training recipes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
 from flowopd_core.rewards.compose import ComposeConfig, ComposeReward, ComposeStrictReward
-from flowopd_core.rewards.null import NullConfig, NullReward
+from flowopd_core.rewards.random_control import RandomConfig, RandomReward
 from flowopd_core.rewards.ocr import OCRConfig, OCRLikelihoodReward, OCRReward
 from flowopd_core.rewards.quality import QualityConfig, QualityReward
 from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
@@ -29,7 +29,7 @@ REWARDS: dict[str, type[Reward]] = {
 }
 
 # rewards to train on in experiments only: never a metric (the Evaluator's "all" is REWARDS)
-CONTROL_REWARDS: dict[str, type[Reward]] = {"null": NullReward}
+CONTROL_REWARDS: dict[str, type[Reward]] = {"random": RandomReward}
 
 # mini-world task -> the reward that judges it
 TASK_REWARDS: dict[str, str] = {"compose": "compose", "text": "ocr", "quality": "quality"}
@@ -53,8 +53,6 @@ __all__ = [
     "ComposeConfig",
     "ComposeReward",
     "ComposeStrictReward",
-    "NullConfig",
-    "NullReward",
     "OCRConfig",
     "OCRLikelihoodReward",
     "OCRReward",
@@ -62,6 +60,8 @@ __all__ = [
     "PickScoreReward",
     "QualityConfig",
     "QualityReward",
+    "RandomConfig",
+    "RandomReward",
     "Reward",
     "RewardResult",
     "SampleScore",

@@ -12,8 +12,8 @@ from scipy import ndimage
 from flowopd_core import miniworld as mw
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards import (
-    CONTROL_REWARDS, REWARDS, TASK_REWARDS, ComposeReward, ComposeStrictReward, NullReward, OCRLikelihoodReward,
-    OCRReward, QualityReward, make_reward,
+    CONTROL_REWARDS, REWARDS, TASK_REWARDS, ComposeReward, ComposeStrictReward, OCRLikelihoodReward,
+    OCRReward, QualityReward, RandomReward, make_reward,
 )
 from flowopd_core.rewards.ocr import ctc_target_loglik, ocr_score, target_text
 
@@ -76,7 +76,7 @@ def test_registry_is_explicit_and_builds_configured_rewards():
         "ocr_likelihood": OCRLikelihoodReward, "quality": QualityReward,
     }
     assert set(TASK_REWARDS) == set(mw.TASKS) and set(TASK_REWARDS.values()) <= set(REWARDS)
-    assert CONTROL_REWARDS == {"null": NullReward}  # trainable, never one of the Evaluator's metrics
+    assert CONTROL_REWARDS == {"random": RandomReward}  # trainable, never one of the Evaluator's metrics
     reward = make_reward("quality", near=10.0, far=50.0)
     assert reward.name == "quality" and reward.config.near == 10.0
     with pytest.raises(ValueError, match="unknown reward"):
@@ -291,10 +291,10 @@ def test_compose_strict_scores_all_or_nothing():
 
 
 
-def test_null_reward_is_deterministic_uniform_and_blind_to_the_image():
+def test_random_control_reward_is_deterministic_uniform_and_blind_to_the_image():
     from flowopd_core.rewards import make_reward
 
-    reward = make_reward("null")
+    reward = make_reward("random")
     g = torch.Generator().manual_seed(0)
     images = torch.rand(400, 3, 8, 8, generator=g) * torch.rand(400, 1, 1, 1, generator=g)  # brightness varies
     prompts = [PromptSpec("a red circle", task="compose")] * 400
@@ -303,5 +303,5 @@ def test_null_reward_is_deterministic_uniform_and_blind_to_the_image():
     assert scores.min() >= 0 and scores.max() < 1 and abs(scores.mean().item() - 0.5) < 0.05
     brightness = images.mean((1, 2, 3))
     assert abs(torch.corrcoef(torch.stack([scores, brightness]))[0, 1].item()) < 0.15
-    other = make_reward("null", seed=1)(images, prompts).scores
+    other = make_reward("random", seed=1)(images, prompts).scores
     assert not torch.equal(scores, other)
