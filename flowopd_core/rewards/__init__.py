@@ -15,9 +15,9 @@ from typing import Any
 
 from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
 from flowopd_core.rewards.compose import ComposeConfig, ComposeReward, ComposeStrictReward
-from flowopd_core.rewards.random_control import RandomConfig, RandomReward
 from flowopd_core.rewards.ocr import OCRConfig, OCRLikelihoodReward, OCRReward
 from flowopd_core.rewards.quality import QualityConfig, QualityReward
+from flowopd_core.rewards.random_control import RandomConfig, RandomReward
 from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
 
 REWARDS: dict[str, type[Reward]] = {
