@@ -42,7 +42,7 @@ from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES, RoutePlan, distill_loss
 from flowopd_core.pipeline import TextEmbeddings, decode, initial_noise, velocity
 from flowopd_core.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
-from flowopd_core.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS, Rollout, noisy_steps, sample, transition_logprob
+from flowopd_core.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS, Rollout, sample, transition_logprob
 
 
 @dataclass(frozen=True)
@@ -379,18 +379,12 @@ class OPDTrainer(LoraTrainer):
         route(list(prompts), pool.tasks, config.route, config.task_weights)  # every prompt has a route: fail now
         super().__init__(pipe, pool.policy, student, config)
         self.pool, self.prompts, self.rewards = pool, prompts, dict(rewards or {})
-        noisy = noisy_steps(self.sigmas, config.noise_level, config.kind, config.min_step_std)
-        self._trained = [j for j in range(config.trainable_steps) if j in noisy]
-        if not self._trained:
-            raise ValueError(f"no step to train: none of the steps below {config.trainable_steps} (train_fraction) "
-                             f"has a transition noise std >= min_step_std {config.min_step_std} (kind "
-                             f"{config.kind!r}, noise_level {config.noise_level}, {config.steps} steps)")
 
     # ------------------------------------------------------------------------------------------- sampling
 
     def _draw_train_steps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
-        candidates = torch.tensor(self._trained, dtype=torch.long)
+        candidates = torch.tensor(self.trained_steps, dtype=torch.long)
         k = min(cfg.step_subset or len(candidates), len(candidates))
         rows = [candidates[torch.randperm(len(candidates), generator=generator or self.generator)][:k] for _ in range(n)]
         return torch.stack(rows).to(self.sigmas.device)

@@ -53,7 +53,6 @@ from flowopd_core.samplers import (
     LOGPROB_REDUCES,
     STOCHASTIC_KINDS,
     Rollout,
-    noisy_steps,
     sample,
     transition_logprob,
 )
@@ -604,16 +603,12 @@ class GRPOTrainer(LoraTrainer):
         self.prompts = prompts
         self._pools = pools
         self._strata = strata  # per pool: category -> prompt indices (balance_templates), else None
-        noisy = noisy_steps(self.sigmas, config.noise_level, config.kind, config.min_step_std)
-        self._trained = tuple(j for j in noisy if j < config.trainable_steps)  # steps any sample may train
-        width = config.sde_window or config.steps
-        lo, hi = config.window_bounds if config.sde_window else (0, config.steps)
-        empty = [(a, a + width) for a in range(lo, hi - width + 1) if not any(a <= j < a + width for j in self._trained)]
-        if empty:  # every window the trainer may draw must hold a step to train
-            raise ValueError(f"no step to train in the steps {empty[0][0]}..{empty[0][1] - 1}: none below "
-                             f"{config.trainable_steps} (train_fraction) has a transition noise std >= min_step_std "
-                             f"{config.min_step_std} (kind {config.kind!r}, noise_level {config.noise_level}, "
-                             f"{config.steps} steps)")
+        if config.sde_window:  # every window the trainer may draw must hold a step to train
+            lo, hi = config.window_bounds
+            for start in range(lo, hi - config.sde_window + 1):
+                if not any(start <= j < start + config.sde_window for j in self.trained_steps):
+                    raise ValueError(f"no step to train in the window {start}..{start + config.sde_window - 1}: "
+                                     f"the trained steps are {list(self.trained_steps)} (train_fraction, min_step_std)")
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -638,7 +633,7 @@ class GRPOTrainer(LoraTrainer):
         least ``min_step_std`` (a random subset of ``step_subset`` of them), in a random order per sample with
         ``shuffle_steps``."""
         cfg = self.config
-        candidates = torch.tensor([j for j in sde_steps if j in self._trained], dtype=torch.long)
+        candidates = torch.tensor([j for j in sde_steps if j in self.trained_steps], dtype=torch.long)
         k = min(cfg.step_subset or len(candidates), len(candidates))
         rows = []
         for _ in range(n):

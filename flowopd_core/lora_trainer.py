@@ -28,13 +28,17 @@ from flowopd_core.ema import EMA
 from flowopd_core.pipeline import TextEmbeddingCache, TextEmbeddings, velocity
 from flowopd_core.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSpec
-from flowopd_core.samplers import flow_sigmas
+from flowopd_core.samplers import flow_sigmas, noisy_steps
 
 
 class TrainerConfig(Protocol):
     """The fields :class:`LoraTrainer` reads from a trainer's frozen config dataclass."""
 
     steps: int
+    trainable_steps: int
+    kind: str
+    noise_level: float
+    min_step_std: float
     guidance_scale: float
     lr: float
     weight_decay: float
@@ -87,6 +91,14 @@ class LoraTrainer:
 
     def __init__(self, pipe: StableDiffusion3Pipeline, policy: Policy, adapter_name: str, config: TrainerConfig) -> None:
         self.pipe, self.policy, self.adapter, self.config = pipe, policy, adapter_name, config
+        self.sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler).to(policy.device)
+        noisy = noisy_steps(self.sigmas, config.noise_level, config.kind, config.min_step_std)
+        # the steps samples may be trained on: below trainable_steps (train_fraction), noise std >= min_step_std
+        self.trained_steps = tuple(j for j in noisy if j < config.trainable_steps)
+        if not self.trained_steps:
+            raise ValueError(f"no step to train: none of the steps below {config.trainable_steps} (train_fraction) "
+                             f"has a transition noise std >= min_step_std {config.min_step_std} (kind "
+                             f"{config.kind!r}, noise_level {config.noise_level}, {config.steps} steps)")
         if adapter_name not in policy.adapters:
             with torch.random.fork_rng(devices=[]):  # LoRA A is drawn from the seed, not the global RNG
                 torch.manual_seed(config.seed)
@@ -97,7 +109,6 @@ class LoraTrainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.ema = EMA(self.params, config.ema_decay, config.ema_every) if config.ema_decay > 0 else None
         self.cache = TextEmbeddingCache(pipe)
-        self.sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler).to(policy.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self._local_generator = self.generator  # this epoch's per-rank draws (see _epoch_generator)
         self.world = World.current()

@@ -275,9 +275,8 @@ def noisy_steps(sigmas: torch.Tensor, noise_level: float, kind: str, min_std: fl
     """
     if kind not in STOCHASTIC_KINDS:
         raise ValueError(f"kind must be one of {STOCHASTIC_KINDS}, got {kind!r}")
-    std = sde_noise_std(sigmas[:-1].double(), sigmas[1:].double(), noise_level, kind).reshape(-1)
-    std = std.expand(len(sigmas) - 1)
-    return tuple(j for j in range(len(sigmas) - 1) if float(std[j]) >= min_std)
+    std = sde_noise_std(sigmas[:-1].double(), sigmas[1:].double(), noise_level, kind)
+    return tuple(j for j in range(len(std)) if float(std[j]) >= min_std)
 
 
 def kl_weight(t: Time, t_next: Time, noise_level: float = 0.7, kind: str = "sde") -> torch.Tensor:

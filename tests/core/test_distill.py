@@ -13,6 +13,7 @@ from flowopd_core.opd import route
 from flowopd_core.pipeline import TextEmbeddingCache, velocity
 from flowopd_core.policy import BASE_ADAPTER, LoraSpec, Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet, PromptSpec
+from flowopd_core.samplers import flow_sigmas, kl_weight
 
 PROMPTS = PromptSet((
     PromptSpec("a red circle", task="compose"),
@@ -165,8 +166,11 @@ def test_resolution_sets_the_rollout_size():
 
 
 def test_cps_distillation_leaves_out_the_step_onto_sigma_min():
-    """The KL weight of CPS's step onto sigma_min (std ~1e-3) is ~1e6 times the others': not trained."""
+    """The KL weight of CPS's step onto sigma_min (std ~1e-3) is ~1e5 times the others': not trained."""
     pipe, pool = _pool()
+    s = flow_sigmas(4)
+    w = kl_weight(s[:-2], s[1:-1], 0.8, "cps")  # steps 0, 1 and the one onto sigma_min
+    assert w[2] > 1e4 * w[:2].max()
     trainer = OPDTrainer(pipe, pool, "student", _config(kind="cps", noise_level=0.8), PROMPTS)
     assert trainer.sigmas[-2].item() == pytest.approx(1e-3) and trainer.config.trainable_steps == 3
     assert set(trainer.collect().train_steps.unique().tolist()) == {0, 1}

@@ -329,6 +329,8 @@ def test_cps_never_trains_the_near_deterministic_step_onto_sigma_min():
     assert dev[near] > 100 * dev[0], dev
     with pytest.raises(ValueError, match="no step to train"):
         _trainer(_config(kind="cps", noise_level=0.8, steps=2))  # its one trainable step lands on sigma_min
+    with pytest.raises(ValueError, match="no step to train in the window 2..2"):  # a window of the near step
+        _trainer(_config(kind="cps", noise_level=0.8, sde_window=1, window_range=(0, 3)))
     with pytest.raises(ValueError, match="min_step_std"):
         GRPOConfig(min_step_std=-1.0)
 
