@@ -1,7 +1,7 @@
 """flowopd as a ComfyUI custom-node package.
 
 ComfyUI imports this folder (the repository, linked or cloned into ``ComfyUI/custom_nodes/``) and reads the
-mappings below. The node classes come from :mod:`flowopd_nodes.comfy`, the one module that talks to ComfyUI.
+mappings below. The node classes come from :mod:`flowopd_nodes.comfy.plugin`, the one module that talks to ComfyUI.
 """
 
 import os
@@ -13,6 +13,6 @@ if _ROOT not in sys.path:
     # own (its ``tests``, ``nodes``) is shadowed by a folder of this repository.
     sys.path.append(_ROOT)
 
-from flowopd_nodes.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from flowopd_nodes.comfy.plugin import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

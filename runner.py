@@ -105,11 +105,11 @@ def _serve_reward(args: argparse.Namespace) -> int:
 
 
 def _load(path: Path, overrides: list[str], check_files: bool = True):
-    from flowopd_nodes.graph import apply_overrides, load_graph_file
-    from flowopd_nodes.validate import validate
+    from flowopd_nodes.engine.graph import apply_overrides, load_graph_file
+    from flowopd_nodes.engine.validate import validate
 
     if path.suffix.lower() == ".json":
-        from flowopd_nodes.comfy_format import load_comfy_file
+        from flowopd_nodes.comfy.format import load_comfy_file
 
         graph = load_comfy_file(path)
     else:
@@ -121,9 +121,9 @@ def _load(path: Path, overrides: list[str], check_files: bool = True):
 
 def _import(args: argparse.Namespace) -> int:
     """ComfyUI JSON -> YAML graph; the result is validated before it is written (exit 2 and nothing written if not)."""
-    from flowopd_nodes.comfy_format import graph_to_yaml, load_comfy_file
-    from flowopd_nodes.errors import GraphValidationError
-    from flowopd_nodes.validate import validate
+    from flowopd_nodes.comfy.format import graph_to_yaml, load_comfy_file
+    from flowopd_nodes.engine.errors import GraphValidationError
+    from flowopd_nodes.engine.validate import validate
 
     out_dir = (args.output.parent if args.output else Path.cwd()).resolve()
     try:
@@ -144,8 +144,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _list_nodes(as_json: bool) -> int:
-    from flowopd_nodes.ports import REQUIRED
-    from flowopd_nodes.registry import NODES
+    from flowopd_nodes.engine.ports import REQUIRED
+    from flowopd_nodes.nodes.registry import NODES
 
     if as_json:
         info = {
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve-reward":
         return _serve_reward(args)
 
-    from flowopd_nodes.errors import GraphValidationError, NodeExecutionError, TrainingInterrupted
+    from flowopd_nodes.engine.errors import GraphValidationError, NodeExecutionError, TrainingInterrupted
 
     if args.command == "import":
         return _import(args)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.graph}: valid ({len(valid.nodes)} nodes, {len(valid.order)} to run)")
         return 0
     if args.command == "export":
-        from flowopd_nodes.comfy_format import to_api_prompt, to_workflow
+        from flowopd_nodes.comfy.format import to_api_prompt, to_workflow
 
         for out, make in ((args.comfy_api, to_api_prompt), (args.comfy_workflow, to_workflow)):
             if out is not None:
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {out}")
         return 0
 
-    from flowopd_core.distributed import init_from_env
-    from flowopd_nodes.scheduler import run_graph
+    from flowopd_core.training.distributed import init_from_env
+    from flowopd_nodes.engine.scheduler import run_graph
 
     unknown = sorted(set(args.force) - set(valid.nodes))
     if unknown:
@@ -259,7 +259,7 @@ def _exit(code: int) -> None:
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         sys.exit(code)
     if code == 0:
-        from flowopd_core.distributed import shutdown
+        from flowopd_core.training.distributed import shutdown
 
         shutdown()
     sys.stdout.flush()

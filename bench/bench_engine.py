@@ -14,9 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowopd_nodes.graph import graph_from_data  # noqa: E402
-from flowopd_nodes.scheduler import run_graph  # noqa: E402
-from flowopd_nodes.validate import validate  # noqa: E402
+from flowopd_nodes.engine.graph import graph_from_data  # noqa: E402
+from flowopd_nodes.engine.scheduler import run_graph  # noqa: E402
+from flowopd_nodes.engine.validate import validate  # noqa: E402
 
 
 def big_graph(pairs: int) -> dict:

@@ -9,12 +9,12 @@ every side alike.
 
 1. Memory (a ~75 M-parameter SD3 transformer with random weights, 4 samples of 16x16 pixels, 2 steps, CFG):
    peak RSS of (i) one Flow-GRPO iteration of a single LoRA policy, (ii) one OPD iteration with K=3 teacher
-   LoRA adapters + an anchor adapter on the ONE base (``flowopd_core.distill``), (iii) the authors' approach:
+   LoRA adapters + an anchor adapter on the ONE base (``flowopd_core.distill.trainer``), (iii) the authors' approach:
    the same OPD iteration with every teacher and the anchor a whole extra copy of the transformer.
 2. Time (the shipped mini-world model, K=3 teachers, MAR on with the base as anchor): one ``OPDTrainer``
    iteration against the sum of its unavoidable model calls timed alone with the same batch shapes (sampling
    forwards, teacher + anchor forwards, student forward + backward), and where the time goes.
-3. The authors' loop structure (method.md §8), implemented here: per trained step three separate CFG forwards
+3. The authors' loop structure (docs/method.md §8), implemented here: per trained step three separate CFG forwards
    (student with grad, the routed teacher, the anchor = the policy with adapters off) inside the training
    loop, each teacher a separate model; timed side by side with ours.
 """
@@ -40,17 +40,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowopd_core.distill import OPDConfig, OPDTrainer, TeacherPool  # noqa: E402
-from flowopd_core.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
-from flowopd_core.lora_trainer import LoraTrainer  # noqa: E402
+from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherPool  # noqa: E402
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
+from flowopd_core.training.base import LoraTrainer  # noqa: E402
 from flowopd_core.miniworld.sets import prompt_set  # noqa: E402
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline  # noqa: E402
-from flowopd_core.opd import distill_loss, route  # noqa: E402
-from flowopd_core.pipeline import TextEmbeddings, decode, initial_noise, load_pipeline, velocity  # noqa: E402
-from flowopd_core.policy import BASE_ADAPTER, LoraSpec, Policy  # noqa: E402
+from flowopd_core.distill.loss import distill_loss, route  # noqa: E402
+from flowopd_core.models.pipeline import TextEmbeddings, decode, initial_noise, load_pipeline, velocity  # noqa: E402
+from flowopd_core.models.policy import BASE_ADAPTER, LoraSpec, Policy  # noqa: E402
 from flowopd_core.prompts import PromptSet  # noqa: E402
 from flowopd_core.rewards import RewardResult  # noqa: E402
-from flowopd_core.samplers import Rollout, sample, transition_logprob  # noqa: E402
+from flowopd_core.sampling.samplers import Rollout, sample, transition_logprob  # noqa: E402
 
 MINIWORLD = ROOT / "models" / "miniworld"
 TASKS = ("compose", "text", "quality")
@@ -82,7 +82,7 @@ def base_copy(transformer: torch.nn.Module) -> torch.nn.Module:
 
 
 class AuthorsLoop(LoraTrainer):
-    """The authors' OPD iteration structure (method.md §8), written for this benchmark.
+    """The authors' OPD iteration structure (docs/method.md §8), written for this benchmark.
 
     Rollouts as ours (same sampler, same batches). Then, per micro-batch and trained step: the student's CFG
     velocity with grad, the routed teacher's CFG velocity (one forward per teacher present in the micro-batch,
@@ -479,7 +479,7 @@ def run_time(model: str, repeats: int, config: OPDConfig) -> list[str]:
     authors = wall["authors"]
     lines += [
         "",
-        "The authors' loop structure (method.md §8), implemented in this script, on the same batches: per trained "
+        "The authors' loop structure (docs/method.md §8), implemented in this script, on the same batches: per trained "
         "step the student (with grad), the routed teacher (each teacher a separate model, one forward per teacher "
         "present in the micro-batch) and the anchor (the policy with adapters off) as three separate CFG forwards "
         "inside the training loop.",

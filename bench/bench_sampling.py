@@ -19,10 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowopd_core.generate import SampleConfig, generate, sample_noise  # noqa: E402
+from flowopd_core.sampling.generate import SampleConfig, generate, sample_noise  # noqa: E402
 from flowopd_core.miniworld.sets import prompt_set  # noqa: E402
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline  # noqa: E402
-from flowopd_core.pipeline import TextEmbeddingCache, load_pipeline  # noqa: E402
+from flowopd_core.models.pipeline import TextEmbeddingCache, load_pipeline  # noqa: E402
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowopd_core.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 from flowopd_core.miniworld import tasks  # noqa: E402
-from flowopd_core.pipeline import load_pipeline  # noqa: E402
-from flowopd_core.policy import Policy  # noqa: E402
+from flowopd_core.models.pipeline import load_pipeline  # noqa: E402
+from flowopd_core.models.policy import Policy  # noqa: E402
 from flowopd_core.prompts import PromptSet  # noqa: E402
 from flowopd_core.rewards import TASK_REWARDS  # noqa: E402
 from flowopd_core.rewards.spec import build_reward  # noqa: E402

@@ -1,7 +1,7 @@
 """Mini-world tasks: the vocabulary, the prompts with their ground truth and the fixed train/test splits
 (images and training batches: ``render.py``).
 
-Three tasks mirror the paper's (method.md §6-7); each task's prompts come in templates (the evaluator's
+Three tasks mirror the paper's (docs/method.md §6-7); each task's prompts come in templates (the evaluator's
 categories: a task's score is the equal-weight mean over its templates, as GenEval's):
 
 - ``compose`` (GenEval-like), four templates of graded difficulty over 5 colours x 4 shapes:

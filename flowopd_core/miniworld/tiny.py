@@ -1,4 +1,4 @@
-"""A tiny SD3-architecture pipeline built fully offline (shared/docs/feasibility.md §1).
+"""A tiny SD3-architecture pipeline built fully offline (docs/miniworld.md).
 
 Every component is the real diffusers / transformers class that SD3.5-Medium uses, only smaller and randomly
 initialised: ``SD3Transformer2DModel``, two ``CLIPTextModelWithProjection``, a ``T5EncoderModel``, a
@@ -17,7 +17,7 @@ Pixel space (the default, ``vae_latent_channels=0``): ``vae=None`` and the "late
 without flowopd: ``StableDiffusion3Pipeline.from_pretrained(folder, vae=None)`` (diffusers refuses a ``null``
 vae entry unless ``vae=None`` is passed). It then assumes a x8 VAE (``vae_scale_factor = 8``): call it with
 no ``height``/``width`` and ``output_type="latent"`` (the default size then maps to ``sample_size``
-latents), or load it with :func:`flowopd_core.pipeline.load_pipeline`, which does both fix-ups.
+latents), or load it with :func:`flowopd_core.models.pipeline.load_pipeline`, which does both fix-ups.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from flowopd_core.pipeline import configure_pixel_space
+from flowopd_core.models.pipeline import configure_pixel_space
 
 T5_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
 """Characters of the T5 Unigram vocabulary (each also as a word-start piece ``▁c``)."""

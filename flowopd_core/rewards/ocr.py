@@ -1,5 +1,5 @@
 """OCR reward: a real OCR engine (rapidocr 3.x, PP-OCR recognition model bundled in its wheel) reads the image
-and the reading is compared to the prompt's target text as the paper does (method.md §7):
+and the reading is compared to the prompt's target text as the paper does (docs/method.md §7):
 
     score = 1 - min(Levenshtein(reading, target), len(target)) / len(target)
 
@@ -26,7 +26,7 @@ legibility, where the paper's edit score moves in steps of 1/len(target). On 128
 mini-world base (16 text prompts x 8) the two correlate at 0.59 (Spearman 0.53 within a prompt group).
 Evaluate with ``ocr``; train with either. Its ``strict`` and ``details`` carry the decoded reading and its edit
 score, so both can be watched during training. Measured on the mini-world, a text teacher trained on it did not
-raise the paper's OCR metric either (README, stage-1 probes): it is a training signal to try, not a fix.
+raise the paper's OCR metric either (docs/experiments.md, stage-1 probes): it is a training signal to try, not a fix.
 """
 
 from __future__ import annotations

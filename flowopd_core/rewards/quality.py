@@ -1,5 +1,5 @@
 """No-reference image quality for mini-world images (a programmatic proxy, not a learned aesthetic model:
-none can be had offline here; see shared/docs/feasibility.md §3).
+none can be had offline here; see docs/miniworld.md).
 
 A clean mini-world image is flat palette-coloured objects with crisp edges on a pure white background.
 The score measures how far an image is from that, without looking at the prompt. Pixels are first matched to

@@ -4,7 +4,7 @@
 ``seed`` and a CRC-32 of the image's bytes: deterministic (the same image always gets the same score, so a
 resumed run repeats itself) yet unrelated to anything the image shows. A teacher trained on it under some
 recipe shows how far that recipe's training noise alone moves the Evaluator's metrics, the yardstick a real
-teacher's gain has to clear (README, stage-1 probes).
+teacher's gain has to clear (docs/experiments.md, stage-1 probes).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Nothing here downloads: a missing folder fails at construction with a message na
 on a cluster they are usually served (``python runner.py serve-reward pickscore --port P``, see ``server.py``)
 and reached with ``RemoteReward``; they also run in process.
 
-- ``pickscore``: PickScore (Kirstain et al. 2023; method.md §7), a CLIP-H fine-tuned on human preferences.
+- ``pickscore``: PickScore (Kirstain et al. 2023; docs/method.md §7), a CLIP-H fine-tuned on human preferences.
   raw = ``logit_scale.exp() * cos(image_embedding, text_embedding)`` (the model's own ``logits_per_image``
-  diagonal; method.md §6 reports model means of 21.5-23.1), and the training score is ``raw / normaliser``
+  diagonal; docs/method.md §6 reports model means of 21.5-23.1), and the training score is ``raw / normaliser``
   with Flow-GRPO's ``normaliser`` = 26 (so near 0.85 on such images; not clipped to [0, 1]). Folders: the model
   ``yuvalkirstain/PickScore_v1`` and the processor ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, each fetched once
   on a machine with network (e.g. ``hf download REPO --local-dir DIR``).

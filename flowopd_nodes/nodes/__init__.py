@@ -1,1 +1,1 @@
-"""Node classes, grouped by concept. The registry (``flowopd_nodes.registry``) lists them explicitly."""
+"""Node classes, grouped by concept. The registry (``flowopd_nodes.nodes.registry``) lists them explicitly."""

@@ -8,8 +8,8 @@ import torch
 
 from flowopd_core.images import from_comfy, save_grid
 from flowopd_core.prompts import PromptSet, PromptSpec, load_prompt_file, write_prompt_file
-from flowopd_nodes import context
-from flowopd_nodes.ports import In, Node, Out
+from flowopd_nodes.engine import context
+from flowopd_nodes.engine.ports import In, Node, Out
 
 MAX_SEED = 2**31 - 1
 

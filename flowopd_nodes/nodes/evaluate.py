@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from flowopd_core.eval_report import summarise, write_results
-from flowopd_core.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, metric_plan, targets_from_refs
+from flowopd_core.eval.report import summarise, write_results
+from flowopd_core.eval.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, metric_plan, targets_from_refs
 from flowopd_core.images import load_png, to_comfy
-from flowopd_core.modelref import ModelRef
+from flowopd_core.models.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards import REWARDS
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
-from flowopd_nodes import context
+from flowopd_nodes.engine import context
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
-from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 
 MAX_MODELS = 8  # ComfyUI's V1 contract has no variadic inputs: numbered optional slots
 

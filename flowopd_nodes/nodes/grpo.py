@@ -5,29 +5,18 @@ from __future__ import annotations
 import json
 import math
 
-from flowopd_core.grpo import REWARD_MODES, GRPOConfig, GRPOTrainer, parse_window_range
-from flowopd_core.modelref import ModelRef
-from flowopd_core.plots import plot_curves
-from flowopd_core.policy import Policy
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, parse_window_range
+from flowopd_core.models.modelref import ModelRef
+from flowopd_core.eval.plots import plot_curves
+from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
-from flowopd_nodes import context
+from flowopd_nodes.engine import context
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
-from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, TRAINER_RANGES, train_resumable
-from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
+from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 
-_GRPO_INPUTS = config_inputs(
-    GRPOConfig,
-    skip=("window_range", "reward_weights"),
-    group_size={"min": 2, "max": 1024},
-    sde_window={"min": 0, "max": 1000},
-    adv_clip={"min": 0.0, "max": 1000.0},
-    adv_eps={"min": 0.0, "max": 1.0},
-    beta={"min": 0.0, "max": 100.0},
-    kl_form={"choices": ("flow_grpo", "true", "mean")},
-    reward_mode={"choices": REWARD_MODES},
-    **TRAINER_RANGES,
-)
+_GRPO_INPUTS = config_inputs(GRPOConfig, skip=("window_range", "reward_weights"))
 CURVE_KEYS = ("reward", "reward_best_of_group", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm",
               "zero_std_groups")
 
@@ -37,7 +26,7 @@ class GRPOTrainerNode(Node):
     DISPLAY_NAME = "Flow-GRPO trainer"
     CATEGORY = "FlowOPD/train"
     DESCRIPTION = (
-        "Trains a LoRA adapter on the base with Flow-GRPO (method.md §2): SDE rollouts with log-probs, group "
+        "Trains a LoRA adapter on the base with Flow-GRPO (docs/method.md §2): SDE rollouts with log-probs, group "
         "advantages, per-step PPO clip, KL to the base (adapter off), EMA of the LoRA. One reward = a specialist "
         "teacher; several weighted rewards = the GRPO-Mix baseline. Output: the adapter (EMA weights) on the base."
     )

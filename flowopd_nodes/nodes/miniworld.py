@@ -6,7 +6,7 @@ from flowopd_core.images import to_comfy
 from flowopd_core.miniworld import SPLITS, TASKS
 from flowopd_core.miniworld.sets import prompt_set, render_set
 from flowopd_core.prompts import PromptSet
-from flowopd_nodes.ports import In, Node, Out
+from flowopd_nodes.engine.ports import In, Node, Out
 
 
 class MiniWorldPrompts(Node):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowopd_core.evaluate import targets_from_refs
-from flowopd_core.generate import SampleConfig, generate
+from flowopd_core.eval.evaluate import targets_from_refs
+from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.images import to_comfy
-from flowopd_core.modelref import DEVICES, DTYPES, ModelRef
+from flowopd_core.models.modelref import DEVICES, DTYPES, ModelRef
 from flowopd_core.prompts import PromptSet
-from flowopd_core.samplers import SAMPLER_KINDS
-from flowopd_nodes import context
-from flowopd_nodes.ports import In, Node, Out
+from flowopd_core.sampling.samplers import SAMPLER_KINDS
+from flowopd_nodes.engine import context
+from flowopd_nodes.engine.ports import In, Node, Out
 
 
 class LoadModel(Node):
@@ -53,7 +53,7 @@ class Sample(Node):
         In("prompts", "FLOWOPD_PROMPTS", help="prompts; each gets images_per_prompt images"),
         In("steps", "INT", 20, "sampling steps", min=1, max=1000),
         In("guidance_scale", "FLOAT", 4.5, "classifier-free guidance w (1 = off)", min=0.0, max=50.0, step=0.1),
-        In("sampler", "COMBO", "ode", "ode = deterministic; sde / cps = stochastic (method.md §1)", choices=SAMPLER_KINDS),
+        In("sampler", "COMBO", "ode", "ode = deterministic; sde / cps = stochastic (docs/method.md §1)", choices=SAMPLER_KINDS),
         In("noise_level", "FLOAT", 0.7, "SDE noise level a", min=0.0, max=2.0, step=0.05),
         In("images_per_prompt", "INT", 1, "images per prompt", min=1, max=256),
         In("seed", "INT", 0, "seed of the noise", min=0, max=2**31 - 1),

@@ -1,24 +1,23 @@
-"""Stage 2 of Flow-OPD: teacher pool, task router, cold start, on-policy distiller with MAR (method.md §3-§5)."""
+"""Stage 2 of Flow-OPD: teacher pool, task router, cold start, on-policy distiller with MAR (docs/method.md §3-§5)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from flowopd_core.coldstart import COLD_STARTS, SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
-from flowopd_core.distill import OPDConfig, OPDTrainer, TeacherRefs
-from flowopd_core.grpo import KL_FORMS
-from flowopd_core.merge import MERGE_METHODS
-from flowopd_core.modelref import ModelRef
-from flowopd_core.opd import DISTILL_MODES, ROUTE_MODES
-from flowopd_core.plots import plot_curves
-from flowopd_core.policy import Policy
+from flowopd_core.distill.coldstart import COLD_STARTS, SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
+from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherRefs
+from flowopd_core.models.merge import MERGE_METHODS
+from flowopd_core.models.modelref import ModelRef
+from flowopd_core.distill.loss import ROUTE_MODES
+from flowopd_core.eval.plots import plot_curves
+from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet
 from flowopd_core.rewards.spec import build_reward, parse_servers
-from flowopd_nodes import context
+from flowopd_nodes.engine import context
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, optional_weights, reward_param_errors
-from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, TRAINER_RANGES, train_resumable
-from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
+from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 
 MAX_TEACHERS = 8  # numbered optional slots: ComfyUI's V1 contract has no variadic inputs
 UNTAGGED_KEY = "untagged"
@@ -93,7 +92,7 @@ class TaskRouterNode(Node):
     DISPLAY_NAME = "Task router"
     CATEGORY = "FlowOPD/distill"
     DESCRIPTION = (
-        "How prompts pick teachers (method.md §4). hard: the prompt's task tag picks its teacher (the authors' "
+        "How prompts pick teachers (docs/method.md §4). hard: the prompt's task tag picks its teacher (the authors' "
         "code). soft: v_target = sum_k alpha_k v_k with per-task weights (the paper's mode blending), e.g. "
         "'text: text=0.8 compose=0.2'; a task with no row uses its own teacher. Untagged prompts: a uniform blend "
         "of all teachers, or the 'untagged:' row in soft mode."
@@ -138,7 +137,7 @@ class ColdStartNode(Node):
     DISPLAY_NAME = "Cold start (merge / SFT)"
     CATEGORY = "FlowOPD/distill"
     DESCRIPTION = (
-        "The student before distillation (method.md §3), as a LoRA adapter on the teachers' base. Merges: "
+        "The student before distillation (docs/method.md §3), as a LoRA adapter on the teachers' base. Merges: "
         "factor_mean (the authors': mean of A and of B, not of B A), delta_mean (mean of B A re-factored by SVD), "
         "task_arithmetic, ties. sft: the routed teachers sample the training prompts and the student learns them "
         "with the flow-matching loss. none: a fresh adapter (= the base). The paper finds merge init better."
@@ -205,16 +204,7 @@ class ColdStartNode(Node):
                 str(ctx.artifact_dir / "cold_start.json"))
 
 
-_OPD_INPUTS = config_inputs(
-    OPDConfig,
-    skip=("route", "task_weights"),
-    mode={"choices": DISTILL_MODES},
-    kl_form={"choices": ("", *KL_FORMS)},
-    anchor_weight={"min": 0.0, "max": 100.0},
-    group_size={"min": 1, "max": 1024},
-    advantage_clip={"min": 0.0, "max": 1000.0},
-    **TRAINER_RANGES,
-)
+_OPD_INPUTS = config_inputs(OPDConfig, skip=("route", "task_weights"))
 OPD_CURVE_KEYS = ("kl", "anchor_kl", "loss", "grad_norm", "clip_fraction")
 
 
@@ -223,7 +213,7 @@ class DistillerNode(Node):
     DISPLAY_NAME = "Flow-OPD distiller"
     CATEGORY = "FlowOPD/distill"
     DESCRIPTION = (
-        "On-policy distillation (method.md §4): the student samples with the SDE; each prompt is routed to its "
+        "On-policy distillation (docs/method.md §4): the student samples with the SDE; each prompt is routed to its "
         "teacher(s); every visited state gets the per-step reverse KL w(t)||v_student - v_teacher||^2, teacher "
         "velocities computed once per rollout in batched no-grad passes. Modes: paper (detached -KL as PPO "
         "advantage), authors (not detached), direct (pathwise KL). MAR (§5): anchor_weight > 0 adds "

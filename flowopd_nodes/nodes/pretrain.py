@@ -13,11 +13,11 @@ from flowopd_core.miniworld import (
     sample_training_batch,
 )
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
-from flowopd_core.modelref import DEVICES, ModelRef, resolve_device
-from flowopd_core.pipeline import load_pipeline
-from flowopd_core.pretrain import PretrainConfig, pretrain
-from flowopd_nodes import context
-from flowopd_nodes.ports import In, Node, Out, build_config, config_inputs
+from flowopd_core.models.modelref import DEVICES, ModelRef, resolve_device
+from flowopd_core.models.pipeline import load_pipeline
+from flowopd_core.training.pretrain import PretrainConfig, pretrain
+from flowopd_nodes.engine import context
+from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 
 _BIG = {"min": 1, "max": 10**7}
 _TINY_INPUTS = config_inputs(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flowopd_core.rewards.spec import parse_reward_weights, parse_servers
-from flowopd_nodes.ports import In
+from flowopd_nodes.engine.ports import In
 
 REWARD_SERVERS = In(
     "reward_servers", "STRING", "",

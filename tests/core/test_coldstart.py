@@ -1,17 +1,17 @@
-"""Flow-OPD cold start (method.md §3): merges into a student adapter and SFT on routed-teacher samples."""
+"""Flow-OPD cold start (docs/method.md §3): merges into a student adapter and SFT on routed-teacher samples."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flowopd_core.coldstart import SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
-from flowopd_core.distill import TeacherPool
-from flowopd_core.merge import read_adapter_factors
+from flowopd_core.distill.coldstart import SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
+from flowopd_core.distill.trainer import TeacherPool
+from flowopd_core.models.merge import read_adapter_factors
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.pipeline import TextEmbeddingCache
-from flowopd_core.pretrain import flow_matching_loss
-from flowopd_core.policy import LoraSpec, Policy
+from flowopd_core.models.pipeline import TextEmbeddingCache
+from flowopd_core.training.pretrain import flow_matching_loss
+from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 
 PROMPTS = PromptSet((

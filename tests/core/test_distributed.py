@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from flowopd_core.distributed import World
+from flowopd_core.training.distributed import World
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,8 +23,8 @@ WORKER = textwrap.dedent(
     import json, os, sys
     from types import SimpleNamespace
     import torch
-    from flowopd_core.distributed import init_from_env, shutdown
-    from flowopd_core.lora_trainer import LoraTrainer
+    from flowopd_core.training.distributed import init_from_env, shutdown
+    from flowopd_core.training.base import LoraTrainer
 
     world = init_from_env()
     r = world.rank
@@ -58,9 +58,9 @@ WORKER = textwrap.dedent(
     out["log"] = log
 
     # A whole data-parallel run: the OPD trainer (tiny pipeline, two teachers, MAR), 3 prompts over 2 processes
-    from flowopd_core.distill import OPDConfig, OPDTrainer, TeacherPool
+    from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherPool
     from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-    from flowopd_core.policy import BASE_ADAPTER, LoraSpec, Policy
+    from flowopd_core.models.policy import BASE_ADAPTER, LoraSpec, Policy
     from flowopd_core.prompts import PromptSet, PromptSpec
 
     pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from flowopd_core.eval_report import format_stat, mean_ci, paired_differences, summarise, write_results
-from flowopd_core.evaluate import (
+from flowopd_core.eval.report import format_stat, mean_ci, paired_differences, summarise, write_results
+from flowopd_core.eval.evaluate import (
     EvalConfig,
     EvalTarget,
     evaluate_model,
@@ -21,10 +21,10 @@ from flowopd_core.evaluate import (
     metric_plan,
     target_sampler,
 )
-from flowopd_core.generate import SampleConfig, generate
+from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.miniworld.sets import prompt_set, render_set
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.policy import LoraSpec, Policy
+from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.rewards import REWARDS, Reward, SampleScore
 
 FAST = dict(steps=3, batch_size=4)
@@ -182,7 +182,8 @@ def test_sampler_matches_generate_ode(pipe, prompts):
     config = EvalConfig(**FAST)
     images = target_sampler(EvalTarget("base", pipe), config)(prompts.texts, range(len(prompts)))
     expected = generate(pipe, prompts.texts, SampleConfig(steps=3, kind="ode", batch_size=len(prompts), seed=0))
-    assert torch.equal(images, expected.images)
+    # the evaluator batches differently: equal to rounding (a CPU's BLAS may pick other kernels per batch size)
+    assert torch.allclose(images, expected.images, rtol=0, atol=1e-5)
 
 
 def test_runs_are_deterministic_and_threaded_equals_sequential(pipe, prompts):
@@ -240,7 +241,7 @@ def test_category_means_weigh_categories_equally():
     """GenEval-style: the task value is the mean of its category means; the interval is the stratified one."""
     from scipy import stats as st
 
-    from flowopd_core.eval_report import mean_ci
+    from flowopd_core.eval.report import mean_ci
 
     rng = np.random.default_rng(0)
     a, b = rng.random(40), rng.random(5) + 1.0

@@ -1,4 +1,4 @@
-"""Flow-GRPO (method.md §2): pure functions in closed form, and the trainer on the tiny 16x16 pipeline."""
+"""Flow-GRPO (docs/method.md §2): pure functions in closed form, and the trainer on the tiny 16x16 pipeline."""
 
 from __future__ import annotations
 
@@ -7,26 +7,22 @@ import math
 import pytest
 import torch
 
-from flowopd_core.generate import SampleConfig, generate
-from flowopd_core.grpo import (
-    GRPOConfig,
-    GRPOTrainer,
+from flowopd_core.sampling.generate import SampleConfig, generate
+from flowopd_core.grpo.loss import (
     combine_rewards,
     group_advantages,
     group_best,
     kl_to_reference,
-    load_trainer_state,
     multi_reward_advantages,
-    balanced_draw,
     ppo_clip_loss,
-    save_trainer_state,
-    template_strata,
 )
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, balanced_draw, template_strata
+from flowopd_core.training.base import load_trainer_state, save_trainer_state
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.policy import Policy
+from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
-from flowopd_core.samplers import gaussian_kl, noisy_steps, sde_noise_std
+from flowopd_core.sampling.samplers import gaussian_kl, noisy_steps, sde_noise_std
 
 TEXTS = ("a red circle", "two blue squares", "a green triangle")
 PROMPTS = PromptSet(tuple(PromptSpec(text, task="compose") for text in TEXTS))
@@ -137,7 +133,7 @@ def test_kl_forms_equal_their_definitions():
     flow = kl_to_reference(mu_p, mu_q, s, dt, form="flow_grpo")
     assert torch.allclose(flow, true * dt.abs() / d)
     # Flow-GRPO's literal code: ((mu - mu_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t ** 2), std_dev_t = sigma_t
-    sigma_t = 0.7 * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))  # method.md §1 (t_next at t = 1)
+    sigma_t = 0.7 * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))  # docs/method.md §1 (t_next at t = 1)
     assert torch.allclose(flow, (mu_p - mu_q).square().mean((1, 2, 3)) / (2 * sigma_t**2))
     assert torch.allclose(kl_to_reference(mu_p, mu_q, s, dt, form="mean"), true / d)
     assert torch.allclose(kl_to_reference(mu_p, mu_q, s, dt, kind="cps"), true / d)
@@ -197,7 +193,9 @@ def test_first_on_policy_step_has_ratio_one():
         assert torch.equal(out.ppo.ratio, torch.ones(len(batch)))
         assert out.ppo.clip_fraction.item() == 0 and out.ppo.approx_kl.item() == 0
     half = torch.randperm(len(batch), generator=torch.Generator().manual_seed(0))[:4]  # other batch composition
-    assert torch.equal(trainer.step_loss(batch, half, batch.train_steps[half, 0]).ppo.ratio, torch.ones(4))
+    # a batch of another size may take other BLAS kernels (CPU-dependent): equal to rounding, not bit for bit
+    ratio = trainer.step_loss(batch, half, batch.train_steps[half, 0]).ppo.ratio
+    assert torch.allclose(ratio, torch.ones(4), rtol=0, atol=1e-6)
     metrics = trainer.epoch()
     assert metrics.reward_best["bright"] >= metrics.reward_mean["bright"]  # best of each group of 4 vs the mean
     assert metrics.first_update_ratio_dev == 0.0
@@ -242,7 +240,7 @@ def test_kl_to_reference_is_zero_at_start_and_positive_after_training():
     batch = trainer.collect()
     assert torch.equal(trainer.reference_kl(batch), torch.zeros(batch.train_steps.shape))
     first = trainer.epoch()
-    assert first.kl >= 0 and first.first_update_ratio_dev == 0
+    assert first.kl >= 0 and first.first_update_ratio_dev < 1e-6  # micro-batches differ from sampling batches
     trainer.epoch()
     kl = trainer.reference_kl(trainer.collect())
     assert (kl > 0).all() and torch.isfinite(kl).all()
@@ -294,10 +292,10 @@ def test_fast_window_step_subset_and_task_cycling(tmp_path):
     config = _config(sde_window=1, step_subset=1, task_cycling=True, prompts_per_epoch=2, epochs=2)
     trainer = _trainer(config, prompts=prompts)
     batch = trainer.collect()
-    (j,) = batch.sde_steps
+    (j,) = batch.rollout.sde_steps
     assert 0 <= j < 2  # window range (0, T // 2)
     assert torch.equal(batch.train_steps, torch.full((8, 1), j))
-    assert (batch.log_probs[:, [i for i in range(4) if i != j]] == 0).all() and (batch.log_probs[:, j] != 0).all()
+    assert (batch.rollout.log_probs[:, [i for i in range(4) if i != j]] == 0).all() and (batch.rollout.log_probs[:, j] != 0).all()
     assert {p.task for p in batch.prompts} == {"compose"}
     trainer.epoch_index = 1
     assert {p.task for p in trainer.collect().prompts} == {"text"}
@@ -337,11 +335,11 @@ def test_cps_never_trains_the_near_deterministic_step_onto_sigma_min():
 
 def test_same_initial_noise_shares_x_T_within_each_group_only():
     batch = _trainer(_config(same_initial_noise=True, group_size=3, batch_size=4)).collect()  # groups straddle chunks
-    x_T = batch.latents[:, 0]
+    x_T = batch.rollout.latents[:, 0]
     for g in range(2):
         rows = (batch.group_ids == g).nonzero().flatten()
         assert len(rows) == 3 and all(torch.equal(x_T[rows[0]], x_T[r]) for r in rows[1:])
-        assert not torch.equal(batch.latents[rows[0], -1], batch.latents[rows[1], -1])  # the SDE steps differ
+        assert not torch.equal(batch.rollout.latents[rows[0], -1], batch.rollout.latents[rows[1], -1])  # the SDE steps differ
     assert not torch.equal(x_T[0], x_T[3])
-    default = _trainer(_config(group_size=3, batch_size=4)).collect().latents[:, 0]
+    default = _trainer(_config(group_size=3, batch_size=4)).collect().rollout.latents[:, 0]
     assert not torch.equal(default[0], default[1])  # off: every sample draws its own

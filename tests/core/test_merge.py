@@ -1,11 +1,11 @@
-"""Cold-start merges of LoRA adapters (method.md §3): exact on hand-built factors, and written into a Policy."""
+"""Cold-start merges of LoRA adapters (docs/method.md §3): exact on hand-built factors, and written into a Policy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flowopd_core.merge import (
+from flowopd_core.models.merge import (
     MERGE_METHODS,
     LoraFactors,
     delta_mean,
@@ -18,8 +18,8 @@ from flowopd_core.merge import (
     write_adapter_factors,
 )
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.pipeline import TextEmbeddingCache, velocity
-from flowopd_core.policy import LoraSpec, Policy
+from flowopd_core.models.pipeline import TextEmbeddingCache, velocity
+from flowopd_core.models.policy import LoraSpec, Policy
 
 D64 = torch.float64
 

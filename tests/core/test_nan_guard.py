@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from flowopd_core import grpo
-from flowopd_core.grpo import GRPOConfig, GRPOTrainer
+from flowopd_core.grpo import trainer as grpo
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.policy import Policy
+from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
 
@@ -74,7 +74,7 @@ def test_a_non_finite_loss_skips_only_its_step_and_a_good_step_resets_the_count(
         calls["n"] += 1
         terms = real(self, batch, rows, steps, with_kl)
         if calls["n"] == 1:  # the first term of the first update of the epoch
-            terms.loss = terms.loss * math.nan
+            terms.total = terms.total * math.nan
         return terms
 
     monkeypatch.setattr(GRPOTrainer, "_step_terms", poisoned)

@@ -1,4 +1,4 @@
-"""Flow-OPD objective (method.md §4, §5): routing, blending, closed-form KL, the three loss modes and MAR."""
+"""Flow-OPD objective (docs/method.md §4, §5): routing, blending, closed-form KL, the three loss modes and MAR."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from flowopd_core.opd import DISTILL_MODES, blend_velocities, distill_loss, route, step_kl
+from flowopd_core.distill.loss import DISTILL_MODES, blend_velocities, distill_loss, route, step_kl
 from flowopd_core.prompts import UNTAGGED, PromptSpec
-from flowopd_core.samplers import sde_step
+from flowopd_core.sampling.samplers import sde_step
 
 TEACHERS = ("geneval", "ocr", "pickscore")
 D64 = torch.float64

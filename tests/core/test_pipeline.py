@@ -18,7 +18,7 @@ from flowopd_core.miniworld.tiny import (
     t5_tokenizer,
     word_merges,
 )
-from flowopd_core.pipeline import (
+from flowopd_core.models.pipeline import (
     TextEmbeddingCache,
     decode,
     encode_images,

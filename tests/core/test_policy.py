@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.pipeline import TextEmbeddingCache, velocity
-from flowopd_core.policy import ATTENTION_TARGETS, BASE_ADAPTER, LoraSpec, Policy
+from flowopd_core.models.pipeline import TextEmbeddingCache, velocity
+from flowopd_core.models.policy import ATTENTION_TARGETS, BASE_ADAPTER, LoraSpec, Policy
 
 RANDOM = LoraSpec(rank=4, alpha=8.0, init=False)  # random A and B: the adapter changes the output
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.pipeline import TextEmbeddingCache, encode_images, load_pipeline
-from flowopd_core.pretrain import PretrainConfig, flow_matching_loss, pretrain, sample_times, snapshot_dir
+from flowopd_core.models.pipeline import TextEmbeddingCache, encode_images, load_pipeline
+from flowopd_core.training.pretrain import PretrainConfig, flow_matching_loss, pretrain, sample_times, snapshot_dir
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 

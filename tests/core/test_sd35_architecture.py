@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from diffusers import SD3Transformer2DModel
 
-from flowopd_core.coldstart import merge_cold_start
-from flowopd_core.distill import OPDConfig, OPDTrainer, TeacherPool
-from flowopd_core.grpo import GRPOConfig, GRPOTrainer
+from flowopd_core.distill.coldstart import merge_cold_start
+from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherPool
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
-from flowopd_core.policy import LoraSpec, Policy
+from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
 

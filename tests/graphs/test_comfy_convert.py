@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import runner
-from flowopd_nodes.comfy_format import COLUMN_WIDTH, graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
-from flowopd_nodes.graph import load_graph_file
-from flowopd_nodes.registry import REGISTRY
-from flowopd_nodes.validate import ValidGraph, validate
+from flowopd_nodes.comfy.format import COLUMN_WIDTH, graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
+from flowopd_nodes.engine.graph import load_graph_file
+from flowopd_nodes.nodes.registry import REGISTRY
+from flowopd_nodes.engine.validate import ValidGraph, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAPHS = sorted((ROOT / "graphs").rglob("*.yaml"))

@@ -30,10 +30,10 @@ import pytest
 from PIL import Image
 
 import runner
-from flowopd_nodes.comfy import NODE_CLASS_MAPPINGS
-from flowopd_nodes.comfy_format import to_api_prompt
-from flowopd_nodes.graph import apply_overrides, load_graph_file
-from flowopd_nodes.validate import validate
+from flowopd_nodes.comfy.plugin import NODE_CLASS_MAPPINGS
+from flowopd_nodes.comfy.format import to_api_prompt
+from flowopd_nodes.engine.graph import apply_overrides, load_graph_file
+from flowopd_nodes.engine.validate import validate
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
 pytestmark = [

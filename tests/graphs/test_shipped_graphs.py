@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 import runner
-from flowopd_nodes.errors import GraphValidationError
-from flowopd_nodes.graph import load_graph_file
-from flowopd_nodes.validate import validate
+from flowopd_nodes.engine.errors import GraphValidationError
+from flowopd_nodes.engine.graph import load_graph_file
+from flowopd_nodes.engine.validate import validate
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAPHS = sorted((ROOT / "graphs").rglob("*.yaml"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from flowopd_core.images import from_comfy, to_comfy
 from flowopd_core.prompts import PromptSet, PromptSpec, load_prompt_file
-from flowopd_nodes import context
+from flowopd_nodes.engine import context
 from flowopd_nodes.nodes.basic import ImageGrid, PromptFile, PromptText, SavePrompts
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from flowopd_core.miniworld.sets import prompt_set
-from flowopd_core.modelref import ModelRef
-from flowopd_nodes import comfy
-from flowopd_nodes.ports import PRIMITIVES
-from flowopd_nodes.registry import NODES
+from flowopd_core.models.modelref import ModelRef
+from flowopd_nodes.comfy import plugin as comfy
+from flowopd_nodes.engine.ports import PRIMITIVES
+from flowopd_nodes.nodes.registry import NODES
 
 ROOT = Path(__file__).resolve().parents[2]
 # Options ComfyUI's V1 schema knows for a widget (frontend zod schema, ComfyUI 0.3.x).

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 import runner
-from flowopd_core import grpo
+from flowopd_core.grpo import trainer as grpo
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -73,7 +73,7 @@ def test_non_finite_losses_stop_the_node_naming_it_and_keep_the_last_good_checkp
     def nan_from_epoch_2(self, batch, rows, steps, with_kl):
         terms = real(self, batch, rows, steps, with_kl)
         if self.epoch_index >= 2:
-            terms.loss = terms.loss * float("nan")
+            terms.total = terms.total * float("nan")
         return terms
 
     monkeypatch.setattr(grpo.GRPOTrainer, "_step_terms", nan_from_epoch_2)
@@ -86,7 +86,7 @@ def test_non_finite_losses_stop_the_node_naming_it_and_keep_the_last_good_checkp
     assert "node teacher (grpo grpo-compose): 2 consecutive optimizer steps skipped for non-finite values at epoch 2" in text
     assert "GRPO loss nan" in text and "epoch_000002, is intact" in text
     (key,) = (run_dir / "checkpoints" / "teacher").iterdir()
-    from flowopd_core.checkpoint import CheckpointStore
+    from flowopd_core.training.checkpoint import CheckpointStore
 
     found, skipped = CheckpointStore(key).latest()
     assert found.epoch == 2 and skipped == []

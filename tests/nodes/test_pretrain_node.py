@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from flowopd_core.pipeline import load_pipeline
-from flowopd_nodes.graph import graph_from_data
-from flowopd_nodes.scheduler import run_graph
-from flowopd_nodes.validate import validate
+from flowopd_core.models.pipeline import load_pipeline
+from flowopd_nodes.engine.graph import graph_from_data
+from flowopd_nodes.engine.scheduler import run_graph
+from flowopd_nodes.engine.validate import validate
 
 TINY = dict(sample_size=16, num_layers=1, num_attention_heads=2, attention_head_dim=16, text_dim=32, clip_hidden=16,
             text_layers=1, text_heads=2)

@@ -1,0 +1,442 @@
+"""Flow-OPD stage 2b: multi-teacher on-policy distillation of a student LoRA, with MAR (docs/method.md §4, §5).
+
+All networks share ONE base transformer (a :class:`~flowopd_core.models.policy.Policy`): the student, every teacher
+and an optional anchor are LoRA adapters on it (the anchor may also be the base itself, ``BASE_ADAPTER``).
+Never a full copy of a model.
+
+One epoch (:meth:`OPDTrainer.epoch`):
+
+1. Rollouts (no grad, student adapter = on-policy): ``prompts_per_epoch`` prompts x ``group_size`` samples,
+   SDE (or CPS) with per-step log-probs. Optional task rewards are scored in a thread pool, for logging only
+   (or, with ``drop_equal_reward_groups``, to drop flat groups as the authors' code does).
+2. Targets, once per rollout (§4): every trained state (sample i, step j) is routed (:func:`route`: hard by
+   task tag, or soft blends) and the teachers' CFG-combined velocities at it are computed in batched no-grad
+   passes whose rows mix teachers (peft's per-sample ``adapter_names``). The anchor's velocities (MAR, §5)
+   ride in the same passes. Nothing of the teachers runs inside the training loop.
+3. ``updates_per_epoch`` AdamW steps: per micro-batch and trained step the student velocity is re-evaluated
+   with grad and :func:`flowopd_core.distill.loss.distill_loss` (mode ``paper`` / ``authors`` / ``direct`` + MAR)
+   is accumulated; gradient clipping, EMA of the LoRA.
+
+Everything random comes from the trainer's generator (checkpointed): resumed runs repeat exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from flowopd_core.distill.loss import DISTILL_MODES, ROUTE_MODES, DistillLoss, RoutePlan, distill_loss, route
+from flowopd_core.grpo.loss import KL_FORMS, group_advantages
+from flowopd_core.models.modelref import ModelRef
+from flowopd_core.models.pipeline import TextEmbeddings, velocity
+from flowopd_core.models.policy import BASE_ADAPTER, Policy
+from flowopd_core.prompts import PromptSet, PromptSpec
+from flowopd_core.sampling.samplers import Rollout, transition_logprob
+from flowopd_core.training.base import (
+    LoraTrainer,
+    RewardFn,
+    TrainerConfig,
+    mean_or_nan,
+    nan_stats,
+    setting,
+    trainer_config,
+)
+
+
+@trainer_config(
+    group_size=(2, "student samples per drawn prompt"),
+    prompts_per_epoch=(16, "prompts drawn per epoch (without replacement)"),
+    train_fraction=(0.99, "train the first int(T * fraction) steps (the last step is deterministic)"),
+    adv_clip=(0.0, "clamp of the dense advantages (paper / authors modes); 0 = the mode's default (authors 5, "
+                   "paper none)"),
+    lr=(1e-3, "AdamW learning rate"),
+    updates_per_epoch=1,
+    batch_size=(32, "rows per transformer batch (CFG doubles them)"),
+    ema_decay=(0.0, "EMA decay of the student's LoRA; 0 = no EMA"),
+    lora_rank=(16, "LoRA rank if the trainer creates the student"),
+    lora_alpha=(32.0, "LoRA alpha if the trainer creates the student"),
+    epochs=(30, "sampling epochs"),
+    reward_workers=(1, "threads scoring logging rewards; 0 = inline"),
+)
+class OPDConfig(TrainerConfig):
+    """Flow-OPD distillation settings (docs/method.md §4, §5): the shared
+    :class:`~flowopd_core.training.base.TrainerConfig` plus the distillation's own. Defaults: the mini-world's."""
+
+    mode: str = setting(
+        "direct", "paper (detached -KL as PPO advantage), authors (not detached, clamped, mean form) or direct "
+                  "(minimise KL_t pathwise); direct is the default: it is the one the mini-world results favour "
+                  "(docs/experiments.md)", choices=DISTILL_MODES)
+    kl_form: str = setting("", "true | mean | flow_grpo; empty = the mode's default", choices=("", *KL_FORMS))
+    route: str = setting("hard", "hard (task tag picks the teacher) or soft (task_weights)", choices=ROUTE_MODES)
+    task_weights: dict[str, dict[str, float]] = setting(
+        default_factory=dict,
+        help="soft routing: task -> {teacher: weight}; '' (untagged) -> blend; default: own teacher")
+    anchor_weight: float = setting(
+        0.0, "MAR lambda (paper 0.02, authors' code 0.04); 0 = no anchor term", min=0.0, max=100.0)
+    drop_equal_reward_groups: bool = setting(
+        False, "authors' code: skip groups whose task rewards are all equal (needs rewards)")
+
+    def extra_errors(self) -> list[str]:
+        return ["task_weights are for route='soft'"] if self.route == "hard" and self.task_weights else []
+
+
+@dataclass
+class OPDBatch:
+    """One epoch's rollouts and their distillation targets. N samples, K trained steps per sample.
+
+    latents ``(N, T+1, C, H, W)``; log_probs ``(N, T)``; train_steps ``(N, K)`` long;
+    targets ``(N, K, C, H, W)`` routed/blended teacher velocity at each trained state;
+    anchors ``(N, K, C, H, W)`` anchor velocity, or None without MAR; keep ``(N,)`` bool samples trained;
+    plan: the routing of the N samples; rewards: name -> ``(N,)`` (NaN = unscored), for logging.
+    """
+
+    prompts: list[PromptSpec]
+    group_ids: torch.Tensor
+    rollout: Rollout
+    train_steps: torch.Tensor
+    targets: torch.Tensor
+    anchors: torch.Tensor | None
+    keep: torch.Tensor
+    plan: RoutePlan
+    images: torch.Tensor
+    rewards: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class OPDEpochMetrics:
+    """What one distillation epoch did. kl / anchor_kl: mean per-step KL (the mode's form) to the target /
+    anchor over the trained terms, measured on the student BEFORE each optimizer step (the rollout policy for
+    the first); kl_by_task: the same per task tag. reward_mean: logging rewards (NaN-aware). skipped_steps:
+    optimizer steps of this epoch not taken for non-finite values (``max_bad_steps``)."""
+
+    epoch: int
+    kl: float
+    kl_by_task: dict[str, float]
+    anchor_kl: float
+    loss: float
+    opd_loss: float
+    anchor_loss: float
+    clip_fraction: float
+    first_update_ratio_dev: float
+    grad_norm: float
+    trained_samples: int
+    reward_mean: dict[str, float]
+    optimizer_steps: int
+    skipped_steps: int
+    sample_seconds: float
+    target_seconds: float
+    train_seconds: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STATE_FORMAT = "flowopd-opd-state/1"
+
+
+TEACHER_PREFIX = "teacher_"
+"""Adapter name of the teacher of task ``x`` in a policy built by :meth:`TeacherRefs.load_into`."""
+
+
+@dataclass(frozen=True)
+class TeacherRefs:
+    """A serialisable teacher pool with its routing: one teacher (a LoRA adapter on one shared base) per task.
+
+    teachers: ``(task, ModelRef)`` pairs, each ModelRef with an ``adapter``; route / task_weights: see
+    :func:`flowopd_core.distill.loss.route`.
+    """
+
+    teachers: tuple[tuple[str, ModelRef], ...]
+    route: str = "hard"
+    task_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tasks = [task for task, _ in self.teachers]
+        problems = []
+        if not tasks:
+            problems.append("no teachers")
+        if len(set(tasks)) != len(tasks) or not all(tasks):
+            problems.append(f"task names must be distinct and non-empty, got {tasks}")
+        no_adapter = [task for task, ref in self.teachers if not ref.adapter]
+        if no_adapter:
+            problems.append(f"teachers {no_adapter} have no adapter (a teacher is a LoRA on the shared base)")
+        bases = {(str(ref.path), ref.dtype, ref.device) for _, ref in self.teachers}
+        if len(bases) > 1:
+            problems.append(f"teachers must share ONE base model (path, dtype, device), got {sorted(bases)}")
+        if self.route not in ROUTE_MODES:
+            problems.append(f"route must be one of {ROUTE_MODES}, got {self.route!r}")
+        if problems:
+            raise ValueError("invalid teacher pool: " + "; ".join(problems))
+        if self.task_weights or self.route == "soft":
+            route([], tasks, self.route, self.task_weights)  # checks the weights
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(task for task, _ in self.teachers)
+
+    @property
+    def base(self) -> ModelRef:
+        return self.teachers[0][1].base()
+
+    def check_base(self, ref: ModelRef, what: str) -> None:
+        """Raise unless ``ref`` (a student or anchor) sits on the teachers' base."""
+        base = self.base
+        if (str(ref.path), ref.dtype, ref.device) != (str(base.path), base.dtype, base.device):
+            raise ValueError(f"{what} must use the teachers' base {base.path} ({base.dtype}, {base.device}), "
+                             f"got {ref.path} ({ref.dtype}, {ref.device})")
+
+    def load_into(self, policy: Policy, anchor: ModelRef | None = None) -> TeacherPool:
+        """Load every teacher adapter (as ``teacher_<task>``) and the anchor's (as ``anchor``; an anchor without
+        adapter = the base) into ``policy``; returns the pool."""
+        for task, ref in self.teachers:
+            policy.load_adapter(TEACHER_PREFIX + task, ref.adapter)
+        anchor_name = None
+        if anchor is not None:
+            self.check_base(anchor, "the anchor")
+            anchor_name = BASE_ADAPTER
+            if anchor.adapter:
+                policy.load_adapter("anchor", anchor.adapter)
+                anchor_name = "anchor"
+        return TeacherPool(policy, {task: TEACHER_PREFIX + task for task in self.tasks}, anchor=anchor_name)
+
+    def with_route(self, mode: str, task_weights: Mapping[str, Mapping[str, float]] | None = None) -> TeacherRefs:
+        return TeacherRefs(self.teachers, mode, {k: dict(v) for k, v in (task_weights or {}).items()})
+
+
+class TeacherPool:
+    """K teacher adapters (and an optional anchor) on the policy's ONE base; batched velocities whose rows
+    mix teachers.
+
+    teachers: task tag -> adapter name in ``policy`` (the teacher that serves the task).
+    anchor: adapter name, ``BASE_ADAPTER`` (the base model, the authors' default) or None (no MAR).
+    """
+
+    def __init__(self, policy: Policy, teachers: Mapping[str, str], anchor: str | None = None) -> None:
+        missing = sorted({a for a in teachers.values() if a not in policy.adapters})
+        if anchor not in (None, BASE_ADAPTER) and anchor not in policy.adapters:
+            missing.append(anchor)
+        if missing:
+            raise KeyError(f"teacher/anchor adapters {missing} are not loaded (have {list(policy.adapters)})")
+        if not teachers:
+            raise ValueError("a teacher pool needs at least one teacher")
+        self.policy, self.teachers, self.anchor = policy, dict(teachers), anchor
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.teachers)
+
+    @torch.no_grad()
+    def velocities(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: TextEmbeddings,
+        uncond: TextEmbeddings | None,
+        plan: RoutePlan,
+        guidance_scale: float,
+        batch_size: int,
+        with_anchor: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target (and anchor) velocities at states ``x`` ``(B, C, H, W)``, times ``t`` ``(B,)``.
+
+        Every (row, teacher) pair with weight > 0 in ``plan`` (and every row once more for the anchor) becomes
+        one row of a mixed batch with its own adapter name; the batches run ``batch_size`` rows at a time.
+        Returns ``(target (B, C, H, W), anchor (B, C, H, W) or None)``, float32; no anchor rows run when the
+        pool has no anchor or ``with_anchor`` is False.
+        """
+        rows, names, weights = [], [], []
+        for k, task in enumerate(plan.teachers):
+            for i in plan.rows(k).tolist():
+                rows.append(i)
+                names.append(self.teachers[task])
+                weights.append(float(plan.weights[i, k]))
+        n_target = len(rows)
+        with_anchor = with_anchor and self.anchor is not None
+        if with_anchor:
+            rows += list(range(x.shape[0]))
+            names += [self.anchor] * x.shape[0]
+        out = torch.empty((len(rows), *x.shape[1:]), dtype=torch.float32, device=x.device)
+        index = torch.tensor(rows, dtype=torch.long, device=x.device)
+        for start in range(0, len(rows), batch_size):
+            sel = index[start : start + batch_size]
+            c = TextEmbeddings(cond.prompt_embeds[sel], cond.pooled[sel])
+            u = TextEmbeddings(uncond.prompt_embeds[sel], uncond.pooled[sel]) if uncond is not None else None
+            out[start : start + len(sel)] = velocity(
+                self.policy, x[sel], t[sel], c, u, guidance_scale, adapter_names=names[start : start + len(sel)]
+            )
+        w = torch.tensor(weights, dtype=torch.float32, device=x.device).view(-1, *([1] * (x.ndim - 1)))
+        target = torch.zeros((x.shape[0], *x.shape[1:]), dtype=torch.float32, device=x.device)
+        # a one-hot row gets 0 + 1.0 * v: exactly the teacher's velocity
+        target.index_add_(0, index[:n_target], w * out[:n_target])
+        anchor = out[n_target:] if with_anchor else None
+        return target, anchor
+
+
+class OPDTrainer(LoraTrainer):
+    """On-policy distillation of the student adapter ``student`` of ``pool.policy`` (module doc).
+
+    The student is created from the config's rank/alpha (zero B: starts as the base) unless it exists, e.g.
+    from a cold start (merge or SFT). rewards: optional name -> reward for logging (or for
+    ``drop_equal_reward_groups``). prompts: the training prompts of all tasks (their tags route them).
+    """
+
+    STATE_FORMAT = STATE_FORMAT
+    FREE_CONFIG_KEYS = ("epochs", "reward_workers", "max_bad_steps")
+    LOSS_NAME = "OPD"
+
+    def __init__(
+        self,
+        pipe: StableDiffusion3Pipeline,
+        pool: TeacherPool,
+        student: str,
+        config: OPDConfig = OPDConfig(),
+        prompts: PromptSet | None = None,
+        rewards: Mapping[str, RewardFn] | None = None,
+    ) -> None:
+        if prompts is None or len(prompts) == 0:
+            raise ValueError("OPDTrainer needs a non-empty PromptSet")
+        if len(prompts) < config.prompts_per_epoch:
+            raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the {len(prompts)} prompts")
+        if student in pool.teachers.values() or student == pool.anchor:
+            raise ValueError(f"the student {student!r} cannot also be a teacher or the anchor")
+        if config.drop_equal_reward_groups and not rewards:
+            raise ValueError("drop_equal_reward_groups needs task rewards")
+        route(list(prompts), pool.tasks, config.route, config.task_weights)  # every prompt has a route: fail now
+        super().__init__(pipe, pool.policy, student, config)
+        self.pool, self.prompts, self.rewards = pool, prompts, dict(rewards or {})
+
+    @torch.no_grad()
+    def collect(self) -> OPDBatch:
+        """Student rollouts of the epoch, routed, with teacher (and anchor) velocities at every trained state."""
+        cfg = self.config
+        self.policy.set_active(self.adapter)
+        order = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_epoch]
+        drawn = [self.prompts[i] for i in order.tolist()]
+        generator = self._epoch_generator()
+        start_time = time.perf_counter()
+        out = self.rollout_and_score(drawn, self.rewards, generator)
+        self._sample_seconds = time.perf_counter() - start_time
+        scores, specs = out.scores, out.prompts
+        keep = torch.ones(len(specs), dtype=torch.bool)
+        if cfg.drop_equal_reward_groups:
+            total = sum(scores.values())
+            keep = group_advantages(total, out.group_ids) != 0
+        plan = route(specs, self.pool.tasks, cfg.route, cfg.task_weights)
+        train_steps = self.draw_train_steps(len(specs), out.rollout.sde_steps, generator)
+        targets, anchors = self._targets(out.rollout, specs, plan, train_steps)
+        if self.world.size > 1:  # the logging rewards of the whole epoch (keep above used this share's groups)
+            scores = {name: self._gather_groups(r, len(drawn), cfg.group_size) for name, r in scores.items()}
+        return OPDBatch(
+            prompts=specs, group_ids=out.group_ids, rollout=out.rollout, train_steps=train_steps, targets=targets,
+            anchors=anchors, keep=keep, plan=plan, images=out.images, rewards=scores,
+        )
+
+    def _targets(
+        self, rollout: Rollout, specs: list[PromptSpec], plan: RoutePlan, train_steps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher targets (and anchors) ``(N, K, C, H, W)`` at every trained state, in mixed no-grad batches."""
+        n, k = train_steps.shape
+        start_time = time.perf_counter()
+        rows = torch.arange(n, device=train_steps.device).repeat_interleave(k)
+        steps = train_steps.reshape(-1)
+        x = rollout.latents[rows, steps]
+        t = self.sigmas[steps]
+        flat_specs = [specs[i] for i in rows.tolist()]
+        cond, uncond = self._conditioning(flat_specs)
+        flat_plan = RoutePlan(plan.mode, plan.teachers, plan.weights[rows.cpu()], plan.index[rows.cpu()])
+        target, anchor = self.pool.velocities(x, t, cond, uncond, flat_plan, self.config.guidance_scale,
+                                              self.config.batch_size)
+        self._target_seconds = time.perf_counter() - start_time
+        shape = (n, k, *x.shape[1:])
+        return target.reshape(shape), (anchor.reshape(shape) if anchor is not None else None)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def step_loss(self, batch: OPDBatch, rows: torch.Tensor, k: int) -> DistillLoss:
+        """:class:`~flowopd_core.distill.loss.DistillLoss` of trained step column ``k`` of the samples ``rows``
+        ``(b,)``, with the student re-evaluated (with grad) at the stored states."""
+        cfg = self.config
+        self.policy.set_active(self.adapter)
+        steps = batch.train_steps[rows, k]
+        sub = batch.rollout.subset(rows)
+        index = torch.arange(len(rows), device=steps.device)
+        cond, uncond = self._conditioning([batch.prompts[i] for i in rows.tolist()])
+        t, t_next = self.sigmas[steps], self.sigmas[steps + 1]
+        v = self._velocity(sub.latents[index, steps], t, cond, uncond)
+        logp_new = logp_old = None
+        if cfg.mode != "direct":
+            logp_new = transition_logprob(sub, steps, v).log_prob
+            logp_old = sub.log_probs[index, steps]
+        return distill_loss(
+            cfg.mode, v_student=v, v_target=batch.targets[rows, k], t=t, t_next=t_next, noise_level=cfg.noise_level,
+            kind=cfg.kind, logp_new=logp_new, logp_old=logp_old, clip_range=cfg.clip_range,
+            form=cfg.kl_form or None, adv_clip=cfg.adv_clip or None,
+            v_anchor=batch.anchors[rows, k] if batch.anchors is not None else None,
+            anchor_weight=cfg.anchor_weight if batch.anchors is not None else 0.0,
+        )
+
+    def _update(self, batch: OPDBatch) -> dict[str, Any]:
+        cfg = self.config
+        keep = torch.nonzero(batch.keep).flatten()
+        order = keep[torch.randperm(len(keep), generator=self._local_generator)]
+        log: dict[str, Any] = {key: [] for key in ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", "grad_norm")}
+        log.update(first_dev=0.0, trained=len(keep), task_kl={})
+        self.skipped_steps = 0
+        if cfg.drop_equal_reward_groups and self._skip_unscored_epoch(batch.rewards):
+            log["trained"] = 0  # the rewards pick the groups: nothing scored, nothing to train
+            return log
+
+        def record(terms: DistillLoss, rows: torch.Tensor, update: int) -> None:
+            for key, value in (("loss", terms.total), ("opd", terms.opd), ("anchor", terms.anchor),
+                               ("kl", terms.kl_mean), ("clip", terms.clip_fraction)):
+                log[key].append(value.item())
+            if terms.anchor_kl is not None:
+                log["anchor_kl"].append(terms.anchor_kl.mean().item())
+            for i, value in zip(rows.tolist(), terms.kl.tolist()):
+                log["task_kl"].setdefault(batch.prompts[i].task, []).append(value)
+            if update == 0 and terms.ratio is not None:
+                log["first_dev"] = max(log["first_dev"], (terms.ratio - 1).abs().max().item())
+
+        log["grad_norm"] = self._optimise(order, batch.train_steps.shape[1],
+                                          lambda rows, k: self.step_loss(batch, rows, k), record)
+        if self.world.size > 1:  # per-task KL of the whole epoch: one list per task tag of the prompt set
+            for task in sorted({p.task for p in self.prompts}):
+                log[f"task_kl/{task}"] = log["task_kl"].pop(task, [])
+            tasks = [k for k in log if k.startswith("task_kl/")]
+            self._reduce_log(log, ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", *tasks), ("first_dev",),
+                             ("trained",))
+            log["task_kl"] = {k.removeprefix("task_kl/"): log.pop(k) for k in tasks if log[k]}
+        return log
+
+    def _metrics(self, batch: OPDBatch, log: dict[str, Any], sample_seconds: float,
+                 train_seconds: float) -> OPDEpochMetrics:
+        return OPDEpochMetrics(
+            epoch=self.epoch_index,
+            kl=mean_or_nan(log["kl"]),
+            kl_by_task={task: mean_or_nan(values) for task, values in sorted(log["task_kl"].items())},
+            anchor_kl=mean_or_nan(log["anchor_kl"]),
+            loss=mean_or_nan(log["loss"]),
+            opd_loss=mean_or_nan(log["opd"]),
+            anchor_loss=mean_or_nan(log["anchor"]),
+            clip_fraction=mean_or_nan(log["clip"]),
+            first_update_ratio_dev=log["first_dev"],
+            grad_norm=mean_or_nan(log["grad_norm"]),
+            trained_samples=log["trained"],
+            reward_mean={name: nan_stats(r)[0] for name, r in batch.rewards.items()},
+            optimizer_steps=self.optimizer_steps,
+            skipped_steps=self.skipped_steps,
+            sample_seconds=self._sample_seconds,
+            target_seconds=self._target_seconds,
+            train_seconds=train_seconds,
+            seconds=sample_seconds + train_seconds,
+        )

@@ -1,0 +1,431 @@
+"""Flow-GRPO trainer: single- and multi-reward GRPO of a LoRA adapter on a flow-matching model (docs/method.md §2).
+
+Notation (docs/method.md): time t = scheduler sigma, t = 1 is noise; a step j goes from t_j to t_{j+1} < t_j
+with dt = t_{j+1} - t_j < 0; sigma_t = a sqrt(t / (1 - t)); s = sigma_t sqrt(|dt|) is the per-element std of
+the SDE transition; D = elements of one latent; G = group size (samples per prompt); N = samples per epoch.
+
+One epoch (:meth:`GRPOTrainer.epoch`):
+
+1. Rollouts (no grad, adapter enabled = on-policy): ``prompts_per_epoch`` prompts x G samples, SDE (or CPS)
+   sampling with per-step log-probs (§1); rewards are scored in a thread pool while the next rollout batch
+   samples (:meth:`~flowopd_core.training.base.LoraTrainer.rollout_and_score`, shared with Flow-OPD).
+2. Advantages (§2): A_i = (r_i - mean_group) / (std + 1e-4), optional global std, clamped to +-5; several
+   rewards are combined by :func:`~flowopd_core.grpo.loss.multi_reward_advantages` (raw weighted sum or
+   normalise-then-weight).
+3. ``updates_per_epoch`` AdamW steps. Samples are shuffled and split into that many parts; each part
+   accumulates, over its samples and its trained steps j, the per-step loss
+   L_j = mean_i max(-A_i rho_ij, -A_i clip(rho_ij, 1 - eps, 1 + eps)) + beta KL_j(pi_theta || pi_ref),
+   rho_ij = exp(logp_theta - logp_old), with log-probs re-evaluated on the stored transitions and the
+   reference means from the same network with the adapter disabled (one extra no-grad forward per step).
+   Gradient-norm clipping, then an EMA of the LoRA weights (decay 0.9 every 8 optimizer steps).
+
+Everything random (prompt choice, noise, SDE noise, shuffles, step subsets, windows) comes from one
+``torch.Generator`` owned by the trainer, whose state is part of :meth:`GRPOTrainer.state_dict`: a resumed
+run repeats the uninterrupted one bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from flowopd_core.grpo.loss import (
+    KL_FORMS,
+    REWARD_MODES,
+    PPOLoss,
+    group_best,
+    kl_to_reference,
+    multi_reward_advantages,
+    ppo_clip_loss,
+)
+from flowopd_core.models.policy import Policy
+from flowopd_core.prompts import PromptSet, PromptSpec
+from flowopd_core.sampling.samplers import Rollout, transition_logprob
+from flowopd_core.training.base import (
+    LoraTrainer,
+    RewardFn,
+    TrainerConfig,
+    mean_or_nan,
+    nan_stats,
+    setting,
+    trainer_config,
+)
+
+
+@trainer_config(
+    group_size=(8, "G samples per prompt (paper 24, authors' OPD config 16; 8 on the CPU mini-world); >= 2 (a group "
+                   "of one has no advantage)", {"min": 2}),
+)
+class GRPOConfig(TrainerConfig):
+    """Flow-GRPO settings: the shared :class:`~flowopd_core.training.base.TrainerConfig` plus GRPO's own.
+    Defaults follow docs/method.md §2 (the paper / Flow-GRPO) unless the help says otherwise."""
+
+    task_cycling: bool = setting(
+        False, "epoch e draws its prompts from task e mod n of the prompt set's tasks (authors' GRPO-Mix)")
+    balance_templates: bool = setting(
+        False, "spread each epoch's prompts evenly over the prompts' categories (spec 'template', e.g. compose's "
+               "single / count / pair / position), which the evaluator weighs equally; else uniform over prompts")
+    same_initial_noise: bool = setting(
+        False, "the samples of a group start from the same initial noise, so their rewards differ only through "
+               "the SDE steps the policy is trained on (DanceGRPO; Flow-GRPO's same_latent); else each draws its own")
+    sde_window: int = setting(
+        0, "Flow-GRPO-Fast: SDE (and training) only on a random window of this many consecutive steps per epoch, "
+           "ODE elsewhere; 0 = SDE on every step", min=0, max=1000)
+    window_range: tuple[int, int] = setting(
+        (0, 0), "[lo, hi) steps a window may cover; hi = 0 means T // 2 (Flow-GRPO-Fast)")
+    adv_eps: float = setting(1e-4, "A = (r - mean) / (std + adv_eps)", above=0.0, max=1.0)
+    global_std: bool = setting(False, "divide by the std of all the epoch's rewards instead of the group's")
+    beta: float = setting(
+        0.04, "KL-to-reference weight (0.04 GenEval/OCR, 0.01 PickScore); 0 = no ref pass", min=0.0, max=100.0)
+    kl_form: str = setting(
+        "flow_grpo", "flow_grpo (true KL x |dt| / D, the scale beta was tuned for), true, or mean (true / D)",
+        choices=KL_FORMS)
+    drop_zero_advantage: bool = setting(
+        True, "skip samples whose advantage is 0 (flat groups) in training, as Flow-GRPO")
+    reward_weights: dict[str, float] = setting(
+        default_factory=dict, help="weight per reward name; rewards not listed weigh 1.0")
+    reward_mode: str = setting(
+        "sum", "multi-reward: sum (Flow-GRPO raw weighted sum) or normalised", choices=REWARD_MODES)
+
+    def extra_errors(self) -> list[str]:
+        errors = []
+        if not self.adv_clip > 0:
+            errors.append(f"adv_clip must be > 0, got {self.adv_clip}")
+        if self.sde_window:
+            lo, hi = self.window_bounds
+            if not (0 <= lo < self.trainable_steps and hi <= self.steps and hi - lo >= self.sde_window):
+                errors.append(f"window_range {self.window_range} (resolved [{lo}, {hi})) must hold a window of "
+                              f"{self.sde_window} steps, start below {self.trainable_steps} and end by {self.steps}")
+        return errors
+
+    @property
+    def window_bounds(self) -> tuple[int, int]:
+        """``window_range`` with hi = 0 resolved to T // 2."""
+        lo, hi = self.window_range
+        return lo, hi or self.steps // 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOBatch:
+    """One sampling epoch: N = prompts x G samples, ordered group by group.
+
+    prompts: N ``PromptSpec``; group_ids: ``(N,)`` long, the group (= prompt draw) of each sample.
+    rollout: the trajectories, latents ``(N, T+1, C, H, W)`` (visited states) and log_probs ``(N, T)``
+    (log pi_old of each transition); its sde_steps: the steps drawn with the SDE (all, or the Flow-GRPO-Fast
+    window). images: ``(N, 3, H, W)`` in [0, 1]; rewards: name -> ``(N,)`` raw scores (NaN = unscored).
+    advantages: ``(N,)``; train_steps: ``(N, K)`` long, each sample's trained steps in training order.
+    With several processes the batch holds this rank's share of the groups (group_ids stay the epoch's);
+    epoch_rewards / epoch_advantages / epoch_group_ids are the whole epoch's (None in a single process).
+    """
+
+    prompts: list[PromptSpec]
+    group_ids: torch.Tensor
+    rollout: Rollout
+    images: torch.Tensor
+    rewards: dict[str, torch.Tensor]
+    advantages: torch.Tensor
+    train_steps: torch.Tensor
+    epoch_rewards: dict[str, torch.Tensor] | None = None
+    epoch_advantages: torch.Tensor | None = None
+    epoch_group_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class StepLoss:
+    """Loss of one trained step of a micro-batch: ``total`` (0-dim, with grad) = ppo.loss + beta mean(kl);
+    ``kl``: ``(b,)`` detached KL to the reference in ``kl_form`` (None when beta = 0)."""
+
+    total: torch.Tensor
+    ppo: PPOLoss
+    kl: torch.Tensor | None
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch did. Means are over the epoch's trained (micro-batch, step) terms.
+
+    reward_mean / reward_std: per reward, NaN-aware over the epoch's samples; reward_best: per reward, the mean
+    over groups of each group's best sample (:func:`group_best`); unscored: samples that no reward scored.
+    zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal).
+    kl: mean KL to the reference (``kl_form``), NaN when beta = 0. grad_norm: mean pre-clip gradient norm.
+    first_update_ratio_dev: max |rho - 1| in the epoch's first optimizer step (before it, the policy is the
+    sampler: 0 when re-evaluation reproduces sampling exactly). optimizer_steps: total since the start.
+    skipped_steps: steps of this epoch not taken for non-finite values (``max_bad_steps``).
+    When every group is flat (all advantages 0) nothing is trained: the loss terms are NaN and no step is taken.
+    """
+
+    epoch: int
+    reward_mean: dict[str, float]
+    reward_std: dict[str, float]
+    reward_best: dict[str, float]
+    unscored: int
+    groups: int
+    zero_std_groups: int
+    trained_samples: int
+    loss: float
+    policy_loss: float
+    kl: float
+    clip_fraction: float
+    approx_kl: float
+    grad_norm: float
+    first_update_ratio_dev: float
+    optimizer_steps: int
+    skipped_steps: int
+    sde_steps: tuple[int, ...]
+    sample_seconds: float
+    train_seconds: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STATE_FORMAT = "flowopd-grpo-state/1"
+
+
+def parse_window_range(text: str) -> tuple[int, int]:
+    """``"lo, hi"`` (or ``"lo hi"``) -> ``(lo, hi)`` for :attr:`GRPOConfig.window_range`; ValueError otherwise."""
+    parts = text.replace(",", " ").split()
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"window_range must be two whole numbers 'lo, hi' (hi 0 = T // 2), got {text!r}") from None
+    return lo, hi
+
+
+def template_strata(prompts: PromptSet) -> dict[str, list[int]]:
+    """Indices of ``prompts`` per category (:attr:`PromptSpec.category`), in order of first appearance."""
+    strata: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        strata.setdefault(prompt.category, []).append(index)
+    return strata
+
+
+def balanced_draw(strata: Mapping[str, Sequence[int]], n: int, epoch: int, generator: torch.Generator) -> list[int]:
+    """``n`` indices spread evenly over ``strata`` (category -> its indices): each of the k categories gets
+    n // k, drawn at random without replacement; the n % k left over go to the next categories in a rotation
+    that moves on with ``epoch``, so over k epochs every category gets the same number of draws.
+
+    Each category must hold at least ceil(n / k) indices (checked by the trainer)."""
+    names = list(strata)
+    k = len(names)
+    extra = n % k
+    lucky = {names[(epoch * extra + j) % k] for j in range(extra)}
+    out: list[int] = []
+    for name in names:
+        rows = strata[name]
+        take = n // k + (name in lucky)
+        out += [rows[i] for i in torch.randperm(len(rows), generator=generator)[:take].tolist()]
+    return out
+
+
+class GRPOTrainer(LoraTrainer):
+    """Flow-GRPO on the LoRA adapter ``adapter_name`` of ``policy`` (see the module doc for one epoch).
+
+    pipe: the pipeline whose ``transformer`` the policy wraps (text encoders, scheduler sigmas, decode).
+    policy: a :class:`Policy` on ``pipe.transformer``; the adapter is created (rank/alpha of the config,
+    zero-init B: starts as the base) unless it exists, in which case it is trained as it is.
+    rewards: name -> reward callable (``flowopd_core.rewards`` contract); config.reward_weights by name.
+    prompts: the training prompts; each epoch draws ``prompts_per_epoch`` of them.
+    Only the adapter's LoRA parameters are optimised (AdamW); the base stays frozen.
+    """
+
+    STATE_FORMAT = STATE_FORMAT
+    FREE_CONFIG_KEYS = ("epochs", "reward_workers", "max_bad_steps")
+    LOSS_NAME = "GRPO"
+
+    def __init__(
+        self,
+        pipe: StableDiffusion3Pipeline,
+        policy: Policy,
+        adapter_name: str,
+        rewards: Mapping[str, RewardFn],
+        config: GRPOConfig = GRPOConfig(),
+        prompts: PromptSet | None = None,
+    ) -> None:
+        if not rewards:
+            raise ValueError("GRPOTrainer needs at least one reward")
+        unknown = sorted(set(config.reward_weights) - set(rewards))
+        if unknown:
+            raise KeyError(f"reward_weights name unknown rewards {unknown}; rewards: {sorted(rewards)}")
+        if prompts is None or len(prompts) == 0:
+            raise ValueError("GRPOTrainer needs a non-empty PromptSet")
+        pools = [prompts.by_task(task) for task in prompts.tasks] if config.task_cycling else [prompts]
+        strata = [template_strata(pool) for pool in pools] if config.balance_templates else None
+        if strata is None:
+            small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
+        else:  # every category must hold its share (rounded up) of an epoch's prompts
+            small = [(f"{pool.name}:{name}", len(rows)) for pool, by_name in zip(pools, strata)
+                     for name, rows in by_name.items() if len(rows) < -(-config.prompts_per_epoch // len(by_name))]
+        if small:
+            raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the prompts available: {small}")
+        super().__init__(pipe, policy, adapter_name, config)
+        self.rewards = dict(rewards)
+        self.prompts = prompts
+        self._pools = pools
+        self._strata = strata  # per pool: category -> prompt indices (balance_templates), else None
+        if config.sde_window:  # every window the trainer may draw must hold a step to train
+            lo, hi = config.window_bounds
+            for start in range(lo, hi - config.sde_window + 1):
+                if not any(start <= j < start + config.sde_window for j in self.trained_steps):
+                    raise ValueError(f"no step to train in the window {start}..{start + config.sde_window - 1}: "
+                                     f"the trained steps are {list(self.trained_steps)} (train_fraction, min_step_std)")
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    def _draw_prompts(self) -> list[PromptSpec]:
+        which = self.epoch_index % len(self._pools)
+        pool, n = self._pools[which], self.config.prompts_per_epoch
+        if self._strata is not None:
+            return [pool[i] for i in balanced_draw(self._strata[which], n, self.epoch_index, self.generator)]
+        order = torch.randperm(len(pool), generator=self.generator)[:n]
+        return [pool[i] for i in order.tolist()]
+
+    def _draw_window(self) -> tuple[int, ...] | None:
+        width = self.config.sde_window
+        if not width:
+            return None
+        lo, hi = self.config.window_bounds
+        start = lo + int(torch.randint(0, hi - lo - width + 1, (1,), generator=self.generator))
+        return tuple(range(start, start + width))
+
+    @torch.no_grad()
+    def collect(self) -> GRPOBatch:
+        """Sample the epoch's rollouts with the current adapter, score them and compute advantages (no update)."""
+        cfg = self.config
+        self.policy.set_active(self.adapter)
+        drawn = self._draw_prompts()
+        window = self._draw_window()
+        generator = self._epoch_generator()
+        out = self.rollout_and_score(drawn, self.rewards, generator, sde_window=window,
+                                     same_initial_noise=cfg.same_initial_noise)
+        epoch_scores = {name: self._gather_groups(r, len(drawn), cfg.group_size) for name, r in out.scores.items()}
+        epoch_ids = torch.arange(len(drawn)).repeat_interleave(cfg.group_size)
+        advantages = multi_reward_advantages(  # over the whole epoch (identical on every process)
+            epoch_scores, epoch_ids, cfg.reward_weights, cfg.reward_mode, global_std=cfg.global_std, eps=cfg.adv_eps,
+            clip=cfg.adv_clip,
+        )
+        start, stop = (g * cfg.group_size for g in self.world.shard_bounds(len(drawn)))
+        device = self.sigmas.device
+        several = self.world.size > 1
+        return GRPOBatch(
+            prompts=out.prompts, group_ids=out.group_ids.to(device), rollout=out.rollout, images=out.images,
+            rewards=out.scores, advantages=advantages[start:stop].to(device),
+            train_steps=self.draw_train_steps(len(out.prompts), out.rollout.sde_steps, generator),
+            epoch_rewards=epoch_scores if several else None, epoch_advantages=advantages.to(device) if several else None,
+            epoch_group_ids=epoch_ids.to(device) if several else None,
+        )
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def _step_terms(self, batch: GRPOBatch, rows: torch.Tensor, steps: torch.Tensor, with_kl: bool) -> StepLoss:
+        cfg = self.config
+        sub = batch.rollout.subset(rows)
+        index = torch.arange(len(rows), device=steps.device)
+        cond, uncond = self._conditioning([batch.prompts[i] for i in rows.tolist()])
+        x, t = sub.latents[index, steps], self.sigmas[steps]
+        step = transition_logprob(sub, steps, self._velocity(x, t, cond, uncond))
+        ppo = ppo_clip_loss(step.log_prob, sub.log_probs[index, steps], batch.advantages[rows], cfg.clip_range)
+        if not with_kl:
+            return StepLoss(total=ppo.loss, ppo=ppo, kl=None)
+        with torch.no_grad(), self.policy.disable():
+            mean_ref = transition_logprob(sub, steps, self._velocity(x, t, cond, uncond)).mean
+        dt = self.sigmas[steps + 1] - t
+        kl = kl_to_reference(step.mean, mean_ref, step.std, dt, kind=cfg.kind, form=cfg.kl_form)
+        return StepLoss(total=ppo.loss + cfg.beta * kl.mean(), ppo=ppo, kl=kl.detach())
+
+    def step_loss(self, batch: GRPOBatch, rows: torch.Tensor, steps: torch.Tensor) -> StepLoss:
+        """Loss of the stored transitions ``steps`` ``(b,)`` (per sample) of the samples ``rows`` ``(b,)``,
+        re-evaluated with the current adapter (with grad); KL to the reference when beta > 0."""
+        self.policy.set_active(self.adapter)
+        return self._step_terms(batch, rows, steps, with_kl=self.config.beta > 0)
+
+    @torch.no_grad()
+    def reference_kl(self, batch: GRPOBatch) -> torch.Tensor:
+        """KL to the reference (``kl_form``) of every trained transition of ``batch``: ``(N, K)``, no grad."""
+        self.policy.set_active(self.adapter)
+        out = torch.empty(batch.train_steps.shape, dtype=torch.float32, device=batch.train_steps.device)
+        for rows in torch.arange(len(batch), device=out.device).split(self.config.batch_size):
+            for k in range(out.shape[1]):
+                out[rows, k] = self._step_terms(batch, rows, batch.train_steps[rows, k], with_kl=True).kl.float()
+        return out
+
+    def _update(self, batch: GRPOBatch) -> dict[str, Any]:
+        """``updates_per_epoch`` optimizer steps on ``batch`` (see the module doc); returns logging lists."""
+        cfg = self.config
+        keep = torch.arange(len(batch), device=batch.advantages.device)
+        if cfg.drop_zero_advantage:
+            keep = keep[batch.advantages != 0]
+        order = keep[torch.randperm(len(keep), generator=self._local_generator).to(keep.device)]
+        log: dict[str, Any] = {k: [] for k in ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl", "grad_norm")}
+        log["first_dev"], log["trained"] = 0.0, len(keep)
+        self.skipped_steps = 0
+        if self._skip_unscored_epoch(batch.epoch_rewards or batch.rewards):
+            log["trained"] = 0
+            return log
+        self.policy.set_active(self.adapter)
+        with_kl = cfg.beta > 0
+
+        def loss(rows: torch.Tensor, k: int) -> StepLoss:
+            return self._step_terms(batch, rows, batch.train_steps[rows, k], with_kl)
+
+        def record(terms: StepLoss, rows: torch.Tensor, update: int) -> None:
+            log["loss"].append(terms.total.item())
+            log["policy_loss"].append(terms.ppo.loss.item())
+            log["clip_fraction"].append(terms.ppo.clip_fraction.item())
+            log["approx_kl"].append(terms.ppo.approx_kl.item())
+            if terms.kl is not None:
+                log["kl"].append(terms.kl.mean().item())
+            if update == 0:
+                log["first_dev"] = max(log["first_dev"], (terms.ppo.ratio - 1).abs().max().item())
+
+        log["grad_norm"] = self._optimise(order, batch.train_steps.shape[1], loss, record)
+        self._reduce_log(log, ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl"), ("first_dev",), ("trained",))
+        return log
+
+    def _metrics(self, batch: GRPOBatch, log: dict[str, Any], sample_seconds: float,
+                 train_seconds: float) -> EpochMetrics:
+        rewards = batch.epoch_rewards or batch.rewards
+        advantages = batch.advantages if batch.epoch_advantages is None else batch.epoch_advantages
+        group_ids = batch.group_ids if batch.epoch_group_ids is None else batch.epoch_group_ids
+        stats = {name: nan_stats(r) for name, r in rewards.items()}
+        scored = torch.stack([torch.isfinite(r) for r in rewards.values()]).any(0)
+        groups = int(group_ids.max()) + 1
+        nonzero = torch.zeros(groups, device=advantages.device)
+        nonzero.index_add_(0, group_ids, (advantages != 0).float())
+        return EpochMetrics(
+            epoch=self.epoch_index,
+            reward_mean={name: s[0] for name, s in stats.items()},
+            reward_std={name: s[1] for name, s in stats.items()},
+            reward_best={name: group_best(r, group_ids) for name, r in rewards.items()},
+            unscored=int((~scored).sum()),
+            groups=groups,
+            zero_std_groups=int((nonzero == 0).sum()),
+            trained_samples=log["trained"],
+            loss=mean_or_nan(log["loss"]),
+            policy_loss=mean_or_nan(log["policy_loss"]),
+            kl=mean_or_nan(log["kl"]),
+            clip_fraction=mean_or_nan(log["clip_fraction"]),
+            approx_kl=mean_or_nan(log["approx_kl"]),
+            grad_norm=mean_or_nan(log["grad_norm"]),
+            first_update_ratio_dev=log["first_dev"],
+            optimizer_steps=self.optimizer_steps,
+            skipped_steps=self.skipped_steps,
+            sde_steps=batch.rollout.sde_steps,
+            sample_seconds=sample_seconds,
+            train_seconds=train_seconds,
+            seconds=sample_seconds + train_seconds,
+        )

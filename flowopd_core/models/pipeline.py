@@ -1,0 +1,290 @@
+"""The model layer: load a local SD3-family pipeline, cache text embeddings, batched-CFG velocity, decode.
+
+Notation (docs/method.md): time ``t`` is the scheduler sigma in [0, 1], t = 1 is noise;
+x_t = (1 - t) x0 + t eps; the transformer predicts the velocity v ~ eps - x0 and takes ``timestep = 1000 t``
+(the scheduler's ``num_train_timesteps``). Latents are ``(B, C, H, W)``; images ``(B, 3, H, W)`` in [0, 1].
+Pixel-space pipelines (``vae=None``) use images mapped to [-1, 1] as latents.
+
+The same calls serve the tiny mini-world pipeline and SD3.5-Medium: only the folder differs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+NUM_TRAIN_TIMESTEPS = 1000
+"""SD3 timestep = sigma * 1000 (``FlowMatchEulerDiscreteScheduler.num_train_timesteps``)."""
+DEFAULT_T5_LENGTH = 256
+"""T5 tokens when the tokenizer declares no shorter ``model_max_length`` (the SD3 pipeline's own default)."""
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def configure_pixel_space(pipe: StableDiffusion3Pipeline) -> StableDiffusion3Pipeline:
+    """Make a ``vae=None`` pipeline treat latents as pixels: ``vae_scale_factor = 1`` (diffusers assumes 8).
+
+    A pipeline with a VAE is returned unchanged. Mutates and returns ``pipe``.
+    """
+    if pipe.vae is None:
+        pipe.vae_scale_factor = 1
+        pipe.image_processor = VaeImageProcessor(vae_scale_factor=1)
+    return pipe
+
+
+def load_pipeline(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> StableDiffusion3Pipeline:
+    """Load a ``StableDiffusion3Pipeline`` from a local diffusers folder (never from a hub).
+
+    Works for SD3 / SD3.5 folders and for the tiny mini-world pipeline (pixel space: see
+    :func:`configure_pixel_space`). All modules are put in eval mode. Raises ``FileNotFoundError`` naming
+    ``path`` when it is not a pipeline folder.
+    """
+    folder = Path(path).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusers pipeline folder at {str(folder)!r} (expected {str(folder / 'model_index.json')!r}); "
+            "flowopd loads models from local folders only"
+        )
+    # diffusers refuses a `null` vae entry unless vae=None is passed (pixel-space folders).
+    index = json.loads((folder / "model_index.json").read_text())
+    pixel_space = {"vae": None} if index.get("vae", [None])[0] is None else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        folder, dtype=dtype, local_files_only=True, use_safetensors=True, **pixel_space  # safetensors only, no .bin fallback
+    )
+    if pipe.transformer.dtype != dtype:  # older diffusers releases know only the `torch_dtype` keyword
+        raise RuntimeError(f"diffusers loaded {pipe.transformer.dtype}, not {dtype}: this release ignores `dtype`")
+    configure_pixel_space(pipe).to(device)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+def latent_shape(
+    pipe: StableDiffusion3Pipeline, batch_size: int, height: int | None = None, width: int | None = None
+) -> tuple[int, int, int, int]:
+    """``(B, C, H, W)`` of the latents for images of ``height`` x ``width`` pixels.
+
+    Defaults to the transformer's ``sample_size`` latents. Sizes must be multiples of
+    ``vae_scale_factor * patch_size``.
+    """
+    config = pipe.transformer.config
+    scale = pipe.vae_scale_factor
+    height = height or config.sample_size * scale
+    width = width or config.sample_size * scale
+    multiple = scale * config.patch_size
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}, got {height} x {width}")
+    return (batch_size, config.in_channels, height // scale, width // scale)
+
+
+def initial_noise(
+    pipe: StableDiffusion3Pipeline,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """x_T ~ N(0, I) of shape :func:`latent_shape`, on the transformer's device (diffusers' ``randn_tensor``)."""
+    shape = latent_shape(pipe, batch_size, height, width)
+    return randn_tensor(shape, generator=generator, device=pipe.transformer.device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+@dataclass
+class TextEmbeddings:
+    """Conditioning of a batch. prompt_embeds: ``(B, L, D)`` (CLIP tokens then T5 tokens); pooled: ``(B, P)``."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def expand(self, batch_size: int) -> TextEmbeddings:
+        """Broadcast a single row to ``batch_size`` rows (no copy)."""
+        if len(self) == batch_size:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand {len(self)} embeddings to a batch of {batch_size}")
+        return TextEmbeddings(
+            self.prompt_embeds.expand(batch_size, -1, -1), self.pooled.expand(batch_size, -1)
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[TextEmbeddings]) -> TextEmbeddings:
+        return TextEmbeddings(
+            torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts])
+        )
+
+
+class TextEmbeddingCache:
+    """Encode each distinct prompt once per run with ``pipe.encode_prompt``; serve batches from the cache.
+
+    Embeddings are stored in the transformer's dtype on the transformer's device (at construction). Each
+    prompt is encoded alone (batch of one, no autograd): CPU kernels round differently for other batch sizes,
+    so this makes an embedding independent of which prompts were encoded with it (exact resumes). After
+    :meth:`close` the cache drops its pipeline reference and the text encoders may be freed or offloaded by
+    the owner; a prompt that was not cached then raises ``KeyError``.
+    """
+
+    def __init__(
+        self,
+        pipe: StableDiffusion3Pipeline,
+        *,
+        max_sequence_length: int | None = None,
+        negative_prompt: str = "",
+    ) -> None:
+        if max_sequence_length is None:
+            declared = getattr(pipe.tokenizer_3, "model_max_length", DEFAULT_T5_LENGTH)
+            max_sequence_length = min(int(declared), DEFAULT_T5_LENGTH)
+        if not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+        self.dtype = pipe.transformer.dtype
+        self.device = pipe.transformer.device
+        self._pipe: StableDiffusion3Pipeline | None = pipe
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._rows
+
+    @torch.no_grad()
+    def _encode_missing(self, prompts: Sequence[str]) -> None:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if not missing:
+            return
+        if self._pipe is None:
+            raise KeyError(f"prompts not in the closed text-embedding cache: {missing[:3]}")
+        for prompt in missing:
+            embeds, _, pooled, _ = self._pipe.encode_prompt(
+                prompt=[prompt],
+                prompt_2=None,
+                prompt_3=None,
+                device=self._pipe.text_encoder.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            self._rows[prompt] = (embeds[0].to(self.device, self.dtype), pooled[0].to(self.device, self.dtype))
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        """Embeddings of ``prompts`` in order: ``prompt_embeds`` ``(B, L, D)``, ``pooled`` ``(B, P)``."""
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        self._encode_missing(prompts)
+        rows = [self._rows[p] for p in prompts]
+        return TextEmbeddings(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+    def negative(self, batch_size: int = 1) -> TextEmbeddings:
+        """The negative-prompt embeddings broadcast to ``batch_size`` rows (the CFG unconditional branch)."""
+        return self.encode([self.negative_prompt]).expand(batch_size)
+
+    def close(self) -> None:
+        """Stop encoding: drop the pipeline reference so that its text encoders can be released."""
+        self._pipe = None
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def velocity(
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    cond: TextEmbeddings,
+    uncond: TextEmbeddings | None = None,
+    guidance_scale: float = 1.0,
+    adapter_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Velocity v(x, t | c) with classifier-free guidance as ONE batched forward (docs/method.md §1, CFG).
+
+    v = v_u + w (v_c - v_u) with w = ``guidance_scale``; the forward runs on ``cat([uncond, cond])``. With
+    w = 1 a single conditional forward runs and ``uncond`` is not needed.
+
+    transformer: an ``SD3Transformer2DModel`` or a peft-wrapped one (e.g. :class:`flowopd_core.models.policy.Policy`).
+    x: ``(B, C, H, W)`` latents. t: sigma in [0, 1], a float, 0-dim or ``(B,)``; the model gets 1000 t.
+    cond: ``B`` rows (or 1, broadcast). uncond: ``B`` rows or 1 (broadcast), required when w != 1.
+    adapter_names: optional per-sample peft adapter names (``"__base__"`` = no adapter), length ``B``;
+        peft accepts them only in eval mode. Returns ``(B, C, H, W)`` in float32 (the guidance combination
+        is done in float32 even for half-precision models).
+    """
+    batch = x.shape[0]
+    dtype = transformer.dtype
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(batch)
+    cond = cond.expand(batch)
+    names = list(adapter_names) if adapter_names is not None else None
+    if names is not None and len(names) != batch:
+        raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch}")
+    guided = guidance_scale != 1.0
+    if guided:
+        if uncond is None:
+            raise ValueError(f"guidance_scale {guidance_scale} != 1 needs uncond embeddings")
+        cond = TextEmbeddings.cat([uncond.expand(batch), cond])
+        x = torch.cat([x, x])
+        t = torch.cat([t, t])
+        names = names + names if names is not None else None
+    extra = {"adapter_names": names} if names is not None else {}
+    out = transformer(
+        hidden_states=x.to(dtype),
+        timestep=(t * NUM_TRAIN_TIMESTEPS).to(dtype),
+        encoder_hidden_states=cond.prompt_embeds.to(dtype),
+        pooled_projections=cond.pooled.to(dtype),
+        return_dict=False,
+        **extra,
+    )[0].float()
+    if not guided:
+        return out
+    v_uncond, v_cond = out.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def encode_images(
+    pipe: StableDiffusion3Pipeline, images: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] -> latents ``(B, C, H/f, W/f)``.
+
+    Pixel space: x = 2 img - 1. VAE: a sample of the posterior, then ``(z - shift) * scaling`` (SD3's
+    normalisation; ``shift_factor`` may be absent).
+    """
+    x = 2.0 * images - 1.0
+    if pipe.vae is None:
+        return x
+    vae = pipe.vae
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+    shift = vae.config.shift_factor or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def decode(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [0, 1], float32 (inverse of :func:`encode_images`).
+
+    Pixel space: (x + 1) / 2 clamped. VAE: z / scaling + shift, decode, then (y + 1) / 2 clamped.
+    """
+    if pipe.vae is None:
+        return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    vae = pipe.vae
+    shift = vae.config.shift_factor or 0.0
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+    image = vae.decode(z, return_dict=False)[0]
+    return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -1,0 +1,455 @@
+"""ComfyUI graph formats (plain data; needs no ComfyUI): our graphs <-> API ("prompt") JSON and UI-workflow JSON.
+
+- API format, what ``POST /prompt`` takes: ``{id: {class_type, inputs: {name: value | [src id, output index]},
+  _meta: {title}}}``. Our export keeps our node ids as keys; the graph's name and description ride in the
+  first node's ``_meta.flowopd``.
+- UI workflow (version 0.4), what the canvas saves and loads: ``nodes`` (integer ids; ``inputs`` = wire
+  inputs then widget inputs, each in ``INPUT_TYPES`` order, as ComfyUI's frontend writes them;
+  ``widgets_values`` in widget order) and ``links`` ``[link id, src, src slot, dst, dst slot, type]``. Our node
+  ids are kept in each node's ``properties.flowopd_id``, name and description in ``extra.flowopd``. Nodes are
+  laid out in columns by topological depth, each column ordered to follow its inputs.
+
+Export writes every widget value resolved (defaults filled in, paths absolute) so the JSON runs wherever
+ComfyUI's working folder is. Import reads both formats back into a :class:`Graph`: values equal to a port's
+default are left out, relative paths in a JSON file are taken relative to the repository root (where the
+ComfyUI adapter resolves them) and written relative to the YAML file's folder when they share a parent below
+``/``. Nodes of other packs are kept (validation names them); notes, muted nodes and reroutes are not graph
+nodes, and a primitive node's value becomes a param of the nodes it feeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError
+from flowopd_nodes.engine.graph import SCHEMA_VERSION, Graph, graph_from_data
+from flowopd_nodes.engine.ports import REQUIRED, In, Node
+from flowopd_nodes.nodes.registry import REGISTRY
+from flowopd_nodes.engine.validate import ValidGraph
+
+ROOT = Path(__file__).resolve().parents[2]  # relative paths in ComfyUI JSON are relative to the repository root
+WORKFLOW_VERSION = 0.4
+COLUMN_WIDTH, COLUMN_GAP, ROW_GAP, MARGIN = 320, 90, 40, 40
+PREVIEW_ROOM = 240  # height kept free under a node that shows images after a run
+NOTE_TYPES = {"Note", "MarkdownNote"}
+MODE_MUTED, MODE_BYPASS = 2, 4
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+
+def to_api_prompt(valid: ValidGraph) -> dict[str, dict[str, Any]]:
+    """The graph as ComfyUI's API format: ``{id: {class_type, inputs, _meta: {title}}}``.
+
+    Widget values are written resolved (defaults filled in, paths absolute) so the prompt runs wherever
+    ComfyUI's working folder is; links become ``[source id, output index]``.
+    """
+    prompt: dict[str, dict[str, Any]] = {}
+    for node_id, node in valid.nodes.items():
+        inputs: dict[str, Any] = {k: v for k, v in _export_params(node).items() if v is not None}
+        for name, link in node.links.items():
+            src_cls = valid.nodes[link.node].cls
+            inputs[name] = [link.node, src_cls.output_index(link.output)]
+        meta: dict[str, Any] = {"title": node.title or node_id}
+        if not prompt:
+            meta["flowopd"] = _graph_meta(valid)
+        prompt[node_id] = {"class_type": node.cls.NODE_ID, "inputs": inputs, "_meta": meta}
+    return prompt
+
+
+def _export_params(node: Any) -> dict[str, Any]:
+    """A node's resolved widget values, paths written as clean absolute paths."""
+    params = dict(node.params)
+    for port in node.cls.INPUTS:
+        if port.path and isinstance(params.get(port.name), str) and params[port.name]:
+            params[port.name] = str(Path(params[port.name]).resolve())
+    return params
+
+
+def _graph_meta(valid: ValidGraph) -> dict[str, Any]:
+    meta = {"schema_version": SCHEMA_VERSION, "name": valid.name}
+    if valid.graph.description:
+        meta["description"] = valid.graph.description
+    return meta
+
+
+def _wire_ports(cls: type[Node]) -> list[In]:
+    """Input slots of a node on the canvas: wire inputs, then widgets, each in INPUT_TYPES order."""
+    ordered = [p for p in cls.INPUTS if not p.optional] + [p for p in cls.INPUTS if p.optional]
+    return [p for p in ordered if not p.is_widget] + [p for p in ordered if p.is_widget]
+
+
+def _widget_ports(cls: type[Node]) -> list[In]:
+    ordered = [p for p in cls.INPUTS if not p.optional] + [p for p in cls.INPUTS if p.optional]
+    return [p for p in ordered if p.is_widget]
+
+
+def _node_size(cls: type[Node]) -> list[int]:
+    """About the size ComfyUI's frontend gives the node (title, slot rows, widget rows), plus room for the
+    preview images a node that writes files shows once it has run (so previews do not cover the next node)."""
+    wires = sum(1 for p in cls.INPUTS if not p.is_widget)
+    widgets = _widget_ports(cls)
+    rows = max(wires, len(cls.OUTPUTS))
+    height = 30 + rows * 22 + sum(80 if p.multiline else 24 for p in widgets) + 10
+    if cls.OUTPUT_NODE or any(o.type == "FLOWOPD_FILE" for o in cls.OUTPUTS):
+        height += PREVIEW_ROOM
+    return [COLUMN_WIDTH, height]
+
+
+def _layout(valid: ValidGraph) -> dict[str, list[float]]:
+    """Positions: one column per topological depth; in a column, nodes follow the mean height of their inputs."""
+    ids = list(valid.nodes)
+    depth: dict[str, int] = {}
+    for node_id in _topological(valid):
+        sources = [link.node for link in valid.nodes[node_id].links.values()]
+        depth[node_id] = 1 + max((depth[s] for s in sources), default=-1)
+    pos: dict[str, list[float]] = {}
+    for column in range(max(depth.values(), default=-1) + 1):
+        members = [n for n in ids if depth[n] == column]
+
+        def anchor(node_id: str) -> tuple[float, int]:
+            ys = [pos[link.node][1] for link in valid.nodes[node_id].links.values()]
+            return (sum(ys) / len(ys) if ys else 0.0, ids.index(node_id))
+
+        y = MARGIN
+        for node_id in sorted(members, key=anchor):
+            y = max(y, anchor(node_id)[0]) if column else y
+            pos[node_id] = [MARGIN + column * (COLUMN_WIDTH + COLUMN_GAP), y]
+            y += _node_size(valid.nodes[node_id].cls)[1] + ROW_GAP
+    return pos
+
+
+def _topological(valid: ValidGraph) -> list[str]:
+    import networkx as nx
+
+    position = {n: i for i, n in enumerate(valid.nodes)}
+    return list(nx.lexicographical_topological_sort(valid.dag, key=lambda n: position[n]))
+
+
+def to_workflow(valid: ValidGraph) -> dict[str, Any]:
+    """The graph as a ComfyUI UI workflow (version 0.4), laid out in columns by topological depth."""
+    number = {node_id: i for i, node_id in enumerate(valid.nodes, start=1)}
+    order = {node_id: i for i, node_id in enumerate(_topological(valid))}
+    positions = _layout(valid)
+    links: list[list[Any]] = []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    in_links: dict[tuple[str, str], int] = {}
+    for node_id in _topological(valid):
+        node = valid.nodes[node_id]
+        slots = [p.name for p in _wire_ports(node.cls)]
+        for name, link in sorted(node.links.items(), key=lambda item: slots.index(item[0])):
+            src_cls = valid.nodes[link.node].cls
+            src_slot = src_cls.output_index(link.output)
+            link_id = len(links) + 1
+            links.append([link_id, number[link.node], src_slot, number[node_id], slots.index(name), src_cls.OUTPUTS[src_slot].type])
+            out_links.setdefault((link.node, src_slot), []).append(link_id)
+            in_links[(node_id, name)] = link_id
+    nodes = []
+    for node_id, node in valid.nodes.items():
+        cls = node.cls
+        inputs = []
+        for port in _wire_ports(cls):
+            entry: dict[str, Any] = {"localized_name": port.name, "name": port.name, "type": port.type}
+            if port.is_widget:
+                entry["widget"] = {"name": port.name}
+            elif port.optional:
+                entry["shape"] = 7  # how the frontend marks an optional input
+            entry["link"] = in_links.get((node_id, port.name))
+            inputs.append(entry)
+        outputs = [
+            {"localized_name": o.name, "name": o.name, "type": o.type, "links": out_links.get((node_id, i), [])}
+            for i, o in enumerate(cls.OUTPUTS)
+        ]
+        params = _export_params(node)
+        widgets = [_widget_value(params.get(p.name), p) for p in _widget_ports(cls)]
+        nodes.append(
+            {
+                "id": number[node_id],
+                "type": cls.NODE_ID,
+                "pos": positions[node_id],
+                "size": _node_size(cls),
+                "flags": {},
+                "order": order[node_id],
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "title": node.title or node_id,
+                "properties": {"Node name for S&R": cls.NODE_ID, "flowopd_id": node_id},
+                "widgets_values": widgets,
+            }
+        )
+    return {
+        "last_node_id": len(nodes),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1, "offset": [0, 0]}, "flowopd": _graph_meta(valid)},
+        "version": WORKFLOW_VERSION,
+    }
+
+
+def _widget_value(value: Any, port: In) -> Any:
+    if value is None:  # an unset optional widget: the canvas shows the type's empty value
+        return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "COMBO": port.choices[0] if port.choices else ""}.get(port.type, "")
+    return value
+
+
+# --- import -------------------------------------------------------------------------------------------------
+
+
+def _fail(message: str, source: str) -> GraphValidationError:
+    return GraphValidationError([GraphIssue("invalid_graph", message)], source)
+
+
+def detect(data: Any) -> str:
+    """``"workflow"``, ``"api"`` or ``""`` for data that is neither."""
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list):
+        return "workflow"
+    if isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        return "api"
+    return ""
+
+
+def load_comfy_file(path: str | Path, *, yaml_dir: Path | None = None) -> Graph:
+    """A ComfyUI JSON file (API or UI workflow, or a ``{"prompt": ...}`` request body) as a :class:`Graph`.
+
+    ``yaml_dir``: where the graph will be written as YAML (paths are made relative to it); None keeps them
+    absolute (for running the file directly).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(f"no such file: {path}", source) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(f"cannot read {path} as JSON: {exc}", source) from None
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+        data = data["prompt"]
+    return graph_from_comfy(data, default_name=path.stem.removesuffix(".api").removesuffix(".workflow"),
+                            source=source, yaml_dir=yaml_dir)
+
+
+def graph_from_comfy(data: Any, *, default_name: str, source: str = "<memory>", yaml_dir: Path | None = None) -> Graph:
+    kind = detect(data)
+    if kind == "workflow":
+        doc = _from_workflow(data, source)
+    elif kind == "api":
+        doc = _from_api(data, source)
+    else:
+        raise _fail("not a ComfyUI graph: expected API format ({id: {class_type, inputs}}) or a UI workflow "
+                    "({nodes, links})", source)
+    for node in doc["nodes"].values():
+        _tidy_params(node, yaml_dir)
+    doc.setdefault("name", default_name)
+    base = yaml_dir if yaml_dir is not None else ROOT
+    return graph_from_data(doc, base_dir=base.resolve(), default_name=default_name, source=source)
+
+
+def _meta_doc(meta: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    if isinstance(meta, dict):
+        if isinstance(meta.get("name"), str) and meta["name"]:
+            doc["name"] = meta["name"]
+        if isinstance(meta.get("description"), str) and meta["description"].strip():
+            doc["description"] = meta["description"].strip()
+    return doc
+
+
+def _safe_id(raw: Any, taken: set[str]) -> str:
+    base = str(raw).replace(".", "_") or "node"
+    node_id, i = base, 2
+    while node_id in taken:
+        node_id, i = f"{base}_{i}", i + 1
+    taken.add(node_id)
+    return node_id
+
+
+def _title(title: Any, node_id: str, cls: type[Node] | None) -> str:
+    if not isinstance(title, str) or not title or title == node_id:
+        return ""
+    if cls is not None and title in (cls.DISPLAY_NAME, cls.NODE_ID):
+        return ""
+    return title
+
+
+def _from_api(data: dict[str, Any], source: str) -> dict[str, Any]:
+    first_meta = next(iter(data.values())).get("_meta", {})
+    doc = _meta_doc(first_meta.get("flowopd") if isinstance(first_meta, dict) else None)
+    taken: set[str] = set()
+    ids = {key: _safe_id(key, taken) for key in data}
+    nodes: dict[str, Any] = {}
+    for key, raw in data.items():
+        class_type = raw.get("class_type")
+        cls = REGISTRY.get(class_type) if isinstance(class_type, str) else None
+        entry: dict[str, Any] = {"type": class_type, "params": {}, "links": {}}
+        meta = raw.get("_meta") if isinstance(raw.get("_meta"), dict) else {}
+        title = _title(meta.get("title"), ids[key], cls)
+        if title:
+            entry["title"] = title
+        inputs = raw.get("inputs") if isinstance(raw.get("inputs"), dict) else {}
+        for name, value in inputs.items():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in data and isinstance(value[1], int):
+                src = data[str(value[0])]
+                src_cls = REGISTRY.get(src.get("class_type"))
+                outputs = [o.name for o in src_cls.OUTPUTS] if src_cls is not None else []
+                out_name = outputs[value[1]] if 0 <= value[1] < len(outputs) else f"output{value[1]}"
+                entry["links"][name] = f"{ids[str(value[0])]}.{out_name}"
+            elif isinstance(value, dict) and "__value__" in value:
+                entry["params"][name] = value["__value__"]
+            else:
+                entry["params"][name] = value
+        nodes[ids[key]] = entry
+    doc["nodes"] = nodes
+    return doc
+
+
+def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
+    extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
+    doc = _meta_doc(extra.get("flowopd"))
+    raw_nodes = {n.get("id"): n for n in data["nodes"] if isinstance(n, dict)}
+    issues: list[GraphIssue] = []
+    links: dict[Any, tuple[Any, int, Any, int]] = {}
+    for link in data["links"]:
+        if isinstance(link, list) and len(link) >= 5:
+            links[link[0]] = (link[1], link[2], link[3], link[4])
+        elif isinstance(link, dict):  # the newer object form
+            links[link.get("id")] = (link.get("origin_id"), link.get("origin_slot"), link.get("target_id"), link.get("target_slot"))
+
+    def skipped(node: dict[str, Any]) -> bool:
+        return node.get("type") in NOTE_TYPES or node.get("mode") == MODE_MUTED
+
+    for node in raw_nodes.values():
+        if node.get("mode") == MODE_BYPASS:
+            issues.append(GraphIssue("invalid_graph", f"node {node.get('id')} ({node.get('type')}) is bypassed: "
+                                     "remove it or turn bypass off", node=str(node.get("id"))))
+
+    def source_of(link_id: Any, seen: int = 0) -> tuple[Any, int] | None:
+        """The (node, slot) a link starts from, followed back through reroutes."""
+        if link_id not in links or seen > len(links):
+            return None
+        src, slot, _, _ = links[link_id]
+        node = raw_nodes.get(src)
+        if node is not None and node.get("type") == "Reroute":
+            upstream = (node.get("inputs") or [{}])[0].get("link")
+            return source_of(upstream, seen + 1)
+        return src, slot
+
+    taken: set[str] = set()
+    ids: dict[Any, str] = {}
+    for raw_id, node in raw_nodes.items():
+        if skipped(node) or node.get("type") in ("Reroute", "PrimitiveNode"):
+            continue
+        wanted = (node.get("properties") or {}).get("flowopd_id")
+        ids[raw_id] = _safe_id(wanted if isinstance(wanted, str) and wanted else raw_id, taken)
+    nodes: dict[str, Any] = {}
+    for raw_id, node_id in ids.items():
+        node = raw_nodes[raw_id]
+        cls = REGISTRY.get(node.get("type"))
+        entry: dict[str, Any] = {"type": node.get("type"), "params": {}, "links": {}}
+        title = _title(node.get("title"), node_id, cls)
+        if title:
+            entry["title"] = title
+        values = node.get("widgets_values")
+        slots = node.get("inputs") or []
+        linked = {s.get("name") for s in slots if isinstance(s, dict) and s.get("link") is not None}
+        if cls is not None:
+            widgets = _widget_ports(cls)
+            if isinstance(values, dict):
+                given = {p.name: values[p.name] for p in widgets if p.name in values}
+            elif isinstance(values, list):
+                given = dict(zip([p.name for p in widgets], values))
+            else:
+                given = {}
+            entry["params"] = {k: v for k, v in given.items() if k not in linked}
+        for slot in slots:
+            if not isinstance(slot, dict) or slot.get("link") is None:
+                continue
+            name = slot.get("name")
+            src = source_of(slot["link"])
+            if src is None or src[0] not in raw_nodes:
+                issues.append(GraphIssue("bad_linked_input", f"input {name!r}: link {slot['link']} leads nowhere",
+                                         node=node_id, field=str(name)))
+                continue
+            src_node = raw_nodes[src[0]]
+            if src_node.get("type") == "PrimitiveNode":
+                entry["params"][name] = (src_node.get("widgets_values") or [None])[0]
+                continue
+            if skipped(src_node):
+                continue
+            src_cls = REGISTRY.get(src_node.get("type"))
+            outputs = src_cls.OUTPUTS if src_cls is not None else ()
+            out_name = outputs[src[1]].name if isinstance(src[1], int) and 0 <= src[1] < len(outputs) else None
+            if out_name is None:
+                out_slots = src_node.get("outputs") or []
+                out_name = out_slots[src[1]].get("name") if isinstance(src[1], int) and src[1] < len(out_slots) else f"output{src[1]}"
+            entry["links"][name] = f"{ids[src[0]]}.{out_name}"
+        nodes[node_id] = entry
+    if issues:
+        raise GraphValidationError(issues, source)
+    doc["nodes"] = nodes
+    return doc
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=0, abs_tol=0)
+    return a == b
+
+
+def _tidy_params(node: dict[str, Any], yaml_dir: Path | None) -> None:
+    """Leave out values equal to the default; write paths relative to the YAML file where that reads well."""
+    cls = REGISTRY.get(node.get("type"))
+    if cls is None:
+        return
+    params = node["params"]
+    for name in list(params):
+        port = cls.input(name)
+        if port is None or not port.is_widget:
+            continue
+        value = params[name]
+        if port.default is not REQUIRED and _same(value, port.default):
+            del params[name]
+        elif port.path and isinstance(value, str) and value:
+            params[name] = _relative_path(value, yaml_dir)
+    if not params:
+        del node["params"]
+    if not node["links"]:
+        del node["links"]
+
+
+def _relative_path(value: str, yaml_dir: Path | None) -> str:
+    path = Path(value).expanduser()
+    absolute = Path(os.path.normpath(path if path.is_absolute() else ROOT / path))
+    if yaml_dir is None:
+        return str(absolute)
+    folder = yaml_dir.resolve()
+    common = Path(os.path.commonpath([absolute, folder]))
+    if common == Path(common.anchor):  # nothing shared but the root: an absolute path reads better
+        return str(absolute)
+    return os.path.relpath(absolute, folder)
+
+
+def graph_to_yaml(graph: Graph) -> str:
+    """A graph as YAML text in the style of the shipped graph files (flat params and links inline)."""
+    import yaml
+
+    return yaml.safe_dump(graph.to_data(), sort_keys=False, default_flow_style=None, width=110, allow_unicode=True)
+
+
+__all__ = [
+    "detect",
+    "graph_from_comfy",
+    "graph_to_yaml",
+    "load_comfy_file",
+    "to_api_prompt",
+    "to_workflow",
+]

@@ -1,0 +1,343 @@
+"""The ComfyUI adapter: the only module that touches ComfyUI (every ComfyUI import is guarded).
+
+ComfyUI gets, for each registered node, a thin subclass (same id, ports, display name, category) whose
+``FUNCTION`` wraps the node's ``run`` in what the runner's scheduler does for it:
+
+- a :class:`~flowopd_nodes.engine.context.NodeContext`: artifacts go to ``<ComfyUI output>/flowopd/<node>/<key>/``
+  (``key`` hashes the node type, its code version and its inputs, so the same node on the same inputs writes
+  to the same place), resumable state to ``<ComfyUI output>/flowopd/checkpoints/<node>/<key>/`` (kept when the
+  call fails or is stopped, removed once it succeeds: queueing the same graph again resumes a stopped run);
+- progress through ``comfy.utils.ProgressBar``, which is also where ComfyUI's Stop (POST /interrupt) takes
+  effect: a node stops at its next progress update, keeping its last checkpoint;
+- metrics as websocket events (``PromptServer.instance.send_sync("flowopd.metrics", ...)``);
+- ``torch.inference_mode(False)`` + ``torch.enable_grad()`` around the call (ComfyUI runs graphs in inference
+  mode; training nodes build the modules they train inside this block), and IMAGE inputs made by other nodes
+  under inference mode are cloned into ordinary tensors first;
+- every PNG a node writes at the top of its artifact folder is shown on the node (``{"ui": {"images": ...}}``).
+
+ComfyUI checks each value's type, range and choices itself; ``VALIDATE_INPUTS`` (nodes with path inputs)
+adds that the file exists and the node's own checks of it; cross-field and link checks run as the node
+starts. Relative paths typed on the canvas resolve against the repository root.
+Without ComfyUI (tests, the runner) everything here still works: no progress bar, no events, and artifacts
+under ``$FLOWOPD_COMFY_OUTPUT`` (default ``<repo>/runs/comfy``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowopd_core.models.modelref import ModelRef
+from flowopd_core.prompts import PromptSet
+from flowopd_nodes.engine import context
+from flowopd_nodes.engine.ports import REQUIRED, Node
+from flowopd_nodes.nodes.registry import NODES
+from flowopd_nodes.engine.validate import check_value
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository root: relative paths typed on the canvas start here
+METRICS_EVENT = "flowopd.metrics"
+MAX_PREVIEWS = 16
+log = logging.getLogger("flowopd")
+
+
+# --- the host: ComfyUI when it is there, inert stand-ins when it is not ------------------------------------
+
+
+def output_root() -> Path:
+    """``<ComfyUI output directory>/flowopd``; without ComfyUI ``$FLOWOPD_COMFY_OUTPUT`` or ``<repo>/runs/comfy``."""
+    try:
+        import folder_paths  # ComfyUI
+
+        base = Path(folder_paths.get_output_directory())
+    except ImportError:
+        base = Path(os.environ.get("FLOWOPD_COMFY_OUTPUT", ROOT / "runs" / "comfy"))
+    return base / "flowopd"
+
+
+def _output_base() -> Path:
+    return output_root().parent
+
+
+class _ComfyProgress:
+    """``comfy.utils.ProgressBar`` behind our Progress protocol; ``update`` raises ComfyUI's interrupt on Stop."""
+
+    def __init__(self, bar: Any):
+        self.bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_factory(node_id: str):
+    try:
+        import comfy.utils  # ComfyUI
+    except ImportError:
+        return context._null_progress
+
+    def make(total: int, desc: str) -> context.Progress:
+        return _ComfyProgress(comfy.utils.ProgressBar(max(int(total), 1), node_id=node_id))
+
+    return make
+
+
+def send_event(event: str, data: dict[str, Any]) -> None:
+    """A custom websocket event to ComfyUI's clients (nothing without ComfyUI)."""
+    try:
+        from server import PromptServer  # ComfyUI
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data)
+
+
+# --- fingerprints of a call's inputs (where its artifacts and checkpoints live) ----------------------------
+
+
+def _fingerprint(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu").contiguous()
+        digest = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
+        digest.update(data.numpy().tobytes() if data.dtype != torch.bfloat16 else data.float().numpy().tobytes())
+        return {"tensor": digest.hexdigest()}
+    if isinstance(value, (PromptSet, ModelRef)):
+        return {type(value).__name__: value.to_json()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {"object": type(value).__qualname__, "id": id(value)}  # unknown objects: never shared by mistake
+
+
+def call_key(cls: type[Node], inputs: dict[str, Any]) -> str:
+    """Hash of the node type, its code version and its inputs: one folder per distinct call."""
+    payload = {
+        "type": cls.NODE_ID,
+        "code": cls.code_version(),
+        "inputs": {k: _fingerprint(v) for k, v in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _folder_name(node_id: str, cls: type[Node]) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", node_id)[:40] or "node"
+    return f"{safe}-{cls.NODE_ID}"
+
+
+# --- inputs as ComfyUI passes them -> inputs as run() expects them -----------------------------------------
+
+
+def _resolve_path(value: str) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else ROOT / path)
+
+
+def complete_inputs(cls: type[Node], given: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults of absent widgets, make paths absolute, clone IMAGE tensors made under inference mode."""
+    values: dict[str, Any] = {}
+    for port in cls.INPUTS:
+        if port.name in given:
+            value = given[port.name]
+        elif port.is_widget and port.default is not REQUIRED:
+            value = port.default
+        else:
+            continue  # an unconnected optional wire input: run() has its own default
+        if port.path and isinstance(value, str) and value:
+            value = _resolve_path(value)
+        if port.type == "FLOAT" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, torch.Tensor) and value.is_inference():
+            with torch.inference_mode(False):
+                value = value.clone()
+        values[port.name] = value
+    return values
+
+
+def _previews(artifact_dir: Path) -> list[dict[str, str]]:
+    """ComfyUI ``ui.images`` entries for the PNG files at the top of ``artifact_dir`` (type "output")."""
+    base = _output_base().resolve()
+    images = []
+    for png in sorted(artifact_dir.glob("*.png"))[:MAX_PREVIEWS]:
+        try:
+            subfolder = png.parent.resolve().relative_to(base).as_posix()
+        except ValueError:
+            continue
+        images.append({"filename": png.name, "subfolder": subfolder, "type": "output"})
+    return images
+
+
+def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str, Any]:
+    """Run one node the way ComfyUI calls it; returns ``{"ui": {...}, "result": (...)}``."""
+    cls = type(node).RUNNER_CLASS
+    node_id = str(unique_id) if unique_id is not None else cls.NODE_ID
+    inputs = complete_inputs(cls, given)
+    problems = run_checks(cls, inputs)
+    if problems:  # before any work or folder: what the runner reports at validation
+        raise ValueError(f"{cls.NODE_ID} (node {node_id}): " + "; ".join(problems))
+    key = call_key(cls, inputs)
+    root = output_root()
+    folder = _folder_name(node_id, cls)
+    artifact_dir = root / folder / key
+    checkpoint_dir = root / "checkpoints" / folder / key
+    if artifact_dir.exists():  # a previous call on the same inputs: start from an empty folder, as the runner does
+        shutil.rmtree(artifact_dir)
+    artifact_dir.mkdir(parents=True)
+
+    def metrics(values: dict[str, Any]) -> None:
+        log.info("node %s metrics %s", node_id, json.dumps(values, default=str))
+        send_event(METRICS_EVENT, {"node": node_id, "class_type": cls.NODE_ID, "metrics": values})
+
+    ctx = context.NodeContext(
+        node_id=node_id,
+        artifact_dir=artifact_dir,
+        run_dir=root,
+        progress=_progress_factory(node_id),
+        metrics=metrics,
+        log=log,
+        checkpoint_dir=checkpoint_dir,
+    )
+    try:
+        with context.use(ctx), torch.inference_mode(False), torch.enable_grad():
+            values = cls.run(node, **inputs)
+    except BaseException:
+        shutil.rmtree(artifact_dir, ignore_errors=True)  # the checkpoint folder stays: queue again to resume
+        raise
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if isinstance(values, dict) and "result" in values:
+        values = values["result"]
+    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    ui: dict[str, Any] = {}
+    images = _previews(artifact_dir)
+    if images:
+        ui["images"] = images
+    return {"ui": ui, "result": values}
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+# ComfyUI checks types, ranges and choices itself, input by input, for every input that VALIDATE_INPUTS does
+# not take; an input VALIDATE_INPUTS takes is checked only there and any failure is reported on each input it
+# takes. So VALIDATE_INPUTS takes exactly the path inputs (does the file exist, and the node's own checks about
+# them, e.g. "a diffusers folder"); cross-field and link checks need every value and run when the node starts.
+
+
+def _overrides(cls: type[Node], name: str) -> bool:
+    return getattr(getattr(cls, name), "__func__", None) is not getattr(Node, name).__func__
+
+
+def path_problems(cls: type[Node], given: dict[str, Any]) -> list[str]:
+    """Problems of the path inputs in ``given`` (constants; a linked one arrives as None and is skipped)."""
+    problems: list[str] = []
+    params = {p.name: p.default for p in cls.INPUTS if p.is_widget and p.default is not REQUIRED}
+    checked = set()
+    for port in cls.INPUTS:
+        if port.path and given.get(port.name) is not None:
+            value, issues = check_value(port, given[port.name], "", cls.NODE_ID, ROOT)
+            problems += [f"{i.message} [{i.type}]" for i in issues]
+            params[port.name] = value
+            checked.add(port.name)
+    if not problems and checked and _overrides(cls, "check_params"):
+        try:  # the node's own checks, kept to those about the inputs checked here (others are defaults now)
+            problems += [message for field, message in cls.check_params(params) if field in checked]
+        except (KeyError, TypeError, ValueError):
+            pass  # a check that needs values this call does not have: it runs again when the node starts
+    return problems
+
+
+def run_checks(cls: type[Node], inputs: dict[str, Any]) -> list[str]:
+    """The node's cross-field and link checks on the values of one call (as the runner runs them at validation)."""
+    params = {p.name: inputs.get(p.name) for p in cls.INPUTS if p.is_widget}
+    linked = frozenset(p.name for p in cls.INPUTS if not p.is_widget and inputs.get(p.name) is not None)
+    checks = [*cls.check_params(dict(params)), *cls.check_links(dict(params), linked)]
+    return [f"{field or 'node'}: {message}" for field, message in checks]
+
+
+def _validate_paths(cls: type[Node], **given: Any) -> bool | str:
+    problems = path_problems(cls.RUNNER_CLASS, given)
+    return True if not problems else "; ".join(problems)
+
+
+def _with_signature(func: Any, names: list[str]) -> Any:
+    """``func`` advertising ``(cls, <names>)``: ComfyUI reads the signature to know which inputs it takes."""
+    import inspect
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    func.__signature__ = inspect.Signature([inspect.Parameter("cls", kind)] + [inspect.Parameter(n, kind, default=None) for n in names])
+    return func
+
+
+def _is_changed(cls: type[Node], **given: Any) -> str:
+    """Re-run a node whose path inputs changed on disk even though the path string did not."""
+    from flowopd_nodes.engine.scheduler import path_fingerprint
+
+    given.pop("unique_id", None)
+    files = {
+        p.name: path_fingerprint(_resolve_path(given[p.name]))
+        for p in cls.RUNNER_CLASS.INPUTS
+        if p.path and isinstance(given.get(p.name), str) and given[p.name]
+    }
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+# --- the ComfyUI classes ------------------------------------------------------------------------------------
+
+
+def _decimals(x: float) -> int:
+    text = f"{x:.10f}".rstrip("0")
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def float_step(opts: dict[str, Any]) -> float:
+    """A FLOAT widget's step for the canvas, fine enough to show the default and the bounds exactly.
+
+    The frontend shows (and rounds what is typed to) as many decimals as the step has, 0.5 when none is
+    given: a learning rate of 0.0003 would read 0.0. One decimal finer than the finest of default/min/max.
+    """
+    digits = max(_decimals(float(opts[k])) for k in ("default", "min", "max") if k in opts) if opts else 0
+    return 10.0 ** -min(max(digits + 1, 2), 8)
+
+
+def comfy_input_types(cls: type[Node]) -> dict[str, dict[str, tuple]]:
+    """``cls.INPUT_TYPES()`` plus the hidden node id; INT widgets get ``control_after_generate: False`` (the
+    frontend would otherwise add a "randomize after each run" control to every input named ``seed``)."""
+    spec = {section: dict(entries) for section, entries in cls.INPUT_TYPES().items()}
+    for section in ("required", "optional"):
+        for name, (kind, opts) in list(spec.get(section, {}).items()):
+            if kind == "INT":
+                spec[section][name] = (kind, {**opts, "control_after_generate": False})
+            elif kind == "FLOAT" and "step" not in opts:
+                spec[section][name] = (kind, {**opts, "step": float_step(opts)})
+    spec["hidden"] = {"unique_id": "UNIQUE_ID"}
+    return spec
+
+
+def adapt(cls: type[Node]) -> type[Node]:
+    """The ComfyUI class of a registered node (a subclass: same id, ports and metadata)."""
+    attrs: dict[str, Any] = {
+        "__module__": __name__,
+        "__doc__": cls.__doc__,
+        "__qualname__": f"Comfy{cls.__name__}",
+        "RUNNER_CLASS": cls,
+        "FUNCTION": "execute",
+        "INPUT_TYPES": classmethod(lambda c: comfy_input_types(cls)),
+        "execute": execute,
+    }
+    paths = [p.name for p in cls.INPUTS if p.path]
+    if paths:
+        validate = _with_signature(lambda c, **given: _validate_paths(c, **given), paths)
+        attrs["VALIDATE_INPUTS"] = classmethod(validate)
+        attrs["IS_CHANGED"] = classmethod(_is_changed)
+    return type(f"Comfy{cls.__name__}", (cls,), attrs)
+
+
+COMFY_NODES: list[type[Node]] = [adapt(cls) for cls in NODES]
+NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {cls.NODE_ID: cls for cls in COMFY_NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {cls.NODE_ID: cls.DISPLAY_NAME or cls.NODE_ID for cls in COMFY_NODES}

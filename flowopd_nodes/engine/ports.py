@@ -1,0 +1,312 @@
+"""The node contract: typed ports declared once, ComfyUI's V1 attributes derived from them.
+
+A node class lists its inputs (:class:`In`) and outputs (:class:`Out`); ``__init_subclass__`` turns those into
+``INPUT_TYPES`` / ``RETURN_TYPES`` / ``RETURN_NAMES`` / ``FUNCTION`` / ``CATEGORY`` / ``OUTPUT_NODE`` /
+``DESCRIPTION`` so the very same class loads unchanged in ComfyUI and in our runner, and the runner's
+validation reads the same declaration (they can never drift).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+# Primitive (widget) types, as ComfyUI names them. COMBO is a list of strings in INPUT_TYPES.
+PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CUSTOM_PREFIX = "FLOWOPD_"
+NODE_PREFIX = "FlowOPD"
+ROOT_CATEGORY = "FlowOPD"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class In:
+    """One typed input port.
+
+    ``type`` is a primitive (``INT``, ``FLOAT``, ``STRING``, ``BOOLEAN``, ``COMBO``) or a wire type
+    (``FLOWOPD_*`` or ComfyUI's ``IMAGE``). Primitive inputs are widgets: set in the graph's ``params``
+    (or linked from another node's output of the same type). Wire inputs are always links.
+    """
+
+    name: str
+    type: str
+    default: Any = REQUIRED
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    multiline: bool = False
+    optional: bool = False
+    path: bool = False  # STRING holding a file-system path: resolved against the graph file's folder
+    must_exist: bool = False  # with path=True: the path must exist before anything runs
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in PRIMITIVES
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED and not self.optional
+
+    def comfy_spec(self) -> tuple:
+        """This port as a ComfyUI V1 ``INPUT_TYPES`` entry: ``(TYPE, {options})``."""
+        opts: dict[str, Any] = {}
+        if self.default is not REQUIRED and self.default is not None:
+            opts["default"] = self.default
+        if self.help:
+            opts["tooltip"] = self.help
+        for key in ("min", "max", "step"):
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = value
+        if self.type == "STRING" and self.multiline:
+            opts["multiline"] = True
+        if self.type == "COMBO":
+            return (list(self.choices), opts)
+        return (self.type, opts)
+
+
+@dataclass(frozen=True)
+class Out:
+    """One typed output port."""
+
+    name: str
+    type: str
+    help: str = ""
+
+
+class Node:
+    """Base class of every FlowOPD node.
+
+    Subclasses set ``NODE_ID`` (prefixed ``FlowOPD``), ``DISPLAY_NAME``, ``CATEGORY`` (under ``FlowOPD``),
+    ``DESCRIPTION``, ``INPUTS``, ``OUTPUTS``, optionally ``OUTPUT_NODE = True`` and ``VERSION`` (bump it when
+    the node's behaviour changes so cached results are recomputed), and implement ``run(**inputs)`` returning
+    a tuple in ``OUTPUTS`` order. ``run`` calls into ``flowopd_core``; no tensor math lives in a node.
+    """
+
+    NODE_ID: ClassVar[str] = ""
+    DISPLAY_NAME: ClassVar[str] = ""
+    CATEGORY: ClassVar[str] = ROOT_CATEGORY
+    DESCRIPTION: ClassVar[str] = ""
+    INPUTS: ClassVar[tuple[In, ...]] = ()
+    OUTPUTS: ClassVar[tuple[Out, ...]] = ()
+    OUTPUT_NODE: ClassVar[bool] = False
+    DISTRIBUTED: ClassVar[bool] = False
+    """True: under a multi-process launch every process runs the node together (data-parallel training);
+    False: process 0 runs it alone and the others read its outputs."""
+    VERSION: ClassVar[int] = 1
+    FUNCTION: ClassVar[str] = "run"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ()
+    RETURN_NAMES: ClassVar[tuple[str, ...]] = ()
+    OUTPUT_TOOLTIPS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.RETURN_TYPES = tuple(o.type for o in cls.OUTPUTS)
+        cls.RETURN_NAMES = tuple(o.name for o in cls.OUTPUTS)
+        cls.OUTPUT_TOOLTIPS = tuple(o.help for o in cls.OUTPUTS)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:  # noqa: N802 (ComfyUI's name)
+        # A widget with a default is still "required" for ComfyUI: it always carries a value.
+        required = {p.name: p.comfy_spec() for p in cls.INPUTS if not p.optional}
+        optional = {p.name: p.comfy_spec() for p in cls.INPUTS if p.optional}
+        spec: dict[str, dict[str, tuple]] = {"required": required}
+        if optional:
+            spec["optional"] = optional
+        return spec
+
+    @classmethod
+    def input(cls, name: str) -> In | None:
+        for port in cls.INPUTS:
+            if port.name == name:
+                return port
+        return None
+
+    @classmethod
+    def output_index(cls, name: str) -> int | None:
+        for i, port in enumerate(cls.OUTPUTS):
+            if port.name == name:
+                return i
+        return None
+
+    @classmethod
+    def code_version(cls) -> str:
+        """Fingerprint of the node's code for cache keys: its VERSION and the source of its class."""
+        return _code_version(cls)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> list[tuple[str, str]]:
+        """Cross-field or format checks on widget values, run at validation time before anything executes.
+
+        ``params`` holds every widget value (defaults filled in); return ``(field, message)`` per problem.
+        """
+        return []
+
+    @classmethod
+    def check_links(cls, params: dict[str, Any], linked: frozenset[str]) -> list[tuple[str, str]]:
+        """Checks that need to know which wire inputs are connected (``linked``: their names), e.g. one task
+        name per connected numbered slot. Runs at validation time after :meth:`check_params`."""
+        return []
+
+    def run(self, **inputs: Any) -> tuple:
+        raise NotImplementedError
+
+
+@functools.cache
+def _code_version(cls: type) -> str:
+    """VERSION + the class's source + the source of every ``flowopd_core`` module its module imports
+    (transitively): editing the core code a node runs re-executes that node, nothing else."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(inspect.getsource(cls).encode())
+    except (OSError, TypeError):
+        digest.update(cls.__qualname__.encode())
+    for name in sorted(_core_closure(cls.__module__)):
+        digest.update(name.encode() + b"\0" + _module_source(name))
+    return f"{cls.VERSION}:{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def _module_source(name: str) -> bytes:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return b""
+    with open(spec.origin, "rb") as handle:
+        return handle.read()
+
+
+def _core_closure(module: str) -> set[str]:
+    """``flowopd_core`` modules imported by ``module``, transitively (read from the source, nothing run)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        source = _module_source(todo.pop())
+        if not source:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] == "flowopd_core" and name not in seen and _is_module(name):
+                    seen.add(name)
+                    todo.append(name)
+    return seen
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def contract_problems(cls: type[Node]) -> list[str]:
+    """Every way ``cls`` breaks the node contract (empty = fine). Used by the registry and its test."""
+    problems: list[str] = []
+    if not cls.NODE_ID.startswith(NODE_PREFIX):
+        problems.append(f"NODE_ID {cls.NODE_ID!r} must start with {NODE_PREFIX!r}")
+    if not cls.CATEGORY.startswith(ROOT_CATEGORY):
+        problems.append(f"CATEGORY {cls.CATEGORY!r} must be under {ROOT_CATEGORY!r}")
+    if not cls.DESCRIPTION:
+        problems.append("DESCRIPTION is empty")
+    if not cls.OUTPUTS and not cls.OUTPUT_NODE:
+        problems.append("a node with no outputs must be an OUTPUT_NODE")
+    names = [p.name for p in cls.INPUTS]
+    if len(set(names)) != len(names):
+        problems.append(f"duplicate input names {names}")
+    out_names = [o.name for o in cls.OUTPUTS]
+    if len(set(out_names)) != len(out_names):
+        problems.append(f"duplicate output names {out_names}")
+    if cls.FUNCTION != "run" or "run" not in vars(cls):
+        problems.append("must implement run()")
+    for port in cls.INPUTS:
+        where = f"input {port.name!r}"
+        if not port.help:
+            problems.append(f"{where} has no help")
+        if port.type not in PRIMITIVES and not port.type.startswith(CUSTOM_PREFIX) and port.type != "IMAGE":
+            problems.append(f"{where}: custom wire types must start with {CUSTOM_PREFIX}, got {port.type!r}")
+        if port.type == "COMBO" and not port.choices:
+            problems.append(f"{where}: COMBO needs choices")
+        if port.type == "COMBO" and port.default is not REQUIRED and port.default not in port.choices:
+            problems.append(f"{where}: default {port.default!r} not in choices")
+        if not port.is_widget and port.default is not REQUIRED and port.default is not None:
+            problems.append(f"{where}: wire inputs cannot have a default value")
+        if port.path and port.type != "STRING":
+            problems.append(f"{where}: path=True needs type STRING")
+    for out in cls.OUTPUTS:
+        if out.type not in PRIMITIVES and not out.type.startswith(CUSTOM_PREFIX) and out.type != "IMAGE":
+            problems.append(f"output {out.name!r}: custom wire types must start with {CUSTOM_PREFIX}")
+        if not out.help:
+            problems.append(f"output {out.name!r} has no help")
+    signature = inspect.signature(cls.run)
+    params = [p for p in signature.parameters.values() if p.name != "self"]
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if not accepts_kwargs:
+        missing = set(names) - {p.name for p in params}
+        if missing:
+            problems.append(f"run() lacks parameters for inputs {sorted(missing)}")
+    return problems
+
+
+_ANNOTATION_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "str": "STRING"}
+
+
+def config_inputs(config_cls: type, *, skip: tuple[str, ...] = (), **limits: dict[str, Any]) -> tuple[In, ...]:
+    """Input ports mirroring a frozen config dataclass one to one (name, type, default, help).
+
+    Field metadata may carry ``help``, ``min``, ``max``, ``above`` (an exclusive minimum, shown as the port's
+    minimum), ``step`` and ``choices``; ``limits`` adds or overrides
+    them per field (``steps={"min": 1, "max": 10**6}``). Fields whose type is not a plain int/float/bool/str
+    must be listed in ``skip``.
+    """
+    import dataclasses
+
+    ports: list[In] = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        meta = {**dict(f.metadata), **limits.get(f.name, {})}
+        kind = "COMBO" if meta.get("choices") else _ANNOTATION_TYPES.get(annotation)
+        if kind is None:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: type {annotation!r} has no port type; skip it")
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"{config_cls.__name__}.{f.name} needs a default to become a port")
+        ports.append(
+            In(
+                f.name,
+                kind,
+                f.default,
+                meta.get("help", ""),
+                min=meta.get("min", meta.get("above")),
+                max=meta.get("max"),
+                step=meta.get("step"),
+                choices=tuple(meta.get("choices", ())),
+            )
+        )
+    return tuple(ports)
+
+
+def build_config(config_cls: type, values: dict[str, Any]) -> Any:
+    """The config dataclass from a node's inputs (only the fields it declares are taken)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in names})

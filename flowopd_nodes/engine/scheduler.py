@@ -1,0 +1,371 @@
+"""The scheduler: runs a validated graph in a run directory, serving unchanged nodes from the cache.
+
+Run directory (``runs/<graph name>/`` by default)::
+
+    graph.yaml        the graph as run (overrides applied)
+    status.json       per node: state (executed / cached / failed / skipped), cache key, seconds
+    run.log           the log
+    cache/<node>/<key>/outputs.json + artifacts    one entry per distinct input state of a node
+    checkpoints/<node>/<key>/   resumable state of a long node while it runs (kept if it fails, then removed)
+    nodes/<node>      link to the entry used by the latest run (where to find a node's files)
+
+Cache key of a node = hash(node type, node code version, resolved params, fingerprints of files its path
+params point at, and the *fingerprints* of the upstream outputs it consumes). An output fingerprint is its
+producer's key plus a nonce drawn when the producer actually executed, so a re-executed node (changed
+params, ``--force``) re-executes everything downstream, while a cache hit keeps downstream keys stable.
+An entry is complete only once ``outputs.json`` is in place (written last, atomically); a node that fails
+leaves nothing behind.
+
+Several processes (``torchrun --nproc_per_node N runner.py ...``; see :mod:`flowopd_core.training.distributed`): every
+process walks the graph in the same order; process 0 decides what is cached, holds the lock and alone writes
+the run directory (cache, checkpoints, status, run.log, links). A node with ``DISTRIBUTED = True`` (the
+trainers) runs in every process at once (data parallel; process r > 0 writes its own files only under
+``ranks/rank<r>/``); any other node runs in process 0 while the others wait. Then every process reads the
+outputs that process 0 wrote (the run directory must be on a filesystem all processes share).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from flowopd_core import __version__ as core_version
+from flowopd_core.training.distributed import World
+from flowopd_nodes.engine import context
+from flowopd_nodes.engine.errors import NodeExecutionError, TrainingInterrupted
+from flowopd_nodes.engine.types import WIRE_TYPES, decode_outputs, encode_outputs
+from flowopd_nodes.engine.validate import ResolvedNode, ValidGraph
+
+OUTPUTS_FILE = "outputs.json"
+HASH_CONTENT_LIMIT = 256 * 2**20  # files/folders up to this size are fingerprinted by content, larger by size+mtime
+
+log = logging.getLogger("flowopd")
+
+
+@dataclass
+class NodeStatus:
+    id: str
+    type: str
+    state: str = "pending"  # pending | executed | cached | failed | skipped
+    key: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    statuses: dict[str, NodeStatus]
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> output name -> value
+
+    def ids(self, state: str) -> list[str]:
+        return [s.id for s in self.statuses.values() if s.state == state]
+
+    @property
+    def executed(self) -> list[str]:
+        return self.ids("executed")
+
+    @property
+    def cached(self) -> list[str]:
+        return self.ids("cached")
+
+    def output(self, node: str, name: str) -> Any:
+        return self.outputs[node][name]
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """Content hash of a file or folder (size + mtime above ``HASH_CONTENT_LIMIT``); "missing" if absent."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    total = sum(f.stat().st_size for f in files)
+    digest = hashlib.sha256()
+    for f in files:
+        rel = f.name if f == path else f.relative_to(path).as_posix()
+        stat = f.stat()
+        digest.update(f"{rel}\0{stat.st_size}\0".encode())
+        if total <= HASH_CONTENT_LIMIT:
+            with f.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def node_key(node: ResolvedNode, upstream: dict[str, str]) -> str:
+    """Cache key of ``node`` given the fingerprints of the upstream outputs it consumes (input -> fingerprint)."""
+    files = {p.name: path_fingerprint(node.params[p.name]) for p in node.cls.INPUTS if p.path and node.params.get(p.name)}
+    return _sha(
+        {
+            "type": node.cls.NODE_ID,
+            "code": node.cls.code_version(),
+            "core": core_version,
+            "params": node.params,
+            "files": files,
+            "inputs": upstream,
+        }
+    )[:24]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class _TqdmProgress:
+    def __init__(self, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One runner per run folder: an exclusive, non-blocking lock on ``<run_dir>/.lock`` (``fcntl.flock`` on
+    POSIX, ``msvcrt.locking`` of its first byte on Windows), released when the run ends or the process dies."""
+    with (run_dir / ".lock").open("a+") as handle:
+        if sys.platform == "win32":
+            import msvcrt
+
+            lock, unlock = (lambda: msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1),
+                            lambda: msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1))
+            busy: tuple[type[BaseException], ...] = (OSError,)
+        else:
+            import fcntl
+
+            lock, unlock = (lambda: fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                            lambda: fcntl.flock(handle, fcntl.LOCK_UN))
+            busy = (BlockingIOError,)
+        try:
+            lock()
+        except busy:
+            raise RuntimeError(f"another runner is using {run_dir}") from None
+        try:
+            yield
+        finally:
+            unlock()
+
+
+@contextlib.contextmanager
+def _file_log(path: Path) -> Iterator[None]:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        handler.close()
+
+
+def run_graph(
+    valid: ValidGraph,
+    run_dir: str | Path,
+    *,
+    force: frozenset[str] | set[str] = frozenset(),
+    progress: Callable[[int, str], context.Progress] | None = _TqdmProgress,
+    show_progress: bool = True,
+) -> RunResult:
+    """Run ``valid`` in ``run_dir``; see the module docstring for caching and several processes. Raises
+    :class:`NodeExecutionError`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    world = World.current()
+    main = world.is_main
+    rank_dir = run_dir / "ranks" / f"rank{world.rank}"  # process r > 0's own files
+    if not main:
+        shutil.rmtree(rank_dir, ignore_errors=True)
+        rank_dir.mkdir(parents=True)
+        progress, show_progress = context._null_progress, False
+    unknown = set(force) - set(valid.nodes)
+    if unknown:
+        raise ValueError(f"--force names no node of the graph: {sorted(unknown)}")
+    statuses = {n: NodeStatus(n, valid.nodes[n].cls.NODE_ID) for n in valid.order}
+    result = RunResult(run_dir, statuses)
+    fingerprints: dict[str, str] = {}
+    progress = progress or context._null_progress
+    status_meta = {"graph": valid.name, "source": valid.graph.source, "started": time.time()}
+
+    last_write = [0.0]
+
+    def write_status(force: bool = False) -> None:
+        # Throttled: rewriting the whole file after every one of many quick cached nodes is quadratic.
+        now = time.monotonic()
+        if not main or not force and now - last_write[0] < 1.0:
+            return
+        last_write[0] = now
+        counts = {s: len(result.ids(s)) for s in ("executed", "cached", "failed", "skipped", "pending")}
+        _write_json(run_dir / "status.json", {**status_meta, **counts, "nodes": {k: asdict(v) for k, v in statuses.items()}})
+
+    lock = _run_lock(run_dir) if main else contextlib.nullcontext()
+    with lock, _file_log(run_dir / "run.log" if main else rank_dir / "run.log"):
+        if main:
+            (run_dir / "graph.yaml").write_text(yaml.safe_dump(valid.graph.to_data(), sort_keys=False), encoding="utf-8")
+        log.info("run %s: %d nodes to consider in %s%s", valid.name, len(valid.order), run_dir,
+                 f" (process {world.rank} of {world.size})" if world.size > 1 else "")
+        bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True)
+        try:
+            for node_id in bar:
+                bar.set_postfix_str(node_id)
+                node = valid.nodes[node_id]
+                status = statuses[node_id]
+                upstream = {name: f"{fingerprints[l.node]}:{l.output}" for name, l in sorted(node.links.items())}
+                status.key = node_key(node, upstream)
+                entry = run_dir / "cache" / node_id / status.key
+                if main and node_id in force and entry.exists():
+                    shutil.rmtree(entry)
+                started = time.perf_counter()
+                # process 0 decides (another process could see an entry that process 0 is writing)
+                if world.broadcast_int(int((entry / OUTPUTS_FILE).is_file()) if main else 0):
+                    data = json.loads((entry / OUTPUTS_FILE).read_text(encoding="utf-8"))
+                    values = decode_outputs(node.cls.RETURN_TYPES, data["outputs"], entry)
+                    fingerprints[node_id] = data["fingerprint"]
+                    status.state = "cached"
+                    log.info("node %s (%s): cached %s", node_id, node.cls.NODE_ID, status.key)
+                elif not main:
+                    if node.cls.DISTRIBUTED:  # in step with process 0; files of its own go to rank_dir
+                        _execute(node, result, rank_dir / node_id, run_dir, progress, owner=False)
+                    else:
+                        log.info("node %s (%s): runs in process 0", node_id, node.cls.NODE_ID)
+                    if not world.broadcast_int(0):  # waits for process 0's outputs.json
+                        raise NodeExecutionError(node_id, node.cls.NODE_ID, RuntimeError("failed in process 0"))
+                    data = json.loads((entry / OUTPUTS_FILE).read_text(encoding="utf-8"))
+                    values = decode_outputs(node.cls.RETURN_TYPES, data["outputs"], entry)
+                    fingerprints[node_id] = data["fingerprint"]
+                    status.state = "executed"
+                else:
+                    try:
+                        values = _execute(node, result, entry, run_dir, progress)
+                    except BaseException:
+                        if world.size > 1 and not node.cls.DISTRIBUTED:
+                            world.broadcast_int(0)  # the others wait for this node: tell them it failed
+                        raise
+                    fingerprints[node_id] = f"{status.key}-{secrets.token_hex(8)}"
+                    _write_json(
+                        entry / OUTPUTS_FILE,
+                        {
+                            "node": node_id,
+                            "type": node.cls.NODE_ID,
+                            "fingerprint": fingerprints[node_id],
+                            "params": node.params,
+                            "inputs": upstream,
+                            "outputs": encode_outputs(node.cls.RETURN_TYPES, node.cls.RETURN_NAMES, values, entry),
+                        },
+                    )
+                    # Downstream nodes get the values as read back from the entry, exactly what a cached run
+                    # serves them (the read is cheap: outputs are handles and small safetensors files).
+                    values = decode_outputs(
+                        node.cls.RETURN_TYPES,
+                        json.loads((entry / OUTPUTS_FILE).read_text(encoding="utf-8"))["outputs"],
+                        entry,
+                    )
+                    status.state = "executed"
+                    world.broadcast_int(1)  # the outputs are on disk: the other processes read them
+                status.seconds = time.perf_counter() - started
+                result.outputs[node_id] = dict(zip(node.cls.RETURN_NAMES, values))
+                if main:
+                    _link_latest(run_dir, node_id, entry)
+                write_status()
+        except BaseException as exc:
+            for status in statuses.values():
+                if status.state == "pending":
+                    status.state = "skipped"
+            status_meta["error"] = str(exc)
+            raise
+        finally:
+            status_meta["finished"] = time.time()
+            write_status(force=True)
+            bar.close()
+    log.info("run %s done: %d executed, %d cached", valid.name, len(result.executed), len(result.cached))
+    return result
+
+
+def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, progress, owner: bool = True) -> tuple:
+    """Run one node with ``entry`` as its artifact folder. ``owner``: this process owns the node's checkpoint
+    folder (False for process r > 0 of a multi-process run: it reads checkpoints and never removes them)."""
+    status = result.statuses[node.id]
+    if entry.exists():  # an incomplete entry from an interrupted run
+        shutil.rmtree(entry)
+    entry.mkdir(parents=True)
+    inputs = {name: value for name, value in node.params.items() if not (value is None and node.cls.input(name).optional)}
+    for name, link in node.links.items():
+        inputs[name] = result.output(link.node, link.output)
+    checkpoints = run_dir / "checkpoints" / node.id / status.key
+    ctx = context.NodeContext(
+        node_id=node.id,
+        artifact_dir=entry,
+        run_dir=run_dir,
+        progress=progress,
+        metrics=lambda values: log.info("node %s metrics %s", node.id, json.dumps(values, default=str)),
+        log=log,
+        checkpoint_dir=checkpoints,
+    )
+    log.info("node %s (%s): executing %s", node.id, node.cls.NODE_ID, status.key)
+    try:
+        with context.use(ctx), torch.inference_mode(False), torch.enable_grad():
+            values = getattr(node.cls(), node.cls.FUNCTION)(**inputs)
+        if isinstance(values, dict) and "result" in values:  # ComfyUI's {"ui": ..., "result": (...)}
+            values = values["result"]
+        values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+        if len(values) != len(node.cls.OUTPUTS):
+            raise TypeError(f"returned {len(values)} values for {len(node.cls.OUTPUTS)} outputs")
+        for port, value in zip(node.cls.OUTPUTS, values):
+            if not WIRE_TYPES[port.type].check(value):
+                raise TypeError(f"output {port.name!r} is not a valid {port.type}: {type(value).__name__}")
+    except BaseException as exc:
+        shutil.rmtree(entry, ignore_errors=True)
+        status.state = "failed"
+        status.error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TrainingInterrupted):
+            log.warning("node %s (%s) interrupted: %s", node.id, node.cls.NODE_ID, exc)
+        else:
+            log.error("node %s (%s) failed: %s", node.id, node.cls.NODE_ID, status.error, exc_info=exc)
+        if isinstance(exc, Exception):
+            raise NodeExecutionError(node.id, node.cls.NODE_ID, exc) from exc
+        raise
+    if owner:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # done: the results live in the cache entry
+    return values
+
+
+def _link_latest(run_dir: Path, node_id: str, entry: Path) -> None:
+    nodes_dir = run_dir / "nodes"
+    nodes_dir.mkdir(exist_ok=True)
+    link = nodes_dir / node_id
+    tmp = nodes_dir / f".{node_id}.tmp{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(entry, nodes_dir))
+    os.replace(tmp, link)

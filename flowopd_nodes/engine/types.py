@@ -1,0 +1,159 @@
+"""Wire types: what travels on a link, and how the runner caches it on disk.
+
+Every output value is written to its node's cache entry as JSON (``encode``) and read back on a cache hit
+(``decode``). Values are handles — small objects that point at files (prompt sets, image tensors in
+safetensors, adapter folders) — so nothing large is serialised as Python objects and in-memory objects (models) are rebuilt from
+their files by whoever needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flowopd_core.distill.trainer import TeacherRefs
+from flowopd_core.models.modelref import ModelRef
+from flowopd_core.prompts import PromptSet
+
+
+@dataclass(frozen=True)
+class WireType:
+    name: str
+    help: str
+    check: Callable[[Any], bool]
+    encode: Callable[[Any, Path, str], Any]  # (value, entry_dir, output name) -> JSON-able
+    decode: Callable[[Any, Path], Any]  # (JSON, entry_dir) -> value
+
+
+def _plain(value: Any, entry: Path, name: str) -> Any:
+    return value
+
+
+def _plain_decode(data: Any, entry: Path) -> Any:
+    return data
+
+
+def _encode_image(value: torch.Tensor, entry: Path, name: str) -> dict[str, str]:
+    file = f"{name}.safetensors"
+    save_file({"images": value.detach().to("cpu").contiguous()}, str(entry / file))
+    return {"file": file}
+
+
+def _decode_image(data: dict[str, str], entry: Path) -> torch.Tensor:
+    return load_file(str(entry / data["file"]))["images"]
+
+
+def _encode_prompts(value: PromptSet, entry: Path, name: str) -> dict[str, Any]:
+    return value.to_json()
+
+
+def _decode_prompts(data: dict[str, Any], entry: Path) -> PromptSet:
+    return PromptSet.from_json(data)
+
+
+def _encode_path(value: str, entry: Path, name: str) -> str:
+    """Paths inside the cache entry are stored relative to it, so a run directory can be moved; any other path
+    is stored absolute (a relative one would be read back relative to the entry, not to the working folder)."""
+    path = Path(value)
+    try:
+        return path.resolve().relative_to(entry.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _decode_path(data: str, entry: Path) -> str:
+    path = Path(data)
+    return str(path if path.is_absolute() else entry / path)
+
+
+def _encode_model(value: ModelRef, entry: Path) -> dict[str, Any]:
+    data = value.to_json()
+    data["path"] = _encode_path(value.path, entry, "")
+    if value.adapter:
+        data["adapter"] = _encode_path(value.adapter, entry, "")
+    return data
+
+
+def _decode_model(data: dict[str, Any], entry: Path) -> ModelRef:
+    adapter = data.get("adapter", "")
+    return ModelRef.from_json(
+        {**data, "path": _decode_path(data["path"], entry), "adapter": _decode_path(adapter, entry) if adapter else ""}
+    )
+
+
+def _encode_teachers(value: TeacherRefs, entry: Path) -> dict[str, Any]:
+    return {
+        "teachers": [{"task": task, "model": _encode_model(ref, entry)} for task, ref in value.teachers],
+        "route": value.route,
+        "task_weights": value.task_weights,
+    }
+
+
+def _decode_teachers(data: dict[str, Any], entry: Path) -> TeacherRefs:
+    teachers = tuple((item["task"], _decode_model(item["model"], entry)) for item in data["teachers"])
+    return TeacherRefs(teachers, data["route"], data["task_weights"])
+
+
+WIRE_TYPES: dict[str, WireType] = {
+    t.name: t
+    for t in [
+        WireType("INT", "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), _plain, _plain_decode),
+        WireType(
+            "FLOAT",
+            "a number",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            _plain,
+            _plain_decode,
+        ),
+        WireType("STRING", "text", lambda v: isinstance(v, str), _plain, _plain_decode),
+        WireType("BOOLEAN", "true/false", lambda v: isinstance(v, bool), _plain, _plain_decode),
+        WireType(
+            "IMAGE",
+            "ComfyUI images: float tensor (B, H, W, 3) in [0, 1]",
+            lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] == 3,
+            _encode_image,
+            _decode_image,
+        ),
+        WireType(
+            "FLOWOPD_PROMPTS",
+            "a prompt set: prompts with task tags and ground-truth specs",
+            lambda v: isinstance(v, PromptSet),
+            _encode_prompts,
+            _decode_prompts,
+        ),
+        WireType(
+            "FLOWOPD_MODEL",
+            "a model handle: a local diffusers pipeline folder, dtype and device",
+            lambda v: isinstance(v, ModelRef),
+            lambda v, entry, name: _encode_model(v, entry),
+            lambda d, entry: _decode_model(d, entry),
+        ),
+        WireType(
+            "FLOWOPD_TEACHERS",
+            "a teacher pool: one LoRA teacher per task on one shared base, with its routing (hard/soft)",
+            lambda v: isinstance(v, TeacherRefs),
+            lambda v, entry, name: _encode_teachers(v, entry),
+            lambda d, entry: _decode_teachers(d, entry),
+        ),
+        WireType(
+            "FLOWOPD_FILE",
+            "a path to a file or folder written by a node (report, grid, adapter)",
+            lambda v: isinstance(v, str),
+            _encode_path,
+            _decode_path,
+        ),
+    ]
+}
+
+
+def encode_outputs(types: tuple[str, ...], names: tuple[str, ...], values: tuple, entry: Path) -> list[Any]:
+    return [WIRE_TYPES[t].encode(v, entry, n) for t, n, v in zip(types, names, values)]
+
+
+def decode_outputs(types: tuple[str, ...], data: list[Any], entry: Path) -> tuple:
+    return tuple(WIRE_TYPES[t].decode(d, entry) for t, d in zip(types, data))

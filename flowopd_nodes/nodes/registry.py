@@ -1,0 +1,31 @@
+"""The node registry: an explicit literal list. ComfyUI's mappings derive from it; nothing is ever imported
+from a name read from a graph file."""
+
+from __future__ import annotations
+
+from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, opd, pretrain
+from flowopd_nodes.engine.ports import Node
+
+NODES: list[type[Node]] = [
+    basic.Seed,
+    basic.PromptFile,
+    basic.PromptText,
+    basic.ImageGrid,
+    basic.SavePrompts,
+    miniworld.MiniWorldPrompts,
+    miniworld.RenderGroundTruth,
+    model.LoadModel,
+    model.Sample,
+    pretrain.PretrainMiniWorld,
+    grpo.GRPOTrainerNode,
+    opd.TeacherPoolNode,
+    opd.TaskRouterNode,
+    opd.ColdStartNode,
+    opd.DistillerNode,
+    evaluate.Evaluator,
+]
+
+REGISTRY: dict[str, type[Node]] = {cls.NODE_ID: cls for cls in NODES}
+
+NODE_CLASS_MAPPINGS: dict[str, type[Node]] = dict(REGISTRY)
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {cls.NODE_ID: cls.DISPLAY_NAME or cls.NODE_ID for cls in NODES}
