@@ -38,13 +38,44 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import Levenshtein
+import importlib
+import importlib.util
+import sys
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards.base import Reward, SampleScore, cannot_score
+
+EXTRA = "miniworld"
+"""The optional dependency set that brings the OCR stack: ``pip install -e '.[miniworld]'``."""
+
+
+def _missing(module: str) -> ImportError:
+    return ImportError(f"the OCR rewards need {module!r}, which comes with flowopd's {EXTRA!r} extra: "
+                       f"pip install -e '.[{EXTRA}]' (or pip install 'flowopd[{EXTRA}]')")
+
+
+def require(module: str) -> Any:
+    """Import ``module`` of the OCR stack, or raise ImportError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise _missing(module) from exc
+
+
+def check_installed(*modules: str) -> None:
+    """Raise :func:`require`'s ImportError for the first of ``modules`` that is not installed (without
+    importing them: onnxruntime and rapidocr take seconds to import)."""
+    for module in modules:
+        try:
+            found = sys.modules[module] if module in sys.modules else importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise _missing(module)
 
 _QUOTED = re.compile(r'"([^"]+)"')
 
@@ -91,7 +122,8 @@ def ocr_score(reading: str, target: str) -> float:
         raise ValueError("the OCR target is empty")
     if target in reading:
         return 1.0
-    return 1.0 - min(Levenshtein.distance(reading, target), len(target)) / len(target)
+    distance = require("Levenshtein").distance(reading, target)
+    return 1.0 - min(distance, len(target)) / len(target)
 
 
 def target_text(prompt: PromptSpec) -> str | None:
@@ -120,6 +152,7 @@ class OCRReward(Reward):
     has_strict = True  # strict = the target is read exactly (score 1)
 
     def __init__(self, config: OCRConfig | None = None) -> None:
+        check_installed("rapidocr", "onnxruntime", "Levenshtein")  # fail when built, not at the first score
         super().__init__(config)
         self._engine: Any = None
         self._lock = threading.Lock()
@@ -131,7 +164,7 @@ class OCRReward(Reward):
         return self._engine
 
     def _build_engine(self) -> Any:
-        from rapidocr import RapidOCR  # heavy import (onnxruntime, cv2 models): only when first used
+        RapidOCR = require("rapidocr").RapidOCR  # noqa: N806  (heavy: onnxruntime, cv2 models; on first use)
 
         return RapidOCR(
             params={
