@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    -> builds .venv (torch CPU first, then the project) and runs the main graph
-#   make test   -> builds .venv and runs the test suite
+#   make test   -> builds .venv, runs ruff and the test suite
 #   make bench  -> runs every benchmark script and rewrites bench/RESULTS.md
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +23,8 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/python runner.py $(MAIN_GRAPH)
 
-test: setup
+test: setup   # lint (ruff, configured in pyproject.toml), then the suite
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: setup   # every benchmark script; rewrites bench/RESULTS.md (a few minutes on 2 cores)

@@ -52,7 +52,8 @@ def main() -> None:
     print(f"| each run's wall | {', '.join(f'{w:.0f} s' for w in walls)} |")
     if tables:
         same = "identical" if len(set(tables)) == 1 else "DIFFERENT"
-        print(f"| the Evaluator's results.md (sha256 prefix) | {same} across the {len(tables)} runs ({', '.join(sorted(set(tables)))}) |")
+        print(f"| the Evaluator's results.md (sha256 prefix) | {same} across the {len(tables)} runs "
+              f"({', '.join(sorted(set(tables)))}) |")
     print(f"| nodes' own seconds | {node:.0f} s |")
     print(f"| interpreter start-up + imports (`runner.py validate`) | {startup:.1f} s |")
     print(f"| graph engine (wall - nodes - start-up) | {engine:.1f} s = {100 * engine / wall:.2f} % |")

@@ -40,17 +40,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flowopd_core.distill.loss import distill_loss, route  # noqa: E402
 from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherPool  # noqa: E402
 from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
-from flowopd_core.training.base import LoraTrainer  # noqa: E402
 from flowopd_core.miniworld.sets import prompt_set  # noqa: E402
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline  # noqa: E402
-from flowopd_core.distill.loss import distill_loss, route  # noqa: E402
 from flowopd_core.models.pipeline import TextEmbeddings, decode, initial_noise, load_pipeline, velocity  # noqa: E402
 from flowopd_core.models.policy import BASE_ADAPTER, LoraSpec, Policy  # noqa: E402
 from flowopd_core.prompts import PromptSet  # noqa: E402
 from flowopd_core.rewards import RewardResult  # noqa: E402
 from flowopd_core.sampling.samplers import Rollout, sample, transition_logprob  # noqa: E402
+from flowopd_core.training.base import LoraTrainer  # noqa: E402
 
 MINIWORLD = ROOT / "models" / "miniworld"
 TASKS = ("compose", "text", "quality")
@@ -279,7 +279,8 @@ def run_memory(repeats: int) -> list[str]:
         f"weights), 4 samples of 16x16x3, 2 steps (1 trained), CFG 4.5, LoRA rank 32 everywhere; peak RSS by "
         f"{first['method']}, each scenario in its own process, median of {repeats}.",
         "",
-        "| scenario | peak RSS above imports (model + iteration) | ratio to (i) | above imports + model load (the iteration's own) | ratio to (i) |",
+        "| scenario | peak RSS above imports (model + iteration) | ratio to (i) "
+        "| above imports + model load (the iteration's own) | ratio to (i) |",
         "|---|---|---|---|---|",
     ]
     for name, label in MEMORY_SCENARIOS.items():
@@ -455,14 +456,16 @@ def run_time(model: str, repeats: int, config: OPDConfig) -> list[str]:
         f"torch threads: {torch.get_num_threads()}. CPU = process CPU time (all threads), which background load "
         f"disturbs less than wall time.",
         "",
-        "| phase | ours: wall s | model calls alone: wall s | overhead | ours: CPU s | calls alone: CPU s | overhead (CPU) |",
+        "| phase | ours: wall s | model calls alone: wall s | overhead | ours: CPU s | calls alone: CPU s "
+        "| overhead (CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in ("sampling", "targets", "training"):
         lines.append(f"| {key} | {wall['ours'][key]:.3f} | {wall['calls'][key]:.3f} | "
                      f"{wall['ours'][key] / wall['calls'][key] - 1:+.1%} | {cpu['ours'][key]:.3f} | "
                      f"{cpu['calls'][key]:.3f} | {cpu['ours'][key] / cpu['calls'][key] - 1:+.1%} |")
-    lines.append(f"| other (routing, step draws) | {wall['ours']['other']:.3f} | - | - | {cpu['ours']['other']:.3f} | - | - |")
+    lines.append(f"| other (routing, step draws) | {wall['ours']['other']:.3f} | - | - | "
+                 f"{cpu['ours']['other']:.3f} | - | - |")
     lines.append(f"| **iteration** | **{wall['ours']['total']:.3f}** | **{wall['calls']['total']:.3f}** | "
                  f"**{overhead:+.1%}** | **{cpu['ours']['total']:.3f}** | **{cpu['calls']['total']:.3f}** | "
                  f"**{cpu_overhead:+.1%}** |")
@@ -484,7 +487,8 @@ def run_time(model: str, repeats: int, config: OPDConfig) -> list[str]:
         "present in the micro-batch) and the anchor (the policy with adapters off) as three separate CFG forwards "
         "inside the training loop.",
         "",
-        "| loop | sampling wall s | targets + training wall s | iteration wall s | ratio | iteration CPU s | ratio (CPU) |",
+        "| loop | sampling wall s | targets + training wall s | iteration wall s | ratio | iteration CPU s "
+        "| ratio (CPU) |",
         "|---|---|---|---|---|---|---|",
         f"| ours: targets once per rollout in mixed-adapter no-grad batches | {ours['sampling']:.3f} | "
         f"{ours['targets'] + ours['training']:.3f} | {ours['total']:.3f} | 1.00 | {cpu['ours']['total']:.3f} | 1.00 |",

@@ -19,10 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowopd_core.sampling.generate import SampleConfig, generate, sample_noise  # noqa: E402
 from flowopd_core.miniworld.sets import prompt_set  # noqa: E402
 from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline  # noqa: E402
 from flowopd_core.models.pipeline import TextEmbeddingCache, load_pipeline  # noqa: E402
+from flowopd_core.sampling.generate import SampleConfig, generate, sample_noise  # noqa: E402
 
 
 def main() -> None:
@@ -86,8 +86,8 @@ def main() -> None:
           f"({ratio:.2f}x wall, {ratio_cpu:.2f}x CPU).")
     if verdict != "met":
         if paired[0] <= 1.05:
-            print(f"Reason: within this run's noise: the per-repeat wall ratios straddle the target ({paired[0]:.2f} to "
-                  f"{paired[-1]:.2f}); rerun on an idle machine.")
+            print(f"Reason: within this run's noise: the per-repeat wall ratios straddle the target "
+                  f"({paired[0]:.2f} to {paired[-1]:.2f}); rerun on an idle machine.")
         else:
             print(f"Reason: every repeat was above the target ({paired[0]:.2f} to {paired[-1]:.2f}): ours costs more "
                   "than the pipeline's own loop on this machine.")

@@ -29,8 +29,11 @@ SCRIPTS = {
     "sampling": ("Sampling", "bench/bench_sampling.py"),
     "opd": ("Flow-OPD iteration: teacher-pool memory, overhead, the authors' loop", "bench/bench_opd.py"),
     "full_opd": ("The main job end to end: full_opd wall time and engine overhead", "bench/bench_full_opd.py"),
+    "threads": (
+        "CPU threads on a shared machine: a GRPO epoch idle vs next to a busy process", "bench/bench_threads.py"
+    ),
 }
-OPT_IN = ("full_opd",)
+OPT_IN = ("full_opd", "threads")
 """Scripts that run only when named in ``--only`` (full_opd takes about 11 minutes a run)."""
 NOT_MEASURED = (
     "full_opd end to end (opt-in, about 11 min a run: `python bench/run_all.py --only engine,sampling,opd,full_opd "
@@ -38,7 +41,9 @@ NOT_MEASURED = (
     "graph engine 1.0 s = 0.15 % (target <= 1 %: met)",
     "the GPU suite (tiny model and an SD3.5-Medium-sized transformer, model-FLOPs utilisation): needs a lent GPU",
 )
-VERDICT = re.compile(r"^Target \((?P<issue>[^)]*)\): (?P<what>.*): \*\*(?P<verdict>met|MISSED)\*\*(?: \((?P<value>[^)]*)\))?")
+VERDICT = re.compile(
+    r"^Target \((?P<issue>[^)]*)\): (?P<what>.*): \*\*(?P<verdict>met|MISSED)\*\*(?: \((?P<value>[^)]*)\))?"
+)
 
 
 def _git(*args: str) -> str:
@@ -121,7 +126,9 @@ def main() -> int:
         for line in text.splitlines():
             match = VERDICT.match(line.strip())
             if match:
-                verdicts.append(f"| {match['what']} | {match['issue']} | {match['verdict']} ({match['value'] or '-'}) |")
+                verdicts.append(
+                    f"| {match['what']} | {match['issue']} | {match['verdict']} ({match['value'] or '-'}) |"
+                )
     lines = [
         "# Benchmark results",
         "",

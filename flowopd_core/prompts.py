@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,6 @@ class PromptSet:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PromptSet:
         return cls(tuple(PromptSpec.from_json(p) for p in data["prompts"]), name=data.get("name", "prompts"))
-
-    @classmethod
-    def concat(cls, sets: Sequence[PromptSet], name: str = "prompts") -> PromptSet:
-        return cls(tuple(p for s in sets for p in s.prompts), name=name)
 
 
 def load_prompt_file(path: str | Path, *, default_task: str = UNTAGGED, format: str = "auto") -> PromptSet:

@@ -34,7 +34,9 @@ COMMANDS = ("run", "validate", "list-nodes", "export", "import", "serve-reward")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name or "flowopd", description="Run flowopd graph files headless.")
+    parser = argparse.ArgumentParser(
+        prog=Path(sys.argv[0]).name or "flowopd", description="Run flowopd graph files headless."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def graph_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a graph (default command)")
     graph_args(run)
     run.add_argument("--run-dir", type=Path, help="run directory (default: runs/<graph name>)")
-    run.add_argument("--force", action="append", default=[], metavar="NODE", help="re-execute NODE (and so its descendants)")
+    run.add_argument(
+        "--force", action="append", default=[], metavar="NODE", help="re-execute NODE (and so its descendants)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     val = sub.add_parser("validate", help="check a graph; print every problem")
@@ -209,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         valid = _load(args.graph, args.overrides, check_files=not getattr(args, "no_file_check", False))
     except GraphValidationError as exc:
         if getattr(args, "json", False):
-            print(json.dumps({"error": {"type": "prompt_outputs_failed_validation"}, "node_errors": exc.node_errors()}, indent=2))
+            print(json.dumps(
+                {"error": {"type": "prompt_outputs_failed_validation"}, "node_errors": exc.node_errors()}, indent=2
+            ))
         else:
             print(exc, file=sys.stderr)
         return 2

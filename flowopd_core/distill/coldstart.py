@@ -21,14 +21,20 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowopd_core.distill.trainer import TeacherPool
-from flowopd_core.models.merge import MERGE_METHODS, MergeResult, merge_adapters, read_adapter_factors, write_adapter_factors
 from flowopd_core.distill.loss import ROUTE_MODES, route
+from flowopd_core.distill.trainer import TeacherPool
+from flowopd_core.models.merge import (
+    MERGE_METHODS,
+    MergeResult,
+    merge_adapters,
+    read_adapter_factors,
+    write_adapter_factors,
+)
 from flowopd_core.models.pipeline import TextEmbeddingCache, TextEmbeddings, initial_noise
 from flowopd_core.models.policy import LoraSpec, Policy
-from flowopd_core.training.pretrain import flow_matching_loss, sample_times
 from flowopd_core.prompts import PromptSet
 from flowopd_core.sampling.samplers import flow_sigmas, sample
+from flowopd_core.training.pretrain import flow_matching_loss, sample_times
 
 COLD_STARTS = ("none", *MERGE_METHODS, "sft")
 """``none``: a fresh zero-B student (= the base); a merge method; or ``sft``."""
@@ -144,8 +150,10 @@ def sft_cold_start(
 
         def teacher_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-            return pool.velocities(x, times, cond, uncond, plan, config.guidance_scale, config.batch_size,
-                                   with_anchor=False)[0]
+            return pool.velocities(
+                x, times, cond, uncond, plan,  # noqa: B023 - sample() below calls it within this iteration
+                config.guidance_scale, config.batch_size, with_anchor=False,
+            )[0]
 
         size = config.resolution or None
         noise = initial_noise(pipe, len(chunk), generator=generator, height=size, width=size)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,15 +37,8 @@ from flowopd_core.models.pipeline import TextEmbeddings, velocity
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.sampling.samplers import Rollout, transition_logprob
-from flowopd_core.training.base import (
-    LoraTrainer,
-    RewardFn,
-    TrainerConfig,
-    mean_or_nan,
-    nan_stats,
-    setting,
-    trainer_config,
-)
+from flowopd_core.training.base import LoraTrainer, RewardFn, TrainerMetrics, mean_or_nan, nan_stats
+from flowopd_core.training.config import TrainerConfig, setting, trainer_config
 
 
 @trainer_config(
@@ -112,33 +104,20 @@ class OPDBatch:
 
 
 @dataclass
-class OPDEpochMetrics:
-    """What one distillation epoch did. kl / anchor_kl: mean per-step KL (the mode's form) to the target /
-    anchor over the trained terms, measured on the student BEFORE each optimizer step (the rollout policy for
-    the first); kl_by_task: the same per task tag. reward_mean: logging rewards (NaN-aware). skipped_steps:
-    optimizer steps of this epoch not taken for non-finite values (``max_bad_steps``)."""
+class OPDEpochMetrics(TrainerMetrics):
+    """What one distillation epoch did: :class:`~flowopd_core.training.base.TrainerMetrics` (sample_seconds: the
+    rollouts alone) plus kl / anchor_kl: mean per-step KL (the mode's form) to the target / anchor over the
+    trained terms, measured on the student BEFORE each optimizer step (the rollout policy for the first);
+    kl_by_task: the same per task tag; opd_loss / anchor_loss: the two terms of the loss; reward_mean: logging
+    rewards (NaN-aware); target_seconds: the teacher (and anchor) passes."""
 
-    epoch: int
     kl: float
     kl_by_task: dict[str, float]
     anchor_kl: float
-    loss: float
     opd_loss: float
     anchor_loss: float
-    clip_fraction: float
-    first_update_ratio_dev: float
-    grad_norm: float
-    trained_samples: int
     reward_mean: dict[str, float]
-    optimizer_steps: int
-    skipped_steps: int
-    sample_seconds: float
     target_seconds: float
-    train_seconds: float
-    seconds: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 STATE_FORMAT = "flowopd-opd-state/1"
@@ -291,7 +270,6 @@ class OPDTrainer(LoraTrainer):
     """
 
     STATE_FORMAT = STATE_FORMAT
-    FREE_CONFIG_KEYS = ("epochs", "reward_workers", "max_bad_steps")
     LOSS_NAME = "OPD"
 
     def __init__(
@@ -389,7 +367,8 @@ class OPDTrainer(LoraTrainer):
         cfg = self.config
         keep = torch.nonzero(batch.keep).flatten()
         order = keep[torch.randperm(len(keep), generator=self._local_generator)]
-        log: dict[str, Any] = {key: [] for key in ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", "grad_norm")}
+        log: dict[str, Any] = {
+            key: [] for key in ("loss", "opd", "anchor", "kl", "anchor_kl", "clip_fraction", "grad_norm")}
         log.update(first_dev=0.0, trained=len(keep), task_kl={})
         self.skipped_steps = 0
         if cfg.drop_equal_reward_groups and self._skip_unscored_epoch(batch.rewards):
@@ -398,7 +377,7 @@ class OPDTrainer(LoraTrainer):
 
         def record(terms: DistillLoss, rows: torch.Tensor, update: int) -> None:
             for key, value in (("loss", terms.total), ("opd", terms.opd), ("anchor", terms.anchor),
-                               ("kl", terms.kl_mean), ("clip", terms.clip_fraction)):
+                               ("kl", terms.kl_mean), ("clip_fraction", terms.clip_fraction)):
                 log[key].append(value.item())
             if terms.anchor_kl is not None:
                 log["anchor_kl"].append(terms.anchor_kl.mean().item())
@@ -413,7 +392,7 @@ class OPDTrainer(LoraTrainer):
             for task in sorted({p.task for p in self.prompts}):
                 log[f"task_kl/{task}"] = log["task_kl"].pop(task, [])
             tasks = [k for k in log if k.startswith("task_kl/")]
-            self._reduce_log(log, ("loss", "opd", "anchor", "kl", "anchor_kl", "clip", *tasks), ("first_dev",),
+            self._reduce_log(log, ("loss", "opd", "anchor", "kl", "anchor_kl", "clip_fraction", *tasks), ("first_dev",),
                              ("trained",))
             log["task_kl"] = {k.removeprefix("task_kl/"): log.pop(k) for k in tasks if log[k]}
         return log
@@ -421,22 +400,12 @@ class OPDTrainer(LoraTrainer):
     def _metrics(self, batch: OPDBatch, log: dict[str, Any], sample_seconds: float,
                  train_seconds: float) -> OPDEpochMetrics:
         return OPDEpochMetrics(
-            epoch=self.epoch_index,
+            **{**self._common_metrics(log, sample_seconds, train_seconds), "sample_seconds": self._sample_seconds},
             kl=mean_or_nan(log["kl"]),
             kl_by_task={task: mean_or_nan(values) for task, values in sorted(log["task_kl"].items())},
             anchor_kl=mean_or_nan(log["anchor_kl"]),
-            loss=mean_or_nan(log["loss"]),
             opd_loss=mean_or_nan(log["opd"]),
             anchor_loss=mean_or_nan(log["anchor"]),
-            clip_fraction=mean_or_nan(log["clip"]),
-            first_update_ratio_dev=log["first_dev"],
-            grad_norm=mean_or_nan(log["grad_norm"]),
-            trained_samples=log["trained"],
             reward_mean={name: nan_stats(r)[0] for name, r in batch.rewards.items()},
-            optimizer_steps=self.optimizer_steps,
-            skipped_steps=self.skipped_steps,
-            sample_seconds=self._sample_seconds,
             target_seconds=self._target_seconds,
-            train_seconds=train_seconds,
-            seconds=sample_seconds + train_seconds,
         )

@@ -37,12 +37,12 @@ from diffusers import StableDiffusion3Pipeline
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.models.pipeline import TextEmbeddingCache
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards import REWARDS, TASK_REWARDS, Reward, make_reward
+from flowopd_core.sampling.generate import SampleConfig, generate
 
 METRIC_MODES: dict[str, str] = {
     "task": "each task's own reward (TASK_REWARDS) only",
@@ -67,7 +67,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "noise seed; sample i of a run starts from noise (seed, i)"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (and per scoring job)"})
     images_per_prompt: int = field(default=1, metadata={"help": "images sampled per prompt"})
-    metrics: str = field(default="task+quality", metadata={"help": f"rewards per task: {' | '.join(METRIC_MODES)} (METRIC_MODES)"})
+    metrics: str = field(
+        default="task+quality", metadata={"help": f"rewards per task: {' | '.join(METRIC_MODES)} (METRIC_MODES)"}
+    )
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the Student-t intervals"})
     keep_images: int = field(default=16, metadata={"help": "images kept per task for the grids (0 = all)"})
     concurrent: bool = field(
@@ -268,7 +270,9 @@ def evaluate_model(
     (its own transformer). ``rewards``: metric name -> reward; default: the registered rewards the plan needs."""
     if isinstance(sampler, StableDiffusion3Pipeline):
         sampler = target_sampler(EvalTarget(name, sampler), config)
-    plan = metric_plan(prompts.tasks, config.metrics, list(rewards if rewards is not None else REWARDS), config.task_rewards)
+    plan = metric_plan(
+        prompts.tasks, config.metrics, list(rewards if rewards is not None else REWARDS), config.task_rewards
+    )
     rewards = rewards if rewards is not None else default_rewards(plan)
     if not len(prompts):
         raise ValueError(f"{name}: no prompts to evaluate")

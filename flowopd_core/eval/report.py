@@ -203,8 +203,14 @@ def paired_differences(results: Results) -> dict[str, dict[str, Stat]]:
             metric = results.task_metric(task)
             strict = results.get(e.name, task, metric).headline is results.get(e.name, task, metric).strict
             idx = e.sample_rows(task)
-            table_e, table_r = (e.table.strict if strict else e.table.scores), (ref.table.strict if strict else ref.table.scores)
-            diff = np.asarray(table_e[metric][idx], dtype=np.float64) - np.asarray(table_r[metric][idx], dtype=np.float64)
+            table_e, table_r = (
+                (e.table.strict if strict else e.table.scores),
+                (ref.table.strict if strict else ref.table.scores),
+            )
+            diff = (
+                np.asarray(table_e[metric][idx], dtype=np.float64)
+                - np.asarray(table_r[metric][idx], dtype=np.float64)
+            )
             strata = [e.samples[i].category for i in idx]
             out[e.name][task] = mean_ci(diff, [i // k for i in idx], e.config.confidence, strata)
     return out

@@ -27,7 +27,6 @@ run repeats the uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,15 +45,8 @@ from flowopd_core.grpo.loss import (
 from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.sampling.samplers import Rollout, transition_logprob
-from flowopd_core.training.base import (
-    LoraTrainer,
-    RewardFn,
-    TrainerConfig,
-    mean_or_nan,
-    nan_stats,
-    setting,
-    trainer_config,
-)
+from flowopd_core.training.base import LoraTrainer, RewardFn, TrainerMetrics, mean_or_nan, nan_stats
+from flowopd_core.training.config import TrainerConfig, setting, trainer_config
 
 
 @trainer_config(
@@ -154,43 +146,27 @@ class StepLoss:
 
 
 @dataclass
-class EpochMetrics:
-    """What one epoch did. Means are over the epoch's trained (micro-batch, step) terms.
+class EpochMetrics(TrainerMetrics):
+    """What one GRPO epoch did: :class:`~flowopd_core.training.base.TrainerMetrics` plus
 
     reward_mean / reward_std: per reward, NaN-aware over the epoch's samples; reward_best: per reward, the mean
-    over groups of each group's best sample (:func:`group_best`); unscored: samples that no reward scored.
-    zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal).
-    kl: mean KL to the reference (``kl_form``), NaN when beta = 0. grad_norm: mean pre-clip gradient norm.
-    first_update_ratio_dev: max |rho - 1| in the epoch's first optimizer step (before it, the policy is the
-    sampler: 0 when re-evaluation reproduces sampling exactly). optimizer_steps: total since the start.
-    skipped_steps: steps of this epoch not taken for non-finite values (``max_bad_steps``).
-    When every group is flat (all advantages 0) nothing is trained: the loss terms are NaN and no step is taken.
+    over groups of each group's best sample (:func:`~flowopd_core.grpo.loss.group_best`); unscored: samples that
+    no reward scored; groups; zero_std_groups: groups whose advantages are all 0 (identical rewards: no signal);
+    policy_loss: the mean PPO term; kl: mean KL to the reference (``kl_form``), NaN when beta = 0; approx_kl:
+    Flow-GRPO's diagnostic; sde_steps: the steps drawn with the SDE. When every group is flat (all advantages 0)
+    nothing is trained: the loss terms are NaN and no step is taken.
     """
 
-    epoch: int
     reward_mean: dict[str, float]
     reward_std: dict[str, float]
     reward_best: dict[str, float]
     unscored: int
     groups: int
     zero_std_groups: int
-    trained_samples: int
-    loss: float
     policy_loss: float
     kl: float
-    clip_fraction: float
     approx_kl: float
-    grad_norm: float
-    first_update_ratio_dev: float
-    optimizer_steps: int
-    skipped_steps: int
     sde_steps: tuple[int, ...]
-    sample_seconds: float
-    train_seconds: float
-    seconds: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 STATE_FORMAT = "flowopd-grpo-state/1"
@@ -244,7 +220,6 @@ class GRPOTrainer(LoraTrainer):
     """
 
     STATE_FORMAT = STATE_FORMAT
-    FREE_CONFIG_KEYS = ("epochs", "reward_workers", "max_bad_steps")
     LOSS_NAME = "GRPO"
 
     def __init__(
@@ -325,7 +300,8 @@ class GRPOTrainer(LoraTrainer):
             prompts=out.prompts, group_ids=out.group_ids.to(device), rollout=out.rollout, images=out.images,
             rewards=out.scores, advantages=advantages[start:stop].to(device),
             train_steps=self.draw_train_steps(len(out.prompts), out.rollout.sde_steps, generator),
-            epoch_rewards=epoch_scores if several else None, epoch_advantages=advantages.to(device) if several else None,
+            epoch_rewards=epoch_scores if several else None,
+            epoch_advantages=advantages.to(device) if several else None,
             epoch_group_ids=epoch_ids.to(device) if several else None,
         )
 
@@ -407,25 +383,15 @@ class GRPOTrainer(LoraTrainer):
         nonzero = torch.zeros(groups, device=advantages.device)
         nonzero.index_add_(0, group_ids, (advantages != 0).float())
         return EpochMetrics(
-            epoch=self.epoch_index,
+            **self._common_metrics(log, sample_seconds, train_seconds),
             reward_mean={name: s[0] for name, s in stats.items()},
             reward_std={name: s[1] for name, s in stats.items()},
             reward_best={name: group_best(r, group_ids) for name, r in rewards.items()},
             unscored=int((~scored).sum()),
             groups=groups,
             zero_std_groups=int((nonzero == 0).sum()),
-            trained_samples=log["trained"],
-            loss=mean_or_nan(log["loss"]),
             policy_loss=mean_or_nan(log["policy_loss"]),
             kl=mean_or_nan(log["kl"]),
-            clip_fraction=mean_or_nan(log["clip_fraction"]),
             approx_kl=mean_or_nan(log["approx_kl"]),
-            grad_norm=mean_or_nan(log["grad_norm"]),
-            first_update_ratio_dev=log["first_dev"],
-            optimizer_steps=self.optimizer_steps,
-            skipped_steps=self.skipped_steps,
             sde_steps=batch.rollout.sde_steps,
-            sample_seconds=sample_seconds,
-            train_seconds=train_seconds,
-            seconds=sample_seconds + train_seconds,
         )

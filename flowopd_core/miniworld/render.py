@@ -430,7 +430,9 @@ def sample_training_batch(
     if task_weights is not None:
         w = np.asarray(task_weights, dtype=np.float64)
         if w.shape != (len(tasks),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"task_weights must be one finite weight >= 0 per task, not all 0; got {list(task_weights)}")
+            raise ValueError(
+                f"task_weights must be one finite weight >= 0 per task, not all 0; got {list(task_weights)}"
+            )
         p = w / w.sum()
     specs, arrays, kinds = [], [], []
     for _ in range(batch_size):

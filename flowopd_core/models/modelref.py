@@ -84,8 +84,3 @@ _MAX_SHARED = 2
 _SHARED: dict[tuple[str, str, str], StableDiffusion3Pipeline] = {}
 _LOCK = threading.Lock()
 
-
-def clear_shared_models() -> None:
-    """Drop every shared pipeline (frees memory; the next :meth:`ModelRef.load` reloads)."""
-    with _LOCK:
-        _SHARED.clear()

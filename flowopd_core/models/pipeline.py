@@ -59,7 +59,8 @@ def load_pipeline(
     index = json.loads((folder / "model_index.json").read_text())
     pixel_space = {"vae": None} if index.get("vae", [None])[0] is None else {}
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        folder, dtype=dtype, local_files_only=True, use_safetensors=True, **pixel_space  # safetensors only, no .bin fallback
+        # safetensors only, no .bin fallback
+        folder, dtype=dtype, local_files_only=True, use_safetensors=True, **pixel_space
     )
     if pipe.transformer.dtype != dtype:  # older diffusers releases know only the `torch_dtype` keyword
         raise RuntimeError(f"diffusers loaded {pipe.transformer.dtype}, not {dtype}: this release ignores `dtype`")

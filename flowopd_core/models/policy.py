@@ -71,7 +71,11 @@ def dead_targets(transformer: torch.nn.Module) -> list[str]:
     text-token attention output is dropped, so its text query ``add_q_proj`` gets no gradient. A LoRA there
     would be dead weight (and would skew merges), so adapters leave it out."""
     blocks = getattr(transformer, "transformer_blocks", [])
-    return [f"transformer_blocks.{i}.attn.add_q_proj" for i, b in enumerate(blocks) if getattr(b, "context_pre_only", False)]
+    return [
+        f"transformer_blocks.{i}.attn.add_q_proj"
+        for i, b in enumerate(blocks)
+        if getattr(b, "context_pre_only", False)
+    ]
 
 
 class Policy:

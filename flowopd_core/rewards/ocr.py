@@ -31,16 +31,15 @@ raise the paper's OCR metric either (docs/experiments.md, stage-1 probes): it is
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import re
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import importlib
-import importlib.util
-import sys
 
 import numpy as np
 import torch

@@ -17,10 +17,10 @@ non-white regions of at least ``min_area`` of the image. Four terms, each in [0,
   pixels within 2 px of an object boundary, divided by the boundary length (object pixels with a 4-neighbour
   outside). An anti-aliased edge is about one mixed pixel wide; blur widens it. ``S = clip((blurred - w) /
   (blurred - sharp), 0, 1)`` with the edge widths ``sharp`` and ``blurred`` of the config.
-- form (``F``): mean over coloured objects (text ink, whose most frequent colour is black, is exempt) of their boundary regularity
-  ``2 (h + w) / perimeter`` (bbox height/width; perimeter = 4-neighbour boundary edges). It is exactly 1 for
-  every orthogonally convex blob -- all mini-world shapes -- and drops for ragged, notched or fragmented
-  outlines; mapped to [0, 1] by ``clip((regularity - ragged) / (1 - ragged), 0, 1)``.
+- form (``F``): mean over coloured objects (text ink, whose most frequent colour is black, is exempt) of their
+  boundary regularity ``2 (h + w) / perimeter`` (bbox height/width; perimeter = 4-neighbour boundary edges). It is
+  exactly 1 for every orthogonally convex blob -- all mini-world shapes -- and drops for ragged, notched or
+  fragmented outlines; mapped to [0, 1] by ``clip((regularity - ragged) / (1 - ragged), 0, 1)``.
 
 ``score = B * P * S * F`` (each defect is a multiplicative penalty; a single zero term zeroes the score).
 An image without any object scores 0 (a blank image is not a well-formed picture).

@@ -31,5 +31,7 @@ class RandomReward(Reward):
     config_type = RandomConfig
 
     def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
-        return [SampleScore(score=float(np.random.default_rng([self.config.seed, zlib.crc32(image.tobytes())]).random()))
-                for image in images]
+        return [
+            SampleScore(score=float(np.random.default_rng([self.config.seed, zlib.crc32(image.tobytes())]).random()))
+            for image in images
+        ]

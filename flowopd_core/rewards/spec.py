@@ -61,7 +61,9 @@ def parse_task_rewards(spec: str, servers: Mapping[str, str] | None = None) -> d
         if not eq or not task or not name:
             raise ValueError(f"expected task=reward, got {item!r}")
         if name not in known_rewards(servers):
-            raise ValueError(f"unknown reward {name!r} for task {task!r}; registered or served: {known_rewards(servers)}")
+            raise ValueError(
+                f"unknown reward {name!r} for task {task!r}; registered or served: {known_rewards(servers)}"
+            )
         mapping[task] = name
     return mapping
 

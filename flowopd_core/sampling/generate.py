@@ -20,7 +20,9 @@ from flowopd_core.sampling.samplers import SAMPLER_KINDS, Rollout, flow_sigmas, 
 @dataclass(frozen=True)
 class SampleConfig:
     steps: int = field(default=10, metadata={"help": "sampling steps (paper: 10 for training, 40 for evaluation)"})
-    guidance_scale: float = field(default=4.5, metadata={"help": "classifier-free guidance w (1 = no CFG, one forward)"})
+    guidance_scale: float = field(
+        default=4.5, metadata={"help": "classifier-free guidance w (1 = no CFG, one forward)"}
+    )
     kind: str = field(default="ode", metadata={"help": "ode (deterministic), sde (Flow-GRPO) or cps"})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (docs/method.md §1); 0.8 for cps"})
     batch_size: int = field(default=32, metadata={"help": "samples per transformer batch (memory/speed trade-off)"})
@@ -86,7 +88,8 @@ def generate(
         names = list(adapter_names[start : start + len(chunk)]) if adapter_names is not None else None
 
         def velocity_fn(x: torch.Tensor, t: float) -> torch.Tensor:
-            return velocity(transformer, x, t, cond, uncond, config.guidance_scale, adapter_names=names)
+            # B023 is safe here: sample() below calls velocity_fn within this iteration and does not keep it
+            return velocity(transformer, x, t, cond, uncond, config.guidance_scale, adapter_names=names)  # noqa: B023
 
         with torch.no_grad():
             rollout = sample(

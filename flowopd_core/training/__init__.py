@@ -1,1 +1,2 @@
-"""Training machinery shared by every trainer: the LoRA trainer base, fit() (checkpoints, resume, signals), checkpoints, EMA, data parallelism, flow-matching pretraining."""
+"""Training machinery shared by every trainer: the LoRA trainer base, fit() (checkpoints, resume, signals), \
+checkpoints, EMA, data parallelism, flow-matching pretraining."""

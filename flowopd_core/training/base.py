@@ -3,21 +3,23 @@ sampling epochs (Flow-GRPO teachers, the Flow-OPD student): adapter creation, Ad
 parameters only, EMA of the LoRA weights, the trainer's own random generator, CFG velocities with the text
 cache, the epoch loop, and exact, atomic checkpoints (safetensors + JSON only).
 
-A subclass implements :meth:`LoraTrainer.epoch` and names its checkpoint format ``STATE_FORMAT``. Everything
-random must come from ``self.generator`` (its state is checkpointed): then a resumed run repeats the
-uninterrupted one bit for bit on the CPU.
+The settings every trainer shares are :class:`~flowopd_core.training.config.TrainerConfig`. A subclass
+implements :meth:`LoraTrainer.collect` (the epoch's rollouts, with :meth:`LoraTrainer.rollout_and_score`),
+``_update`` (its optimizer steps, with :meth:`LoraTrainer._optimise`) and ``_metrics``, and names its checkpoint
+format ``STATE_FORMAT``. Everything random must come from ``self.generator`` (its state is checkpointed): then a
+resumed run repeats the uninterrupted one bit for bit on the CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-import dataclasses
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,130 +28,15 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from flowopd_core.training.checkpoint import read_checkpoint, write_checkpoint
-from flowopd_core.training.distributed import World
-from flowopd_core.training.ema import EMA
 from flowopd_core.models.pipeline import TextEmbeddingCache, TextEmbeddings, decode, initial_noise, velocity
 from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards.base import RewardResult
-from flowopd_core.sampling.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS, Rollout, flow_sigmas, noisy_steps, sample
-
-
-def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **limits: Any) -> Any:
-    """A config field with its ``help`` and its limits in the field metadata, the one source of both the
-    config's own checks (:func:`field_errors`) and the node port ranges: ``min`` / ``max`` (inclusive),
-    ``above`` (exclusive lower bound; a port shows it as its minimum), ``choices``."""
-    return field(default=default, default_factory=default_factory, metadata={"help": help, **limits})
-
-
-def field_errors(config: Any) -> list[str]:
-    """Messages for the fields of the dataclass ``config`` outside the limits of their metadata (NaN fails
-    every numeric check)."""
-    errors = []
-    for f in fields(config):
-        meta, value = f.metadata, getattr(config, f.name)
-        if "choices" in meta and value not in meta["choices"]:
-            errors.append(f"{f.name} must be one of {tuple(meta['choices'])}, got {value!r}")
-        if "above" in meta and not value > meta["above"]:
-            errors.append(f"{f.name} must be > {meta['above']}, got {value}")
-        if "min" in meta and not value >= meta["min"]:
-            errors.append(f"{f.name} must be >= {meta['min']}, got {value}")
-        if "max" in meta and not value <= meta["max"]:
-            errors.append(f"{f.name} must be <= {meta['max']}, got {value}")
-    return errors
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """The settings every LoRA trainer shares (Flow-GRPO's :class:`~flowopd_core.grpo.trainer.GRPOConfig` and
-    Flow-OPD's :class:`~flowopd_core.distill.trainer.OPDConfig` extend it; :func:`trainer_config` gives a
-    subclass its own defaults). Limits live in the field metadata (:func:`setting`): the config checks them and
-    the nodes' ports show them. A subclass adds its own checks in :meth:`extra_errors`; every problem is
-    collected and raised once."""
-
-    group_size: int = setting(8, "samples per drawn prompt (a group)", min=1, max=1024)
-    prompts_per_epoch: int = setting(8, "prompts (groups) per sampling epoch, drawn at random without replacement",
-                                     min=1, max=100_000)
-    steps: int = setting(10, "sampling steps T of the rollouts", min=1, max=1000)
-    resolution: int = setting(0, "image height = width in pixels; 0 = the model's native size (paper: 512)",
-                              min=0, max=8192)
-    train_fraction: float = setting(0.99, "train the first int(T * fraction) steps (Flow-GRPO: 9 of 10)",
-                                    above=0.0, max=1.0)
-    step_subset: int = setting(0, "train k random trainable steps per sample and epoch (DanceGRPO-style); 0 = all",
-                               min=0, max=1000)
-    shuffle_steps: bool = setting(True, "train each sample's steps in a random order (else in sampling order)")
-    kind: str = setting("sde", "sde (Flow-GRPO) or cps (coefficients-preserving)", choices=STOCHASTIC_KINDS)
-    noise_level: float = setting(0.7, "SDE noise level a (0.8 recommended for cps)", above=0.0, max=2.0)
-    min_step_std: float = setting(
-        0.01, "train only steps whose transition noise std is at least this (cps: skips the step onto the "
-              "schedule's last sigma, std ~1e-3, whose log-prob ratio and KL weight 1 / std^2 explode); 0 = no floor",
-        min=0.0, max=10.0)
-    guidance_scale: float = setting(4.5, "CFG w in rollouts and training forwards; 1 = no CFG (one forward, "
-                                         "cheaper)", min=0.0, max=50.0)
-    logprob_reduce: str = setting("mean", "log-prob over D: mean (Flow-GRPO; clip_range 1e-4 assumes it) or sum "
-                                          "(true)", choices=LOGPROB_REDUCES)
-    clip_range: float = setting(1e-4, "PPO clip eps of the ratio", above=0.0, max=10.0)
-    adv_clip: float = setting(5.0, "advantages are clamped to +-adv_clip", min=0.0, max=1000.0)
-    lr: float = setting(3e-4, "AdamW learning rate (paper 1e-4 to 3e-4)", above=0.0, max=1.0)
-    weight_decay: float = setting(1e-4, "AdamW weight decay", min=0.0, max=1.0)
-    grad_clip: float = setting(1.0, "max gradient norm; 0 = no clipping", min=0.0, max=1000.0)
-    updates_per_epoch: int = setting(2, "optimizer steps per sampling epoch", min=1, max=1000)
-    batch_size: int = setting(16, "samples per transformer batch in rollouts and training (CFG doubles rows)",
-                              min=1, max=4096)
-    ema_decay: float = setting(0.9, "EMA decay of the LoRA weights; 0 = no EMA", min=0.0, max=0.99999)
-    ema_every: int = setting(8, "optimizer steps between EMA updates", min=1, max=10_000)
-    lora_rank: int = setting(32, "LoRA rank when the trainer creates the adapter", min=1, max=1024)
-    lora_alpha: float = setting(64.0, "LoRA alpha when the trainer creates the adapter", above=0.0, max=4096.0)
-    epochs: int = setting(100, "sampling epochs of train()", min=1, max=10**7)
-    seed: int = setting(0, "seed of the trainer's generator (everything random)", min=0, max=2**31 - 1)
-    reward_workers: int = setting(1, "threads scoring rewards during the next rollout batch; 0 = score inline",
-                                  min=0, max=64)
-    max_bad_steps: int = setting(
-        3, "an optimizer step with a non-finite loss or gradient norm, or in an epoch without one finite reward "
-           "(when rewards drive training), is skipped; this many consecutive skipped steps stop training",
-        min=1, max=10**6)
-
-    def __post_init__(self) -> None:
-        errors = field_errors(self)
-        if not errors and self.trainable_steps < 1:
-            errors.append(f"train_fraction {self.train_fraction} must leave >= 1 trained step of {self.steps}")
-        if self.kind == "cps" and self.noise_level > 1:
-            errors.append(f"kind='cps' needs noise_level <= 1, got {self.noise_level}")
-        errors += self.extra_errors()
-        if errors:
-            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(errors))
-
-    def extra_errors(self) -> list[str]:
-        """A subclass's own checks (beyond the field limits), as messages."""
-        return []
-
-    @property
-    def trainable_steps(self) -> int:
-        """int(T * train_fraction): steps 0 .. this - 1 may be trained (of them, only those with a noise std
-        >= min_step_std and > 0: see :func:`~flowopd_core.sampling.samplers.noisy_steps`)."""
-        return int(self.steps * self.train_fraction)
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-def trainer_config(**defaults: Any) -> Callable[[type], type]:
-    """Class decorator: a frozen dataclass extending :class:`TrainerConfig` whose shared fields named in
-    ``defaults`` get other defaults, as ``name=value``, ``name=(value, help)`` or ``name=(value, help, limits)``
-    (limits: a dict that updates the base field's, e.g. ``{"min": 2}``)."""
-
-    def wrap(cls: type) -> type:
-        base = {f.name: f for f in fields(TrainerConfig)}
-        own = dict(cls.__dict__.get("__annotations__", {}))
-        for name, spec in defaults.items():
-            value, help_text, limits = (*spec, {})[:3] if isinstance(spec, tuple) else (spec, base[name].metadata["help"], {})
-            setattr(cls, name, field(default=value, metadata={**base[name].metadata, "help": help_text, **limits}))
-            own.setdefault(name, base[name].type)
-        cls.__annotations__ = own
-        return dataclass(frozen=True)(cls)
-
-    return wrap
+from flowopd_core.sampling.samplers import Rollout, flow_sigmas, noisy_steps, sample
+from flowopd_core.training.checkpoint import read_checkpoint, write_checkpoint
+from flowopd_core.training.config import TrainerConfig
+from flowopd_core.training.distributed import World
+from flowopd_core.training.ema import EMA
 
 
 @dataclass
@@ -198,6 +85,35 @@ def mean_or_nan(values: Sequence[float]) -> float:
 
 
 @dataclass
+class TrainerMetrics:
+    """What every trainer's epoch reports (the trainers' metrics extend it). Means are over the epoch's trained
+    (micro-batch, step) terms; NaN when nothing was trained.
+
+    loss: mean total loss; grad_norm: mean pre-clip gradient norm; clip_fraction: mean fraction of policy
+    ratios outside the PPO clip (0 for losses without one); first_update_ratio_dev: max |rho - 1| in the
+    epoch's first optimizer step (before it, the policy is the sampler: 0 when re-evaluation reproduces
+    sampling exactly); trained_samples: samples trained on; optimizer_steps: total since the start;
+    skipped_steps: steps of this epoch not taken for non-finite values (``max_bad_steps``); sample_seconds,
+    train_seconds, seconds: wall time of the rollouts, the update and the epoch.
+    """
+
+    epoch: int
+    loss: float
+    grad_norm: float
+    clip_fraction: float
+    first_update_ratio_dev: float
+    trained_samples: int
+    optimizer_steps: int
+    skipped_steps: int
+    sample_seconds: float
+    train_seconds: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class Rollouts:
     """This process's share of one epoch's on-policy samples, scored.
 
@@ -228,10 +144,12 @@ class LoraTrainer:
     """
 
     STATE_FORMAT: ClassVar[str] = ""
-    FREE_CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("epochs",)
+    FREE_CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("epochs", "reward_workers", "max_bad_steps")
     """Config fields a checkpoint may differ in (they do not change the results)."""
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, policy: Policy, adapter_name: str, config: TrainerConfig) -> None:
+    def __init__(
+        self, pipe: StableDiffusion3Pipeline, policy: Policy, adapter_name: str, config: TrainerConfig
+    ) -> None:
         self.pipe, self.policy, self.adapter, self.config = pipe, policy, adapter_name, config
         self.sigmas = flow_sigmas(config.steps, scheduler=pipe.scheduler).to(policy.device)
         noisy = noisy_steps(self.sigmas, config.noise_level, config.kind, config.min_step_std)
@@ -275,7 +193,9 @@ class LoraTrainer:
     def _optimizer_step(self) -> float | None:
         """Clip the gradient norm (``config.grad_clip``, 0 = none), step AdamW and the EMA; returns the pre-clip
         norm. A non-finite norm skips the step instead (:meth:`_skip_step`) and returns None."""
-        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), getattr(self.config, "grad_clip", 0) or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(
+            list(self.params.values()), getattr(self.config, "grad_clip", 0) or float("inf")
+        )
         if not torch.isfinite(norm):
             self._skip_step(f"gradient norm {float(norm)}")
             return None
@@ -453,6 +373,16 @@ class LoraTrainer:
         """The epoch's metrics (a dataclass) from its batch and update log."""
         raise NotImplementedError
 
+    def _common_metrics(self, log: dict[str, Any], sample_seconds: float, train_seconds: float) -> dict[str, Any]:
+        """The :class:`TrainerMetrics` fields of an epoch from its update log (lists ``loss``, ``grad_norm``,
+        ``clip_fraction``; numbers ``first_dev``, ``trained``)."""
+        return dict(
+            epoch=self.epoch_index, loss=mean_or_nan(log["loss"]), grad_norm=mean_or_nan(log["grad_norm"]),
+            clip_fraction=mean_or_nan(log["clip_fraction"]), first_update_ratio_dev=log["first_dev"],
+            trained_samples=log["trained"], optimizer_steps=self.optimizer_steps, skipped_steps=self.skipped_steps,
+            sample_seconds=sample_seconds, train_seconds=train_seconds, seconds=sample_seconds + train_seconds,
+        )
+
     def epoch(self) -> Any:
         """One sampling epoch plus its optimizer steps; advances ``epoch_index``; returns its metrics."""
         start = time.perf_counter()
@@ -567,7 +497,9 @@ class LoraTrainer:
         the results); the adapter's parameter names must be the same."""
         meta, tensors = state.meta, state.tensors
         if meta.get("format") != self.STATE_FORMAT:
-            raise ValueError(f"not a {type(self).__name__} state: format {meta.get('format')!r} (want {self.STATE_FORMAT!r})")
+            raise ValueError(
+                f"not a {type(self).__name__} state: format {meta.get('format')!r} (want {self.STATE_FORMAT!r})"
+            )
         saved, current = dict(meta["config"]), self.config.to_json()
         free = self.FREE_CONFIG_KEYS
         diff = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))

@@ -28,8 +28,8 @@ from typing import Any
 from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError
 from flowopd_nodes.engine.graph import SCHEMA_VERSION, Graph, graph_from_data
 from flowopd_nodes.engine.ports import REQUIRED, In, Node
-from flowopd_nodes.nodes.registry import REGISTRY
 from flowopd_nodes.engine.validate import ValidGraph
+from flowopd_nodes.nodes.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]  # relative paths in ComfyUI JSON are relative to the repository root
 WORKFLOW_VERSION = 0.4
@@ -145,7 +145,9 @@ def to_workflow(valid: ValidGraph) -> dict[str, Any]:
             src_cls = valid.nodes[link.node].cls
             src_slot = src_cls.output_index(link.output)
             link_id = len(links) + 1
-            links.append([link_id, number[link.node], src_slot, number[node_id], slots.index(name), src_cls.OUTPUTS[src_slot].type])
+            links.append([
+                link_id, number[link.node], src_slot, number[node_id], slots.index(name), src_cls.OUTPUTS[src_slot].type
+            ])
             out_links.setdefault((link.node, src_slot), []).append(link_id)
             in_links[(node_id, name)] = link_id
     nodes = []
@@ -196,7 +198,9 @@ def to_workflow(valid: ValidGraph) -> dict[str, Any]:
 
 def _widget_value(value: Any, port: In) -> Any:
     if value is None:  # an unset optional widget: the canvas shows the type's empty value
-        return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "COMBO": port.choices[0] if port.choices else ""}.get(port.type, "")
+        return {
+            "INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "COMBO": port.choices[0] if port.choices else ""
+        }.get(port.type, "")
     return value
 
 
@@ -320,7 +324,9 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
         if isinstance(link, list) and len(link) >= 5:
             links[link[0]] = (link[1], link[2], link[3], link[4])
         elif isinstance(link, dict):  # the newer object form
-            links[link.get("id")] = (link.get("origin_id"), link.get("origin_slot"), link.get("target_id"), link.get("target_slot"))
+            links[link.get("id")] = (
+                link.get("origin_id"), link.get("origin_slot"), link.get("target_id"), link.get("target_slot")
+            )
 
     def skipped(node: dict[str, Any]) -> bool:
         return node.get("type") in NOTE_TYPES or node.get("mode") == MODE_MUTED
@@ -388,7 +394,11 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
             out_name = outputs[src[1]].name if isinstance(src[1], int) and 0 <= src[1] < len(outputs) else None
             if out_name is None:
                 out_slots = src_node.get("outputs") or []
-                out_name = out_slots[src[1]].get("name") if isinstance(src[1], int) and src[1] < len(out_slots) else f"output{src[1]}"
+                out_name = (
+                    out_slots[src[1]].get("name")
+                    if isinstance(src[1], int) and src[1] < len(out_slots)
+                    else f"output{src[1]}"
+                )
             entry["links"][name] = f"{ids[src[0]]}.{out_name}"
         nodes[node_id] = entry
     if issues:

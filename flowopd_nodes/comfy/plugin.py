@@ -39,8 +39,8 @@ from flowopd_core.models.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import REQUIRED, Node
-from flowopd_nodes.nodes.registry import NODES
 from flowopd_nodes.engine.validate import check_value
+from flowopd_nodes.nodes.registry import NODES
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root: relative paths typed on the canvas start here
 METRICS_EVENT = "flowopd.metrics"
@@ -270,7 +270,9 @@ def _with_signature(func: Any, names: list[str]) -> Any:
     import inspect
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    func.__signature__ = inspect.Signature([inspect.Parameter("cls", kind)] + [inspect.Parameter(n, kind, default=None) for n in names])
+    func.__signature__ = inspect.Signature(
+        [inspect.Parameter("cls", kind)] + [inspect.Parameter(n, kind, default=None) for n in names]
+    )
     return func
 
 

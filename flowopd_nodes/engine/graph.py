@@ -160,7 +160,9 @@ def graph_from_data(data: Any, *, base_dir: Path, default_name: str, source: str
     raw_nodes = data.get("nodes")
     nodes: dict[str, NodeSpec] = {}
     if not isinstance(raw_nodes, dict) or not raw_nodes:
-        issues.append(GraphIssue("invalid_graph", "`nodes` must be a non-empty mapping of node id -> node", field="nodes"))
+        issues.append(
+            GraphIssue("invalid_graph", "`nodes` must be a non-empty mapping of node id -> node", field="nodes")
+        )
         raw_nodes = {}
     for node_id, raw in raw_nodes.items():
         nid = str(node_id)
@@ -172,7 +174,9 @@ def graph_from_data(data: Any, *, base_dir: Path, default_name: str, source: str
             continue
         for key in raw:
             if key not in NODE_KEYS:
-                issues.append(GraphIssue("invalid_graph", f"unknown node key {key!r} (use params or links)", node=nid, field=str(key)))
+                issues.append(GraphIssue(
+                    "invalid_graph", f"unknown node key {key!r} (use params or links)", node=nid, field=str(key)
+                ))
         node_type = raw.get("type")
         if not isinstance(node_type, str):
             issues.append(GraphIssue("invalid_graph", "missing or non-string `type`", node=nid, field="type"))
@@ -183,7 +187,9 @@ def graph_from_data(data: Any, *, base_dir: Path, default_name: str, source: str
             issues.append(GraphIssue("invalid_graph", "`params` must be a mapping", node=nid, field="params"))
             params = {}
         if not isinstance(links, dict):
-            issues.append(GraphIssue("invalid_graph", "`links` must be a mapping input -> node.output", node=nid, field="links"))
+            issues.append(
+                GraphIssue("invalid_graph", "`links` must be a mapping input -> node.output", node=nid, field="links")
+            )
             links = {}
         title = raw.get("title", "")
         nodes[nid] = NodeSpec(
@@ -234,10 +240,14 @@ def apply_overrides(graph: Graph, overrides: list[str]) -> None:
         try:
             value = parse_yaml(raw_value, f"--set {item}") if raw_value.strip() else ""
         except GraphValidationError as exc:
-            issues.append(GraphIssue("bad_override", f"--set {item!r}: {exc.issues[0].message}", node=node_id, field=param))
+            issues.append(
+                GraphIssue("bad_override", f"--set {item!r}: {exc.issues[0].message}", node=node_id, field=param)
+            )
             continue
         if isinstance(value, (dict, list)):
-            issues.append(GraphIssue("bad_override", f"--set {item!r}: value must be a scalar", node=node_id, field=param))
+            issues.append(
+                GraphIssue("bad_override", f"--set {item!r}: value must be a scalar", node=node_id, field=param)
+            )
             continue
         graph.nodes[node_id].params[param] = value
     if issues:

@@ -175,7 +175,7 @@ def _code_version(cls: type) -> str:
         digest.update(inspect.getsource(cls).encode())
     except (OSError, TypeError):
         digest.update(cls.__qualname__.encode())
-    for name in sorted(_core_closure(cls.__module__)):
+    for name in sorted(core_closure(cls.__module__)):
         digest.update(name.encode() + b"\0" + _module_source(name))
     return f"{cls.VERSION}:{digest.hexdigest()[:16]}"
 
@@ -189,7 +189,7 @@ def _module_source(name: str) -> bytes:
         return handle.read()
 
 
-def _core_closure(module: str) -> set[str]:
+def core_closure(module: str) -> set[str]:
     """``flowopd_core`` modules imported by ``module``, transitively (read from the source, nothing run)."""
     seen: set[str] = set()
     todo = [module]

@@ -115,7 +115,9 @@ def path_fingerprint(path: str | Path) -> str:
 
 def node_key(node: ResolvedNode, upstream: dict[str, str]) -> str:
     """Cache key of ``node`` given the fingerprints of the upstream outputs it consumes (input -> fingerprint)."""
-    files = {p.name: path_fingerprint(node.params[p.name]) for p in node.cls.INPUTS if p.path and node.params.get(p.name)}
+    files = {
+        p.name: path_fingerprint(node.params[p.name]) for p in node.cls.INPUTS if p.path and node.params.get(p.name)
+    }
     return _sha(
         {
             "type": node.cls.NODE_ID,
@@ -227,12 +229,16 @@ def run_graph(
             return
         last_write[0] = now
         counts = {s: len(result.ids(s)) for s in ("executed", "cached", "failed", "skipped", "pending")}
-        _write_json(run_dir / "status.json", {**status_meta, **counts, "nodes": {k: asdict(v) for k, v in statuses.items()}})
+        _write_json(
+            run_dir / "status.json", {**status_meta, **counts, "nodes": {k: asdict(v) for k, v in statuses.items()}}
+        )
 
     lock = _run_lock(run_dir) if main else contextlib.nullcontext()
     with lock, _file_log(run_dir / "run.log" if main else rank_dir / "run.log"):
         if main:
-            (run_dir / "graph.yaml").write_text(yaml.safe_dump(valid.graph.to_data(), sort_keys=False), encoding="utf-8")
+            (run_dir / "graph.yaml").write_text(
+                yaml.safe_dump(valid.graph.to_data(), sort_keys=False), encoding="utf-8"
+            )
         log.info("run %s: %d nodes to consider in %s%s", valid.name, len(valid.order), run_dir,
                  f" (process {world.rank} of {world.size})" if world.size > 1 else "")
         bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True)
@@ -241,7 +247,9 @@ def run_graph(
                 bar.set_postfix_str(node_id)
                 node = valid.nodes[node_id]
                 status = statuses[node_id]
-                upstream = {name: f"{fingerprints[l.node]}:{l.output}" for name, l in sorted(node.links.items())}
+                upstream = {
+                    name: f"{fingerprints[link.node]}:{link.output}" for name, link in sorted(node.links.items())
+                }
                 status.key = node_key(node, upstream)
                 entry = run_dir / "cache" / node_id / status.key
                 if main and node_id in force and entry.exists():
@@ -319,7 +327,9 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
     if entry.exists():  # an incomplete entry from an interrupted run
         shutil.rmtree(entry)
     entry.mkdir(parents=True)
-    inputs = {name: value for name, value in node.params.items() if not (value is None and node.cls.input(name).optional)}
+    inputs = {
+        name: value for name, value in node.params.items() if not (value is None and node.cls.input(name).optional)
+    }
     for name, link in node.links.items():
         inputs[name] = result.output(link.node, link.output)
     checkpoints = run_dir / "checkpoints" / node.id / status.key

@@ -2,8 +2,8 @@
 
 Every output value is written to its node's cache entry as JSON (``encode``) and read back on a cache hit
 (``decode``). Values are handles — small objects that point at files (prompt sets, image tensors in
-safetensors, adapter folders) — so nothing large is serialised as Python objects and in-memory objects (models) are rebuilt from
-their files by whoever needs them.
+safetensors, adapter folders) — so nothing large is serialised as Python objects and in-memory objects (models)
+are rebuilt from their files by whoever needs them.
 """
 
 from __future__ import annotations

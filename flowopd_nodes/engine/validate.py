@@ -100,7 +100,11 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
     cls = REGISTRY.get(spec.type)
     if cls is None:
         known = ", ".join(sorted(REGISTRY))
-        return None, [GraphIssue("unknown_node_type", f"unknown node type {spec.type!r} (known: {known})", node=node_id, field="type")]
+        return None, [
+            GraphIssue(
+                "unknown_node_type", f"unknown node type {spec.type!r} (known: {known})", node=node_id, field="type"
+            )
+        ]
     issues: list[GraphIssue] = []
     ct = cls.NODE_ID
 
@@ -136,7 +140,8 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
         index = src_cls.output_index(out_name)
         if index is None:
             outs = [o.name for o in src_cls.OUTPUTS]
-            add("bad_linked_input", name, f"link {raw!r}: {src_cls.NODE_ID} has no output {out_name!r} (outputs: {outs})")
+            add("bad_linked_input", name,
+                f"link {raw!r}: {src_cls.NODE_ID} has no output {out_name!r} (outputs: {outs})")
             continue
         out_type = src_cls.OUTPUTS[index].type
         if out_type != port.type:
@@ -194,7 +199,9 @@ def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
     outputs = [n for n, node in resolved.items() if node.cls.OUTPUT_NODE]
     if graph.nodes and not outputs and not any(i.type == "unknown_node_type" for i in issues):
         issues.append(
-            GraphIssue("prompt_no_outputs", "the graph has no output node (e.g. a grid, report or evaluator): nothing to run")
+            GraphIssue(
+                "prompt_no_outputs", "the graph has no output node (e.g. a grid, report or evaluator): nothing to run"
+            )
         )
     if issues:
         raise GraphValidationError(issues, graph.source)

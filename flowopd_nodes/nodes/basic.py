@@ -35,8 +35,10 @@ class PromptFile(Node):
         '({"text", "task", "id", "spec"} per line).'
     )
     INPUTS = (
-        In("path", "STRING", help="prompt file (.txt or .jsonl), relative to the graph file", path=True, must_exist=True),
-        In("format", "COMBO", "auto", "file format: auto = by extension (.jsonl/.ndjson -> jsonl)", choices=("auto", "txt", "jsonl")),
+        In("path", "STRING", help="prompt file (.txt or .jsonl), relative to the graph file", path=True,
+           must_exist=True),
+        In("format", "COMBO", "auto", "file format: auto = by extension (.jsonl/.ndjson -> jsonl)",
+           choices=("auto", "txt", "jsonl")),
         In("default_task", "STRING", "", "task tag for prompts that carry none"),
         In("limit", "INT", 0, "keep only the first N prompts (0 = all)", min=0, max=1_000_000),
         In("task", "STRING", "", "keep only the prompts of this task tag ('' = all), before the limit"),

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from flowopd_core.eval.report import summarise, write_results
 from flowopd_core.eval.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, metric_plan, targets_from_refs
+from flowopd_core.eval.report import summarise, write_results
 from flowopd_core.images import load_png, to_comfy
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards import REWARDS
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes.engine import context
-from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 
 MAX_MODELS = 8  # ComfyUI's V1 contract has no variadic inputs: numbered optional slots
 
@@ -43,7 +43,8 @@ class Evaluator(Node):
     INPUTS = (
         In("prompts", "FLOWOPD_PROMPTS", help="held-out evaluation prompts (with task tags)"),
         In("model_1", "FLOWOPD_MODEL", help="first model (e.g. the base)"),
-        *(In(f"model_{i}", "FLOWOPD_MODEL", help=f"model {i} (optional)", optional=True) for i in range(2, MAX_MODELS + 1)),
+        *(In(f"model_{i}", "FLOWOPD_MODEL", help=f"model {i} (optional)", optional=True)
+          for i in range(2, MAX_MODELS + 1)),
         In("task_rewards", "STRING", "", "task -> its own metric over the mini-world's (compose=compose, "
            "text=ocr, quality=quality), e.g. 'compose=geneval, text=ocr, pick=pickscore'"),
         REWARD_SERVERS,

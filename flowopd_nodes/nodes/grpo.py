@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import math
 
+from flowopd_core.eval.plots import plot_curves
 from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, parse_window_range
 from flowopd_core.models.modelref import ModelRef
-from flowopd_core.eval.plots import plot_curves
 from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes.engine import context
+from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
-from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 
 _GRPO_INPUTS = config_inputs(GRPOConfig, skip=("window_range", "reward_weights"))
 CURVE_KEYS = ("reward", "reward_best_of_group", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm",
@@ -91,5 +91,7 @@ class GRPOTrainerNode(Node):
                                   ("epoch", "reward", "loss", "kl", "clip_fraction"), keep=keep_checkpoints)
         adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
         (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
-        curves = plot_curves(history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})")
+        curves = plot_curves(
+            history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})"
+        )
         return (ModelRef(model.path, model.dtype, model.device, adapter=str(adapter), label=label), str(curves))

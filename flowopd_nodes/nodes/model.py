@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowopd_core.eval.evaluate import targets_from_refs
-from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.images import to_comfy
 from flowopd_core.models.modelref import DEVICES, DTYPES, ModelRef
 from flowopd_core.prompts import PromptSet
+from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.sampling.samplers import SAMPLER_KINDS
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out
@@ -23,7 +23,8 @@ class LoadModel(Node):
         "handle; the weights load where they are used. Never downloads anything."
     )
     INPUTS = (
-        In("path", "STRING", help="pipeline folder (with model_index.json), relative to the graph file", path=True, must_exist=True),
+        In("path", "STRING", help="pipeline folder (with model_index.json), relative to the graph file", path=True,
+           must_exist=True),
         In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=tuple(DTYPES)),
         In("device", "COMBO", "auto", "auto = cuda when available, else cpu", choices=DEVICES),
         In("label", "STRING", "base", "name shown in reports"),
@@ -53,7 +54,8 @@ class Sample(Node):
         In("prompts", "FLOWOPD_PROMPTS", help="prompts; each gets images_per_prompt images"),
         In("steps", "INT", 20, "sampling steps", min=1, max=1000),
         In("guidance_scale", "FLOAT", 4.5, "classifier-free guidance w (1 = off)", min=0.0, max=50.0, step=0.1),
-        In("sampler", "COMBO", "ode", "ode = deterministic; sde / cps = stochastic (docs/method.md §1)", choices=SAMPLER_KINDS),
+        In("sampler", "COMBO", "ode", "ode = deterministic; sde / cps = stochastic (docs/method.md §1)",
+           choices=SAMPLER_KINDS),
         In("noise_level", "FLOAT", 0.7, "SDE noise level a", min=0.0, max=2.0, step=0.05),
         In("images_per_prompt", "INT", 1, "images per prompt", min=1, max=256),
         In("seed", "INT", 0, "seed of the noise", min=0, max=2**31 - 1),

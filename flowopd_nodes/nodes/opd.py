@@ -6,18 +6,18 @@ import json
 from typing import Any
 
 from flowopd_core.distill.coldstart import COLD_STARTS, SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
+from flowopd_core.distill.loss import ROUTE_MODES
 from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherRefs
+from flowopd_core.eval.plots import plot_curves
 from flowopd_core.models.merge import MERGE_METHODS
 from flowopd_core.models.modelref import ModelRef
-from flowopd_core.distill.loss import ROUTE_MODES
-from flowopd_core.eval.plots import plot_curves
 from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet
 from flowopd_core.rewards.spec import build_reward, parse_servers
 from flowopd_nodes.engine import context
+from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, optional_weights, reward_param_errors
 from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
-from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 
 MAX_TEACHERS = 8  # numbered optional slots: ComfyUI's V1 contract has no variadic inputs
 UNTAGGED_KEY = "untagged"
@@ -177,7 +177,9 @@ class ColdStartNode(Node):
         base = teachers.base
         if method == "none":
             (ctx.artifact_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
-            return (ModelRef(base.path, base.dtype, base.device, label=label), str(ctx.artifact_dir / "cold_start.json"))
+            return (
+                ModelRef(base.path, base.dtype, base.device, label=label), str(ctx.artifact_dir / "cold_start.json")
+            )
         pipe = base.load(fresh=True)
         pool = teachers.load_into(Policy(pipe.transformer))
         names = [pool.teachers[task] for task in teachers.tasks]

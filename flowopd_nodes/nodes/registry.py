@@ -3,8 +3,8 @@ from a name read from a graph file."""
 
 from __future__ import annotations
 
-from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, opd, pretrain
 from flowopd_nodes.engine.ports import Node
+from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, opd, pretrain
 
 NODES: list[type[Node]] = [
     basic.Seed,

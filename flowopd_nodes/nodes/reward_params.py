@@ -20,7 +20,9 @@ def optional_weights(spec: str, servers: dict[str, str]) -> dict[str, float]:
     return parse_reward_weights(spec, servers) if spec.strip() else {}
 
 
-def reward_param_errors(params: dict[str, Any], **parsers: Callable[[str, dict[str, str]], Any]) -> list[tuple[str, str]]:
+def reward_param_errors(
+    params: dict[str, Any], **parsers: Callable[[str, dict[str, str]], Any]
+) -> list[tuple[str, str]]:
     """Validation-time problems of ``reward_servers`` and of each port named in ``parsers`` (port -> a parser
     ``(spec, servers)`` that raises ValueError), as ``(field, message)``."""
     try:

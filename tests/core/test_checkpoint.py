@@ -7,11 +7,17 @@ import json
 import pytest
 import torch
 
-from flowopd_core.training.checkpoint import MANIFEST, CheckpointError, CheckpointStore, read_checkpoint, write_checkpoint
 from flowopd_core.training.base import (
     TrainerState,
     load_trainer_state,
     save_trainer_state,
+)
+from flowopd_core.training.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointStore,
+    read_checkpoint,
+    write_checkpoint,
 )
 
 

@@ -7,12 +7,12 @@ import torch
 
 from flowopd_core.distill.coldstart import SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
 from flowopd_core.distill.trainer import TeacherPool
-from flowopd_core.models.merge import read_adapter_factors
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
+from flowopd_core.models.merge import read_adapter_factors
 from flowopd_core.models.pipeline import TextEmbeddingCache
-from flowopd_core.training.pretrain import flow_matching_loss
 from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
+from flowopd_core.training.pretrain import flow_matching_loss
 
 PROMPTS = PromptSet((
     PromptSpec("a red circle", task="compose"),

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[2] / "flowopd_core"
-FORBIDDEN = {"networkx", "yaml", "comfy", "comfy_extras", "server", "folder_paths", "flowopd_nodes", "execution", "nodes"}
+FORBIDDEN = {
+    "networkx", "yaml", "comfy", "comfy_extras", "server", "folder_paths", "flowopd_nodes", "execution", "nodes"
+}
 
 
 def test_no_forbidden_import_statements():

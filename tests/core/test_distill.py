@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherPool
-from flowopd_core.training.base import load_trainer_state, save_trainer_state
-from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.distill.loss import route
+from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherPool
+from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.pipeline import TextEmbeddingCache, velocity
 from flowopd_core.models.policy import BASE_ADAPTER, LoraSpec, Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet, PromptSpec
 from flowopd_core.sampling.samplers import flow_sigmas, kl_weight
+from flowopd_core.training.base import load_trainer_state, save_trainer_state
 
 PROMPTS = PromptSet((
     PromptSpec("a red circle", task="compose"),

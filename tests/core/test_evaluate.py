@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from flowopd_core.eval.report import format_stat, mean_ci, paired_differences, summarise, write_results
 from flowopd_core.eval.evaluate import (
     EvalConfig,
     EvalTarget,
@@ -21,11 +20,12 @@ from flowopd_core.eval.evaluate import (
     metric_plan,
     target_sampler,
 )
-from flowopd_core.sampling.generate import SampleConfig, generate
+from flowopd_core.eval.report import format_stat, mean_ci, paired_differences, summarise, write_results
 from flowopd_core.miniworld.sets import prompt_set, render_set
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.rewards import REWARDS, Reward, SampleScore
+from flowopd_core.sampling.generate import SampleConfig, generate
 
 FAST = dict(steps=3, batch_size=4)
 

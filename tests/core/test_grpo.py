@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.grpo.loss import (
     combine_rewards,
     group_advantages,
@@ -17,12 +16,13 @@ from flowopd_core.grpo.loss import (
     ppo_clip_loss,
 )
 from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, balanced_draw, template_strata
-from flowopd_core.training.base import load_trainer_state, save_trainer_state
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
+from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.sampling.samplers import gaussian_kl, noisy_steps, sde_noise_std
+from flowopd_core.training.base import load_trainer_state, save_trainer_state
 
 TEXTS = ("a red circle", "two blue squares", "a green triangle")
 PROMPTS = PromptSet(tuple(PromptSpec(text, task="compose") for text in TEXTS))
@@ -295,7 +295,10 @@ def test_fast_window_step_subset_and_task_cycling(tmp_path):
     (j,) = batch.rollout.sde_steps
     assert 0 <= j < 2  # window range (0, T // 2)
     assert torch.equal(batch.train_steps, torch.full((8, 1), j))
-    assert (batch.rollout.log_probs[:, [i for i in range(4) if i != j]] == 0).all() and (batch.rollout.log_probs[:, j] != 0).all()
+    assert (
+        (batch.rollout.log_probs[:, [i for i in range(4) if i != j]] == 0).all()
+        and (batch.rollout.log_probs[:, j] != 0).all()
+    )
     assert {p.task for p in batch.prompts} == {"compose"}
     trainer.epoch_index = 1
     assert {p.task for p in trainer.collect().prompts} == {"text"}
@@ -339,7 +342,8 @@ def test_same_initial_noise_shares_x_T_within_each_group_only():
     for g in range(2):
         rows = (batch.group_ids == g).nonzero().flatten()
         assert len(rows) == 3 and all(torch.equal(x_T[rows[0]], x_T[r]) for r in rows[1:])
-        assert not torch.equal(batch.rollout.latents[rows[0], -1], batch.rollout.latents[rows[1], -1])  # the SDE steps differ
+        # the SDE steps differ
+        assert not torch.equal(batch.rollout.latents[rows[0], -1], batch.rollout.latents[rows[1], -1])
     assert not torch.equal(x_T[0], x_T[3])
     default = _trainer(_config(group_size=3, batch_size=4)).collect().rollout.latents[:, 0]
     assert not torch.equal(default[0], default[1])  # off: every sample draws its own

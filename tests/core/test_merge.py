@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.merge import (
     MERGE_METHODS,
     LoraFactors,
@@ -17,7 +18,6 @@ from flowopd_core.models.merge import (
     ties,
     write_adapter_factors,
 )
-from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.pipeline import TextEmbeddingCache, velocity
 from flowopd_core.models.policy import LoraSpec, Policy
 

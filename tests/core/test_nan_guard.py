@@ -15,7 +15,9 @@ from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
 
-PROMPTS = PromptSet(tuple(PromptSpec(t, task="compose") for t in ("a red circle", "two blue squares", "a green triangle")))
+PROMPTS = PromptSet(
+    tuple(PromptSpec(t, task="compose") for t in ("a red circle", "two blue squares", "a green triangle"))
+)
 
 
 class Reward:
@@ -36,7 +38,9 @@ def _trainer(reward: Reward, **overrides) -> GRPOTrainer:
     config = dict(group_size=4, prompts_per_epoch=2, steps=3, batch_size=8, lora_rank=4, lora_alpha=8.0, lr=1e-2,
                   updates_per_epoch=2, reward_workers=0, epochs=6)
     pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
-    trainer = GRPOTrainer(pipe, Policy(pipe.transformer), "p", {"r": reward}, GRPOConfig(**{**config, **overrides}), PROMPTS)
+    trainer = GRPOTrainer(
+        pipe, Policy(pipe.transformer), "p", {"r": reward}, GRPOConfig(**{**config, **overrides}), PROMPTS
+    )
     reward.trainer = trainer
     return trainer
 
@@ -60,7 +64,9 @@ def test_an_epoch_without_a_finite_reward_changes_nothing_and_too_many_stop(bad)
     assert skipped.skipped_steps == 2 and skipped.optimizer_steps == 2 and skipped.trained_samples == 0
     assert _same(before, _snapshot(trainer))  # LoRA, EMA, AdamW moments and step counts untouched
     assert trainer.state_dict().meta["bad_streak"] == 2
-    with pytest.raises(FloatingPointError, match=r"3 consecutive optimizer steps skipped .* at epoch 2 .*no finite reward"):
+    with pytest.raises(
+        FloatingPointError, match=r"3 consecutive optimizer steps skipped .* at epoch 2 .*no finite reward"
+    ):
         trainer.epoch()  # epoch 2: the third consecutive bad step
     assert _same(before, _snapshot(trainer))
 

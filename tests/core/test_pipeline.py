@@ -185,7 +185,10 @@ def test_cached_embeddings_equal_fresh_ones(pipe):
     cache = TextEmbeddingCache(pipe)
     assert cache.max_sequence_length == T5_LEN  # the tiny T5 tokenizer's model_max_length
     got = cache.encode(PROMPTS)
-    assert got.prompt_embeds.shape == (4, TEST_CONFIG.clip_max_length + T5_LEN, TEST_CONFIG.text_dim) and got.pooled.shape == (4, 64)
+    assert (
+        got.prompt_embeds.shape == (4, TEST_CONFIG.clip_max_length + T5_LEN, TEST_CONFIG.text_dim)
+        and got.pooled.shape == (4, 64)
+    )
     neg = cache.negative(3)
     assert len(neg) == 3
     for i, prompt in enumerate(PROMPTS):

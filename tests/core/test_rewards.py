@@ -12,8 +12,16 @@ from scipy import ndimage
 from flowopd_core import miniworld as mw
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards import (
-    CONTROL_REWARDS, REWARDS, TASK_REWARDS, ComposeReward, ComposeStrictReward, OCRLikelihoodReward,
-    OCRReward, QualityReward, RandomReward, make_reward,
+    CONTROL_REWARDS,
+    REWARDS,
+    TASK_REWARDS,
+    ComposeReward,
+    ComposeStrictReward,
+    OCRLikelihoodReward,
+    OCRReward,
+    QualityReward,
+    RandomReward,
+    make_reward,
 )
 from flowopd_core.rewards.ocr import ctc_target_loglik, ocr_score, target_text
 
@@ -204,8 +212,9 @@ def test_ocr_ground_truth_high_and_corruptions_low(ocr):
     assert result.mean() >= 0.95 and result.strict_mean() >= 0.98  # measured 1.0 and 1.0 over all 297 words
     assert ocr(as_tensor(clean), [wrong_prompt(s) for s in specs]).mean() <= 0.2
     assert ocr(as_tensor([np.full_like(c, 255) for c in clean[:8]]), specs[:8]).mean() <= 0.2
-    # measured on every 4th word of the earlier fixed-slot three-letter renders: rapidocr reads the glyphs through blur sigma 2 px (1.0) and 2.5 px (0.89) and
-    # noise std 0.3-0.45 (1.0-0.92), not sigma 3 px (0.24) or std 0.8 (0.06); gone at sigma 4 px and std 1
+    # measured on every 4th word of the earlier fixed-slot three-letter renders: rapidocr reads the glyphs through
+    # blur sigma 2 px (1.0) and 2.5 px (0.89) and noise std 0.3-0.45 (1.0-0.92), not sigma 3 px (0.24) or std 0.8
+    # (0.06); gone at sigma 4 px and std 1
     assert ocr(as_tensor(blur(clean, 5.0)), specs).mean() <= 0.2
     assert ocr(as_tensor(noise(clean, 1.0)), specs).mean() <= 0.2
 

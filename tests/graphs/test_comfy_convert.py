@@ -12,8 +12,8 @@ import pytest
 import runner
 from flowopd_nodes.comfy.format import COLUMN_WIDTH, graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
 from flowopd_nodes.engine.graph import load_graph_file
-from flowopd_nodes.nodes.registry import REGISTRY
 from flowopd_nodes.engine.validate import ValidGraph, validate
+from flowopd_nodes.nodes.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAPHS = sorted((ROOT / "graphs").rglob("*.yaml"))
@@ -116,7 +116,10 @@ def test_broken_json_is_refused_with_every_problem(tmp_path, capsys):
     errors = json.loads(capsys.readouterr().out)["node_errors"]
     assert {e["type"] for e in errors["eval"]["errors"]} == {"value_smaller_than_min"}
     assert {e["type"] for e in errors["base"]["errors"]} == {"unknown_node_type"}
-    assert runner.main(["import", str(path), "-o", str(tmp_path / "x.yaml")]) == 2 and not (tmp_path / "x.yaml").exists()
+    assert (
+        runner.main(["import", str(path), "-o", str(tmp_path / "x.yaml")]) == 2
+        and not (tmp_path / "x.yaml").exists()
+    )
     (tmp_path / "not_a_graph.json").write_text("[1, 2]")
     assert runner.main(["validate", str(tmp_path / "not_a_graph.json")]) == 2
     assert "not a ComfyUI graph" in capsys.readouterr().err
@@ -125,16 +128,19 @@ def test_broken_json_is_refused_with_every_problem(tmp_path, capsys):
 def test_canvas_made_files_import_as_the_graph_they_mean():
     # API format as ComfyUI writes it: numeric ids, display names as titles, a wrapped list value.
     api = {
-        "3": {"class_type": "FlowOPDMiniWorldPrompts", "inputs": {"task": "text", "split": "test", "per_task": 2, "seed": ["7", 0]},
+        "3": {"class_type": "FlowOPDMiniWorldPrompts",
+              "inputs": {"task": "text", "split": "test", "per_task": 2, "seed": ["7", 0]},
               "_meta": {"title": "Mini-world prompts"}},
         "7": {"class_type": "FlowOPDSeed", "inputs": {"seed": 5}, "_meta": {"title": "my seed"}},
-        "9": {"class_type": "FlowOPDSavePrompts", "inputs": {"prompts": ["3", 0], "filename": {"__value__": "a.jsonl"}}},
+        "9": {"class_type": "FlowOPDSavePrompts",
+              "inputs": {"prompts": ["3", 0], "filename": {"__value__": "a.jsonl"}}},
     }
     graph = graph_from_comfy(api, default_name="canvas")
     data = graph.to_data()
     assert data["name"] == "canvas"
     assert data["nodes"] == {
-        "3": {"type": "FlowOPDMiniWorldPrompts", "params": {"task": "text", "per_task": 2}, "links": {"seed": "7.seed"}},
+        "3": {"type": "FlowOPDMiniWorldPrompts", "params": {"task": "text", "per_task": 2},
+              "links": {"seed": "7.seed"}},
         "7": {"type": "FlowOPDSeed", "title": "my seed", "params": {"seed": 5}},
         "9": {"type": "FlowOPDSavePrompts", "params": {"filename": "a.jsonl"}, "links": {"prompts": "3.prompts"}},
     }
@@ -143,13 +149,17 @@ def test_canvas_made_files_import_as_the_graph_they_mean():
     # UI workflow: a primitive feeding a widget, a reroute on a wire, a note and a muted node on the side.
     wf = {
         "nodes": [
-            {"id": 1, "type": "PrimitiveNode", "outputs": [{"name": "INT", "type": "INT", "links": [1]}], "widgets_values": [11, "fixed"]},
+            {"id": 1, "type": "PrimitiveNode", "outputs": [{"name": "INT", "type": "INT", "links": [1]}],
+             "widgets_values": [11, "fixed"]},
             {"id": 2, "type": "FlowOPDMiniWorldPrompts", "mode": 0,
              "inputs": [{"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 1}],
-             "outputs": [{"name": "prompts", "type": "FLOWOPD_PROMPTS", "links": [2]}], "widgets_values": ["quality", "train", 3, 0]},
-            {"id": 5, "type": "Reroute", "inputs": [{"name": "", "type": "*", "link": 2}], "outputs": [{"name": "", "type": "*", "links": [3]}]},
+             "outputs": [{"name": "prompts", "type": "FLOWOPD_PROMPTS", "links": [2]}],
+             "widgets_values": ["quality", "train", 3, 0]},
+            {"id": 5, "type": "Reroute", "inputs": [{"name": "", "type": "*", "link": 2}],
+             "outputs": [{"name": "", "type": "*", "links": [3]}]},
             {"id": 4, "type": "FlowOPDSavePrompts", "title": "Save prompt set", "mode": 0,
-             "inputs": [{"name": "prompts", "type": "FLOWOPD_PROMPTS", "link": 3}], "outputs": [], "widgets_values": ["b.jsonl"]},
+             "inputs": [{"name": "prompts", "type": "FLOWOPD_PROMPTS", "link": 3}], "outputs": [],
+             "widgets_values": ["b.jsonl"]},
             {"id": 6, "type": "Note", "widgets_values": ["a comment"]},
             {"id": 8, "type": "FlowOPDSeed", "mode": 2, "widgets_values": [1]},
         ],
@@ -158,7 +168,8 @@ def test_canvas_made_files_import_as_the_graph_they_mean():
     }
     data = graph_from_comfy(wf, default_name="wf").to_data()
     assert data["nodes"] == {
-        "2": {"type": "FlowOPDMiniWorldPrompts", "params": {"task": "quality", "split": "train", "per_task": 3, "seed": 11}},
+        "2": {"type": "FlowOPDMiniWorldPrompts",
+              "params": {"task": "quality", "split": "train", "per_task": 3, "seed": 11}},
         "4": {"type": "FlowOPDSavePrompts", "params": {"filename": "b.jsonl"}, "links": {"prompts": "2.prompts"}},
     }
     wf["nodes"][3]["mode"] = 4  # bypassed: ComfyUI would pass inputs through; refused instead of guessed

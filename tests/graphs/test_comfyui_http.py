@@ -30,8 +30,8 @@ import pytest
 from PIL import Image
 
 import runner
-from flowopd_nodes.comfy.plugin import NODE_CLASS_MAPPINGS
 from flowopd_nodes.comfy.format import to_api_prompt
+from flowopd_nodes.comfy.plugin import NODE_CLASS_MAPPINGS
 from flowopd_nodes.engine.graph import apply_overrides, load_graph_file
 from flowopd_nodes.engine.validate import validate
 
@@ -187,7 +187,9 @@ def test_object_info_lists_every_node_as_declared(comfy):
 
 def test_exported_graph_runs_in_comfyui_and_matches_the_runner(comfy, tmp_path):
     args = [a for o in PREVIEW for a in ("--set", o)]
-    assert runner.main(["run", str(ROOT / "graphs" / "miniworld_preview.yaml"), "--run-dir", str(tmp_path), "--no-progress", *args]) == 0
+    assert runner.main([
+        "run", str(ROOT / "graphs" / "miniworld_preview.yaml"), "--run-dir", str(tmp_path), "--no-progress", *args
+    ]) == 0
     entry = comfy.wait(comfy.queue(_prompt("miniworld_preview.yaml", PREVIEW)))
     assert entry["status"]["status_str"] == "success", entry["status"]
     for task in ("compose", "text", "quality"):

@@ -101,14 +101,19 @@ def test_incomplete_entry_is_not_served(graph):
 
 def test_failing_node_leaves_nothing_and_exits_1(graph, capsys):
     (graph.parent / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
-    rc = runner.main(["run", str(graph), "--run-dir", str(graph.parent / "run"), "--no-progress", "--set", "f.path=bad.jsonl"])
+    rc = runner.main(
+        ["run", str(graph), "--run-dir", str(graph.parent / "run"), "--no-progress", "--set", "f.path=bad.jsonl"]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "node 'f' (FlowOPDPromptFile) failed" in err and "bad.jsonl:2" in err
     status = json.loads((graph.parent / "run" / "status.json").read_text())
     assert status["nodes"]["f"]["state"] == "failed"
     assert status["nodes"]["sf"]["state"] == "skipped"
-    assert not (graph.parent / "run" / "cache" / "f").exists() or not any((graph.parent / "run" / "cache" / "f").iterdir())
+    assert (
+        not (graph.parent / "run" / "cache" / "f").exists()
+        or not any((graph.parent / "run" / "cache" / "f").iterdir())
+    )
 
 
 def test_force_unknown_node_is_an_error(graph):
@@ -127,7 +132,11 @@ def test_export_comfy_api(graph, tmp_path):
     out = tmp_path / "api.json"
     assert runner.main(["export", str(graph), "--comfy-api", str(out)]) == 0
     prompt = json.loads(out.read_text())
-    assert prompt["sa"] == {"class_type": "FlowOPDSavePrompts", "inputs": {"filename": "prompts.jsonl", "prompts": ["a", 0]}, "_meta": {"title": "sa"}}
+    assert prompt["sa"] == {
+        "class_type": "FlowOPDSavePrompts",
+        "inputs": {"filename": "prompts.jsonl", "prompts": ["a", 0]},
+        "_meta": {"title": "sa"},
+    }
     assert Path(prompt["f"]["inputs"]["path"]).is_absolute()
 
 

@@ -155,7 +155,9 @@ def fake_comfyui(tmp_path, monkeypatch):
     )
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_output_directory = lambda: str(state.output)
-    for name, module in {"comfy": comfy_pkg, "comfy.utils": comfy_utils, "server": server, "folder_paths": folder_paths}.items():
+    for name, module in {
+        "comfy": comfy_pkg, "comfy.utils": comfy_utils, "server": server, "folder_paths": folder_paths
+    }.items():
         monkeypatch.setitem(sys.modules, name, module)
     return state
 
@@ -223,4 +225,7 @@ def test_without_comfyui_the_adapter_writes_under_the_fallback_folder(tmp_path, 
         monkeypatch.setitem(sys.modules, name, None)  # import fails as without ComfyUI
     out = comfy.NODE_CLASS_MAPPINGS["FlowOPDSavePrompts"]().execute(prompts=prompt_set("text", "test", 2, 0))
     (path,) = out["result"]
-    assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "flowopd" / "FlowOPDSavePrompts-FlowOPDSavePrompts")
+    assert (
+        Path(path).is_file()
+        and Path(path).is_relative_to(tmp_path / "flowopd" / "FlowOPDSavePrompts-FlowOPDSavePrompts")
+    )

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from flowopd_nodes.engine.ports import PRIMITIVES, contract_problems
-from flowopd_nodes.nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, NODES, REGISTRY
 from flowopd_nodes.engine.types import WIRE_TYPES
+from flowopd_nodes.nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, NODES, REGISTRY
 
 
 def test_registry_ids_unique_and_prefixed():
@@ -45,9 +45,9 @@ def test_node_contract(cls):
 
 
 def test_cache_fingerprint_covers_the_core_code_a_node_runs():
-    from flowopd_nodes.engine.ports import _core_closure
+    from flowopd_nodes.engine.ports import core_closure
 
-    closure = _core_closure("flowopd_nodes.nodes.evaluate")
+    closure = core_closure("flowopd_nodes.nodes.evaluate")
     assert {"flowopd_core.eval.evaluate", "flowopd_core.rewards.ocr", "flowopd_core.sampling.samplers"} <= closure
     assert "flowopd_core.grpo.trainer" not in closure  # unrelated core edits do not invalidate the evaluator
-    assert "flowopd_core.miniworld.tasks" in _core_closure("flowopd_nodes.nodes.miniworld")
+    assert "flowopd_core.miniworld.tasks" in core_closure("flowopd_nodes.nodes.miniworld")

@@ -20,7 +20,9 @@ TINY = [
 
 
 def run(run_dir: Path) -> int:
-    return runner.main(["run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir), "--no-progress", *TINY])
+    return runner.main(
+        ["run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir), "--no-progress", *TINY]
+    )
 
 
 def adapter(run_dir: Path) -> dict:
@@ -83,7 +85,10 @@ def test_non_finite_losses_stop_the_node_naming_it_and_keep_the_last_good_checkp
                         "--set", "teacher.prompts_per_epoch=4", "--set", "teacher.updates_per_epoch=2"]) == 1
     # groups of 4: some group is never flat; 2 updates in epoch 2 = the 2 consecutive bad steps
     text = (run_dir / "run.log").read_text()
-    assert "node teacher (grpo grpo-compose): 2 consecutive optimizer steps skipped for non-finite values at epoch 2" in text
+    assert (
+        "node teacher (grpo grpo-compose): 2 consecutive optimizer steps skipped for non-finite values at epoch 2"
+        in text
+    )
     assert "GRPO loss nan" in text and "epoch_000002, is intact" in text
     (key,) = (run_dir / "checkpoints" / "teacher").iterdir()
     from flowopd_core.training.checkpoint import CheckpointStore

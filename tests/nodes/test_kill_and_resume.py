@@ -28,7 +28,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUF
 
 
 def _command(run_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "runner.py"), "run", str(GRAPH), "--run-dir", str(run_dir), "--no-progress", *TINY]
+    return [
+        sys.executable, str(ROOT / "runner.py"), "run", str(GRAPH), "--run-dir", str(run_dir), "--no-progress", *TINY
+    ]
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ def _graph(tmp_path, second: dict) -> dict:
                       "params": {**TINY, "steps": 3, "batch_size": 4, "log_every": 1, "seed": 0}},
             "more": {"type": "FlowOPDPretrainMiniWorld", "params": second, "links": {"init": "first.model"}},
             "p": {"type": "FlowOPDMiniWorldPrompts", "params": {"task": "all", "split": "test", "per_task": 1}},
-            "s": {"type": "FlowOPDSample", "params": {"steps": 2}, "links": {"model": "more.model", "prompts": "p.prompts"}},
+            "s": {"type": "FlowOPDSample", "params": {"steps": 2},
+                  "links": {"model": "more.model", "prompts": "p.prompts"}},
             "grid": {"type": "FlowOPDImageGrid", "links": {"images": "s.images", "prompts": "s.prompts"}},
         },
     }
