@@ -149,9 +149,10 @@ class TeacherRefs:
         no_adapter = [task for task, ref in self.teachers if not ref.adapter]
         if no_adapter:
             problems.append(f"teachers {no_adapter} have no adapter (a teacher is a LoRA on the shared base)")
-        bases = {(str(ref.path), ref.dtype, ref.device) for _, ref in self.teachers}
+        bases = {ref.base_key for _, ref in self.teachers}
         if len(bases) > 1:
-            problems.append(f"teachers must share ONE base model (path, dtype, device), got {sorted(bases)}")
+            problems.append(f"teachers must share ONE base model (path, dtype, device, text length), got "
+                            f"{sorted(bases)}")
         if self.route not in ROUTE_MODES:
             problems.append(f"route must be one of {ROUTE_MODES}, got {self.route!r}")
         if problems:
@@ -170,9 +171,10 @@ class TeacherRefs:
     def check_base(self, ref: ModelRef, what: str) -> None:
         """Raise unless ``ref`` (a student or anchor) sits on the teachers' base."""
         base = self.base
-        if (str(ref.path), ref.dtype, ref.device) != (str(base.path), base.dtype, base.device):
-            raise ValueError(f"{what} must use the teachers' base {base.path} ({base.dtype}, {base.device}), "
-                             f"got {ref.path} ({ref.dtype}, {ref.device})")
+        if ref.base_key != base.base_key:
+            raise ValueError(f"{what} must use the teachers' base {base.path} ({base.dtype}, {base.device}, "
+                             f"T5 length {base.max_sequence_length}), got {ref.path} ({ref.dtype}, {ref.device}, "
+                             f"T5 length {ref.max_sequence_length})")
 
     def load_into(self, policy: Policy, anchor: ModelRef | None = None) -> TeacherPool:
         """Load every teacher adapter (as ``teacher_<task>``) and the anchor's (as ``anchor``; an anchor without
@@ -225,13 +227,15 @@ class TeacherPool:
         guidance_scale: float,
         batch_size: int,
         with_anchor: bool = True,
+        precision: str = "fp32",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target (and anchor) velocities at states ``x`` ``(B, C, H, W)``, times ``t`` ``(B,)``.
 
         Every (row, teacher) pair with weight > 0 in ``plan`` (and every row once more for the anchor) becomes
         one row of a mixed batch with its own adapter name; the batches run ``batch_size`` rows at a time.
         Returns ``(target (B, C, H, W), anchor (B, C, H, W) or None)``, float32; no anchor rows run when the
-        pool has no anchor or ``with_anchor`` is False.
+        pool has no anchor or ``with_anchor`` is False. precision: of the forwards (see
+        :func:`~flowopd_core.models.pipeline.velocity`).
         """
         rows, names, weights = [], [], []
         for k, task in enumerate(plan.teachers):
@@ -251,7 +255,8 @@ class TeacherPool:
             c = TextEmbeddings(cond.prompt_embeds[sel], cond.pooled[sel])
             u = TextEmbeddings(uncond.prompt_embeds[sel], uncond.pooled[sel]) if uncond is not None else None
             out[start : start + len(sel)] = velocity(
-                self.policy, x[sel], t[sel], c, u, guidance_scale, adapter_names=names[start : start + len(sel)]
+                self.policy, x[sel], t[sel], c, u, guidance_scale, adapter_names=names[start : start + len(sel)],
+                precision=precision,
             )
         w = torch.tensor(weights, dtype=torch.float32, device=x.device).view(-1, *([1] * (x.ndim - 1)))
         target = torch.zeros((x.shape[0], *x.shape[1:]), dtype=torch.float32, device=x.device)
@@ -333,7 +338,7 @@ class OPDTrainer(LoraTrainer):
         cond, uncond = self._conditioning(flat_specs)
         flat_plan = RoutePlan(plan.mode, plan.teachers, plan.weights[rows.cpu()], plan.index[rows.cpu()])
         target, anchor = self.pool.velocities(x, t, cond, uncond, flat_plan, self.config.guidance_scale,
-                                              self.config.batch_size)
+                                              self.config.batch_size, precision=self.precision)
         self._target_seconds = time.perf_counter() - start_time
         shape = (n, k, *x.shape[1:])
         return target.reshape(shape), (anchor.reshape(shape) if anchor is not None else None)

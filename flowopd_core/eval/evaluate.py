@@ -38,7 +38,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from flowopd_core.models.modelref import ModelRef
-from flowopd_core.models.pipeline import TextEmbeddingCache
+from flowopd_core.models.pipeline import PRECISIONS, TextEmbeddingCache
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards import REWARDS, TASK_REWARDS, Reward, make_reward
@@ -66,6 +66,10 @@ class EvalConfig:
     guidance_scale: float = field(default=4.5, metadata={"help": "classifier-free guidance w (1 = no CFG)"})
     seed: int = field(default=0, metadata={"help": "noise seed; sample i of a run starts from noise (seed, i)"})
     batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (and per scoring job)"})
+    precision: str = field(
+        default="auto", metadata={"help": "compute precision of the sampling: auto (fp32 on the CPU, bf16 on CUDA), "
+                                          "fp32, bf16 or fp16 (autocast)", "choices": PRECISIONS}
+    )
     images_per_prompt: int = field(default=1, metadata={"help": "images sampled per prompt"})
     metrics: str = field(
         default="task+quality", metadata={"help": f"rewards per task: {' | '.join(METRIC_MODES)} (METRIC_MODES)"}
@@ -139,7 +143,7 @@ def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingC
     cache = cache or TextEmbeddingCache(pipe)
     sample_config = SampleConfig(
         steps=config.steps, guidance_scale=config.guidance_scale, kind="ode", batch_size=max(1, config.batch_size),
-        seed=config.seed, height=config.resolution, width=config.resolution,
+        seed=config.seed, height=config.resolution, width=config.resolution, precision=config.precision,
     )
 
     def sample_images(texts: Sequence[str], indices: Sequence[int]) -> torch.Tensor:
@@ -345,7 +349,7 @@ def targets_from_refs(refs: Sequence[ModelRef]) -> list[EvalTarget]:
     """
     groups: dict[tuple[str, str, str], list[int]] = {}
     for i, ref in enumerate(refs):
-        groups.setdefault((ref.path, ref.dtype, ref.device), []).append(i)
+        groups.setdefault(ref.base_key, []).append(i)
     targets: list[EvalTarget | None] = [None] * len(refs)
     for members in groups.values():
         first = refs[members[0]]

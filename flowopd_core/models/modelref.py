@@ -9,7 +9,7 @@ model (adds adapters, trains) asks for ``fresh=True`` and owns what it gets.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class ModelRef:
     ``path``: the base pipeline folder (absolute once resolved by the caller). ``adapter``: a peft adapter
     folder (``adapter_model.safetensors`` + ``adapter_config.json``) applied on the base, "" for none.
     ``label``: the name shown in reports (default: the adapter's or the folder's name).
+    ``max_sequence_length``: T5 tokens of every prompt encoding (0 = 128, or the tokenizer's shorter limit;
+    see :func:`~flowopd_core.models.pipeline.set_text_length`).
     """
 
     path: str
@@ -45,6 +47,7 @@ class ModelRef:
     device: str = "auto"
     adapter: str = ""
     label: str = ""
+    max_sequence_length: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -58,7 +61,16 @@ class ModelRef:
 
     def base(self) -> ModelRef:
         """The same base model without adapter."""
-        return ModelRef(self.path, self.dtype, self.device)
+        return replace(self, adapter="", label="")
+
+    def with_adapter(self, adapter: str, label: str) -> ModelRef:
+        """The same base model (folder, dtype, device, text length) with ``adapter`` on top."""
+        return replace(self, adapter=adapter, label=label)
+
+    @property
+    def base_key(self) -> tuple[str, str, str, int]:
+        """What makes two references share one loaded base: (folder, dtype, device, text length)."""
+        return (str(self.path), self.dtype, self.device, self.max_sequence_length)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,18 +81,20 @@ class ModelRef:
 
     def load(self, *, fresh: bool = False) -> StableDiffusion3Pipeline:
         """The loaded base pipeline (the adapter is not applied): shared (read-only use) unless ``fresh``."""
+        options = dict(dtype=DTYPES[self.dtype], device=resolve_device(self.device),
+                       max_sequence_length=self.max_sequence_length)
         if fresh:
-            return load_pipeline(self.path, dtype=DTYPES[self.dtype], device=resolve_device(self.device))
-        key = (str(Path(self.path).resolve()), self.dtype, resolve_device(self.device))
+            return load_pipeline(self.path, **options)
+        key = (str(Path(self.path).resolve()), self.dtype, options["device"], self.max_sequence_length)
         with _LOCK:
             if key not in _SHARED:
                 if len(_SHARED) >= _MAX_SHARED:
                     _SHARED.pop(next(iter(_SHARED)))
-                _SHARED[key] = load_pipeline(self.path, dtype=DTYPES[self.dtype], device=key[2])
+                _SHARED[key] = load_pipeline(self.path, **options)
             return _SHARED[key]
 
 
 _MAX_SHARED = 2
-_SHARED: dict[tuple[str, str, str], StableDiffusion3Pipeline] = {}
+_SHARED: dict[tuple[str, str, str, int], StableDiffusion3Pipeline] = {}
 _LOCK = threading.Lock()
 

@@ -10,6 +10,7 @@ The same calls serve the tiny mini-world pipeline and SD3.5-Medium: only the fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +23,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 NUM_TRAIN_TIMESTEPS = 1000
 """SD3 timestep = sigma * 1000 (``FlowMatchEulerDiscreteScheduler.num_train_timesteps``)."""
-DEFAULT_T5_LENGTH = 256
-"""T5 tokens when the tokenizer declares no shorter ``model_max_length`` (the SD3 pipeline's own default)."""
+DEFAULT_T5_LENGTH = 128
+"""T5 tokens when neither the model reference nor the tokenizer asks for fewer: Flow-GRPO's and the Flow-OPD
+authors' 128 (the SD3 pipeline's own default is 256: twice the text tokens in every transformer forward)."""
+MAX_T5_LENGTH = 512
+"""The longest T5 text a pipeline may be asked for (T5's trained length)."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Compute precision of the model calls: ``auto`` = fp32 on the CPU, bf16 on CUDA; bf16 / fp16 run the
+transformer under ``torch.autocast`` (weights keep their dtype; outputs are returned in float32)."""
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -41,12 +48,17 @@ def configure_pixel_space(pipe: StableDiffusion3Pipeline) -> StableDiffusion3Pip
 
 
 def load_pipeline(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_sequence_length: int = 0,
 ) -> StableDiffusion3Pipeline:
     """Load a ``StableDiffusion3Pipeline`` from a local diffusers folder (never from a hub).
 
     Works for SD3 / SD3.5 folders and for the tiny mini-world pipeline (pixel space: see
-    :func:`configure_pixel_space`). All modules are put in eval mode. Raises ``FileNotFoundError`` naming
+    :func:`configure_pixel_space`). All modules are put in eval mode. ``max_sequence_length``: T5 tokens of
+    every prompt encoding (:func:`set_text_length`; 0 = the default). Raises ``FileNotFoundError`` naming
     ``path`` when it is not a pipeline folder.
     """
     folder = Path(path).expanduser()
@@ -68,7 +80,53 @@ def load_pipeline(
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
+    set_text_length(pipe, max_sequence_length)
     return pipe
+
+
+TEXT_LENGTH_ATTR = "flowopd_max_sequence_length"
+"""The pipeline attribute holding the T5 length chosen by :func:`set_text_length`."""
+
+
+def set_text_length(pipe: StableDiffusion3Pipeline, max_sequence_length: int = 0) -> int:
+    """Fix the T5 tokens every :class:`TextEmbeddingCache` of ``pipe`` encodes (the text length the transformer
+    sees is CLIP's 77 (or the tokenizer's) + this). 0 = the default: the tokenizer's ``model_max_length`` when
+    shorter, else :data:`DEFAULT_T5_LENGTH` (128). Returns the length set."""
+    if not 0 <= max_sequence_length <= MAX_T5_LENGTH:
+        raise ValueError(f"max_sequence_length must be in [1, {MAX_T5_LENGTH}] (0 = default), "
+                         f"got {max_sequence_length}")
+    length = max_sequence_length or default_text_length(pipe)
+    setattr(pipe, TEXT_LENGTH_ATTR, length)
+    return length
+
+
+def default_text_length(pipe: StableDiffusion3Pipeline) -> int:
+    """The T5 length of ``pipe``: the one :func:`set_text_length` chose, else min(the tokenizer's
+    ``model_max_length``, :data:`DEFAULT_T5_LENGTH`)."""
+    chosen = getattr(pipe, TEXT_LENGTH_ATTR, None)
+    if chosen:
+        return int(chosen)
+    declared = getattr(getattr(pipe, "tokenizer_3", None), "model_max_length", DEFAULT_T5_LENGTH)
+    return min(int(declared), DEFAULT_T5_LENGTH)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``fp32`` on the CPU, ``bf16`` on CUDA; other values as given (see :data:`PRECISIONS`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The context of a model call at ``precision`` (resolved): nothing for fp32, ``torch.autocast`` to
+    bfloat16 / float16 on ``device``'s type otherwise."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def latent_shape(
@@ -151,26 +209,26 @@ class TextEmbeddingCache:
         negative_prompt: str = "",
     ) -> None:
         if max_sequence_length is None:
-            declared = getattr(pipe.tokenizer_3, "model_max_length", DEFAULT_T5_LENGTH)
-            max_sequence_length = min(int(declared), DEFAULT_T5_LENGTH)
-        if not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+            max_sequence_length = default_text_length(pipe)
+        if not 1 <= max_sequence_length <= MAX_T5_LENGTH:
+            raise ValueError(f"max_sequence_length must be in [1, {MAX_T5_LENGTH}], got {max_sequence_length}")
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
         self.dtype = pipe.transformer.dtype
         self.device = pipe.transformer.device
         self._pipe: StableDiffusion3Pipeline | None = pipe
-        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # keyed by (prompt, T5 length): an embedding is only ever served at the length it was encoded with
+        self._rows: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __contains__(self, prompt: str) -> bool:
-        return prompt in self._rows
+        return (prompt, self.max_sequence_length) in self._rows
 
     @torch.no_grad()
     def _encode_missing(self, prompts: Sequence[str]) -> None:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        missing = list(dict.fromkeys(p for p in prompts if p not in self))
         if not missing:
             return
         if self._pipe is None:
@@ -184,14 +242,15 @@ class TextEmbeddingCache:
                 do_classifier_free_guidance=False,
                 max_sequence_length=self.max_sequence_length,
             )
-            self._rows[prompt] = (embeds[0].to(self.device, self.dtype), pooled[0].to(self.device, self.dtype))
+            self._rows[prompt, self.max_sequence_length] = (embeds[0].to(self.device, self.dtype),
+                                                            pooled[0].to(self.device, self.dtype))
 
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         """Embeddings of ``prompts`` in order: ``prompt_embeds`` ``(B, L, D)``, ``pooled`` ``(B, P)``."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
         self._encode_missing(prompts)
-        rows = [self._rows[p] for p in prompts]
+        rows = [self._rows[p, self.max_sequence_length] for p in prompts]
         return TextEmbeddings(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
     def negative(self, batch_size: int = 1) -> TextEmbeddings:
@@ -214,6 +273,7 @@ def velocity(
     uncond: TextEmbeddings | None = None,
     guidance_scale: float = 1.0,
     adapter_names: Sequence[str] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Velocity v(x, t | c) with classifier-free guidance as ONE batched forward (docs/method.md §1, CFG).
 
@@ -224,8 +284,9 @@ def velocity(
     x: ``(B, C, H, W)`` latents. t: sigma in [0, 1], a float, 0-dim or ``(B,)``; the model gets 1000 t.
     cond: ``B`` rows (or 1, broadcast). uncond: ``B`` rows or 1 (broadcast), required when w != 1.
     adapter_names: optional per-sample peft adapter names (``"__base__"`` = no adapter), length ``B``;
-        peft accepts them only in eval mode. Returns ``(B, C, H, W)`` in float32 (the guidance combination
-        is done in float32 even for half-precision models).
+        peft accepts them only in eval mode. precision: of the forward (:data:`PRECISIONS`; bf16 / fp16 run
+        under ``torch.autocast``). Returns ``(B, C, H, W)`` in float32 (the guidance combination is done in
+        float32 even for half-precision models and autocast forwards).
     """
     batch = x.shape[0]
     dtype = transformer.dtype
@@ -243,14 +304,15 @@ def velocity(
         t = torch.cat([t, t])
         names = names + names if names is not None else None
     extra = {"adapter_names": names} if names is not None else {}
-    out = transformer(
-        hidden_states=x.to(dtype),
-        timestep=(t * NUM_TRAIN_TIMESTEPS).to(dtype),
-        encoder_hidden_states=cond.prompt_embeds.to(dtype),
-        pooled_projections=cond.pooled.to(dtype),
-        return_dict=False,
-        **extra,
-    )[0].float()
+    with autocast(x.device, precision):
+        out = transformer(
+            hidden_states=x.to(dtype),
+            timestep=(t * NUM_TRAIN_TIMESTEPS).to(dtype),
+            encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
+            return_dict=False,
+            **extra,
+        )[0].float()
     if not guided:
         return out
     v_uncond, v_cond = out.chunk(2)

@@ -119,6 +119,20 @@ class Policy:
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    @property
+    def base_parameters(self) -> int:
+        """Parameters of the base transformer (adapters excluded)."""
+        return sum(p.numel() for n, p in self._base.named_parameters() if "lora_" not in n)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the transformer blocks' activations in backward passes (diffusers'
+        ``enable_gradient_checkpointing``: non-reentrant ``torch.utils.checkpoint`` per block; forwards without
+        grad are unaffected)."""
+        if enabled:
+            self._base.enable_gradient_checkpointing()
+        else:
+            self._base.disable_gradient_checkpointing()
+
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.model.parameters()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowopd_core.models.pipeline import TextEmbeddingCache, decode, latent_shape, velocity
+from flowopd_core.models.pipeline import PRECISIONS, TextEmbeddingCache, decode, latent_shape, velocity
 from flowopd_core.sampling.samplers import SAMPLER_KINDS, Rollout, flow_sigmas, sample
 
 
@@ -29,6 +29,10 @@ class SampleConfig:
     seed: int = field(default=0, metadata={"help": "seed of the initial noise (per sample) and the SDE noise"})
     height: int = field(default=0, metadata={"help": "image height in pixels (0 = the model's native size)"})
     width: int = field(default=0, metadata={"help": "image width in pixels (0 = the model's native size)"})
+    precision: str = field(
+        default="auto", metadata={"help": "compute precision of the transformer: auto (fp32 on the CPU, bf16 on "
+                                          "CUDA), fp32, bf16, fp16 (autocast; the sampler's arithmetic stays fp32)"}
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -39,6 +43,8 @@ class SampleConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def sample_noise(
@@ -89,7 +95,8 @@ def generate(
 
         def velocity_fn(x: torch.Tensor, t: float) -> torch.Tensor:
             # B023 is safe here: sample() below calls velocity_fn within this iteration and does not keep it
-            return velocity(transformer, x, t, cond, uncond, config.guidance_scale, adapter_names=names)  # noqa: B023
+            return velocity(transformer, x, t, cond, uncond, config.guidance_scale,  # noqa: B023
+                            adapter_names=names, precision=config.precision)  # noqa: B023
 
         with torch.no_grad():
             rollout = sample(

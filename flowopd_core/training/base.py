@@ -28,13 +28,20 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from flowopd_core.models.pipeline import TextEmbeddingCache, TextEmbeddings, decode, initial_noise, velocity
+from flowopd_core.models.pipeline import (
+    TextEmbeddingCache,
+    TextEmbeddings,
+    decode,
+    initial_noise,
+    resolve_precision,
+    velocity,
+)
 from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards.base import RewardResult
 from flowopd_core.sampling.samplers import Rollout, flow_sigmas, noisy_steps, sample
 from flowopd_core.training.checkpoint import read_checkpoint, write_checkpoint
-from flowopd_core.training.config import TrainerConfig
+from flowopd_core.training.config import TrainerConfig, use_checkpointing
 from flowopd_core.training.distributed import World
 from flowopd_core.training.ema import EMA
 
@@ -164,6 +171,9 @@ class LoraTrainer:
                 torch.manual_seed(config.seed)
                 policy.add_adapter(adapter_name, LoraSpec(rank=config.lora_rank, alpha=config.lora_alpha))
         policy.set_active(adapter_name)
+        self.precision = resolve_precision(config.precision, policy.device)  # of every model call (autocast)
+        self.gradient_checkpointing = use_checkpointing(config.gradient_checkpointing, policy.base_parameters)
+        policy.set_gradient_checkpointing(self.gradient_checkpointing)
         self.params = policy.adapter_parameters(adapter_name)
         trainable = policy.trainable_parameters(adapter_name)
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -188,7 +198,8 @@ class LoraTrainer:
 
     def _velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: TextEmbeddings,
                   uncond: TextEmbeddings | None, adapter_names: list[str] | None = None) -> torch.Tensor:
-        return velocity(self.policy, x, t, cond, uncond, self.config.guidance_scale, adapter_names=adapter_names)
+        return velocity(self.policy, x, t, cond, uncond, self.config.guidance_scale, adapter_names=adapter_names,
+                        precision=self.precision)
 
     def _optimizer_step(self) -> float | None:
         """Clip the gradient norm (``config.grad_clip``, 0 = none), step AdamW and the EMA; returns the pre-clip

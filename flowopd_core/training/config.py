@@ -9,7 +9,21 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from flowopd_core.models.pipeline import PRECISIONS
 from flowopd_core.sampling.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS
+
+CHECKPOINTING_MODES = ("auto", "on", "off")
+CHECKPOINTING_PARAMS = 500_000_000
+"""``gradient_checkpointing: auto`` turns it on for transformers with more parameters than this: SD3.5-Medium
+(2.5 B) keeps every block's activations for the backward pass otherwise, while the mini-world (2.3 M) and the
+reduced test models gain nothing from recomputing."""
+
+
+def use_checkpointing(mode: str, parameters: int) -> bool:
+    """Whether a trainer with ``gradient_checkpointing`` ``mode`` checkpoints a transformer of ``parameters``."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
+    return mode == "on" or (mode == "auto" and parameters > CHECKPOINTING_PARAMS)
 
 
 def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **limits: Any) -> Any:
@@ -81,6 +95,16 @@ class TrainerConfig:
     seed: int = setting(0, "seed of the trainer's generator (everything random)", min=0, max=2**31 - 1)
     reward_workers: int = setting(1, "threads scoring rewards during the next rollout batch; 0 = score inline",
                                   min=0, max=64)
+    precision: str = setting(
+        "auto", "compute precision of every model call (rollouts, teacher and anchor targets, training forward "
+                "and backward): auto = fp32 on the CPU, bf16 on CUDA; bf16 runs the transformer under autocast while "
+                "LoRA weights, gradients, AdamW state, SDE step arithmetic, log-probs and KL stay fp32; fp16 is "
+                "refused (it would need a gradient scaler)", choices=PRECISIONS)
+    gradient_checkpointing: str = setting(
+        "auto", "recompute each transformer block's activations in the backward pass instead of keeping them "
+                "(less memory, ~1/3 more compute): on, off, or auto = on for transformers above "
+                f"{CHECKPOINTING_PARAMS // 10**6} M parameters (SD3.5-Medium: 2.5 B; the mini-world: 2.3 M)",
+        choices=CHECKPOINTING_MODES)
     max_bad_steps: int = setting(
         3, "an optimizer step with a non-finite loss or gradient norm, or in an epoch without one finite reward "
            "(when rewards drive training), is skipped; this many consecutive skipped steps stop training",
@@ -92,6 +116,9 @@ class TrainerConfig:
             errors.append(f"train_fraction {self.train_fraction} must leave >= 1 trained step of {self.steps}")
         if self.kind == "cps" and self.noise_level > 1:
             errors.append(f"kind='cps' needs noise_level <= 1, got {self.noise_level}")
+        if self.precision == "fp16":
+            errors.append("precision 'fp16' is not supported for training (it needs a gradient scaler against "
+                          "underflow): use 'bf16', which has fp32's range")
         errors += self.extra_errors()
         if errors:
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(errors))

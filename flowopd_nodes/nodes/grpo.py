@@ -94,4 +94,4 @@ class GRPOTrainerNode(Node):
         curves = plot_curves(
             history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})"
         )
-        return (ModelRef(model.path, model.dtype, model.device, adapter=str(adapter), label=label), str(curves))
+        return (model.with_adapter(str(adapter), label), str(curves))

@@ -7,6 +7,7 @@ from pathlib import Path
 from flowopd_core.eval.evaluate import targets_from_refs
 from flowopd_core.images import to_comfy
 from flowopd_core.models.modelref import DEVICES, DTYPES, ModelRef
+from flowopd_core.models.pipeline import MAX_T5_LENGTH
 from flowopd_core.prompts import PromptSet
 from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.sampling.samplers import SAMPLER_KINDS
@@ -28,6 +29,8 @@ class LoadModel(Node):
         In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=tuple(DTYPES)),
         In("device", "COMBO", "auto", "auto = cuda when available, else cpu", choices=DEVICES),
         In("label", "STRING", "base", "name shown in reports"),
+        In("max_sequence_length", "INT", 0, "T5 text tokens per prompt; 0 = 128 (Flow-GRPO's and the authors' "
+           "length), or the tokenizer's shorter limit", min=0, max=MAX_T5_LENGTH),
     )
     OUTPUTS = (Out("model", "FLOWOPD_MODEL", "the model handle"),)
 
@@ -40,8 +43,8 @@ class LoadModel(Node):
             return [("path", f"{params['path']!r} is not a diffusers pipeline folder (no model_index.json)")]
         return []
 
-    def run(self, path: str, dtype: str, device: str, label: str) -> tuple[ModelRef]:
-        return (ModelRef(path, dtype, device, label=label),)
+    def run(self, path: str, dtype: str, device: str, label: str, max_sequence_length: int) -> tuple[ModelRef]:
+        return (ModelRef(path, dtype, device, label=label, max_sequence_length=max_sequence_length),)
 
 
 class Sample(Node):

@@ -178,7 +178,7 @@ class ColdStartNode(Node):
         if method == "none":
             (ctx.artifact_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
             return (
-                ModelRef(base.path, base.dtype, base.device, label=label), str(ctx.artifact_dir / "cold_start.json")
+                base.with_adapter("", label), str(ctx.artifact_dir / "cold_start.json")
             )
         pipe = base.load(fresh=True)
         pool = teachers.load_into(Policy(pipe.transformer))
@@ -202,7 +202,7 @@ class ColdStartNode(Node):
                         title=f"SFT cold start: {label}")
         adapter = pool.policy.save_adapter("student", ctx.artifact_dir / "adapter")
         (ctx.artifact_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
-        return (ModelRef(base.path, base.dtype, base.device, adapter=str(adapter), label=label),
+        return (base.with_adapter(str(adapter), label),
                 str(ctx.artifact_dir / "cold_start.json"))
 
 
@@ -282,4 +282,4 @@ class DistillerNode(Node):
         extra = sorted(k for k, v in history[-1].items() if k.startswith(("kl_", "reward_")) and isinstance(v, float))
         keys = (*OPD_CURVE_KEYS, *extra)
         curves = plot_curves(history, keys, ctx.artifact_dir / "curves.png", title=f"Flow-OPD: {label} ({config.mode})")
-        return (ModelRef(student.path, student.dtype, student.device, adapter=str(adapter), label=label), str(curves))
+        return (student.with_adapter(str(adapter), label), str(curves))
