@@ -30,7 +30,7 @@ from flowopd_core.models.merge import (
     read_adapter_factors,
     write_adapter_factors,
 )
-from flowopd_core.models.pipeline import TextEmbeddingCache, TextEmbeddings, initial_noise
+from flowopd_core.models.pipeline import TextEmbeddingCache, TextEmbeddings, initial_noise, resolve_precision
 from flowopd_core.models.policy import LoraSpec, Policy
 from flowopd_core.prompts import PromptSet
 from flowopd_core.sampling.samplers import flow_sigmas, sample
@@ -97,6 +97,11 @@ class SFTConfig:
     lora_rank: int = field(default=16, metadata={"help": "the student's LoRA rank"})
     lora_alpha: float = field(default=32.0, metadata={"help": "the student's LoRA alpha"})
     seed: int = field(default=0, metadata={"help": "seeds sampling noise, batches, times and dropout"})
+    precision: str = field(
+        default="auto", metadata={"help": "compute precision of the teacher sampling and the SFT steps: auto (fp32 "
+                                          "on the CPU, bf16 on CUDA), fp32 or bf16 (autocast)",
+                                  "choices": ("auto", "fp32", "bf16")}
+    )
 
     def __post_init__(self) -> None:
         errors = [f"{n} must be >= 1" for n in ("samples_per_prompt", "sample_steps", "train_steps", "batch_size",
@@ -107,6 +112,9 @@ class SFTConfig:
             errors.append("need 0 <= cfg_dropout < 1, lr > 0, lora_alpha > 0, guidance_scale >= 0")
         if self.route not in ROUTE_MODES:
             errors.append(f"route must be one of {ROUTE_MODES}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            errors.append(f"precision must be auto, fp32 or bf16 (fp16 needs a gradient scaler), "
+                          f"got {self.precision!r}")
         if errors:
             raise ValueError("invalid SFTConfig: " + "; ".join(errors))
 
@@ -139,6 +147,7 @@ def sft_cold_start(
         raise ValueError("SFT needs training prompts")
     generator = torch.Generator().manual_seed(config.seed)
     cache = TextEmbeddingCache(pipe)
+    precision = resolve_precision(config.precision, policy.device)
     sigmas = flow_sigmas(config.sample_steps, scheduler=pipe.scheduler).to(policy.device)
     start = time.perf_counter()
     x0 = []
@@ -152,7 +161,7 @@ def sft_cold_start(
             times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
             return pool.velocities(
                 x, times, cond, uncond, plan,  # noqa: B023 - sample() below calls it within this iteration
-                config.guidance_scale, config.batch_size, with_anchor=False,
+                config.guidance_scale, config.batch_size, with_anchor=False, precision=precision,
             )[0]
 
         size = config.resolution or None
@@ -179,7 +188,7 @@ def sft_cold_start(
         )
         t = sample_times(len(rows), 0.0, 1.0, generator).to(data.device)
         eps = torch.randn(data[rows].shape, generator=generator).to(data.device)
-        loss = flow_matching_loss(policy, data[rows], cond, t, eps)
+        loss = flow_matching_loss(policy, data[rows], cond, t, eps, precision=precision)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite SFT loss at step {len(losses)}")
         optimizer.zero_grad(set_to_none=True)

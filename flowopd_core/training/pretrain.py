@@ -143,14 +143,16 @@ def flow_matching_loss(
     cond: TextEmbeddings,
     t: torch.Tensor,
     eps: torch.Tensor,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Rectified-flow loss mean((v_theta(x_t, t | c) - (eps - x0))^2), x_t = (1 - t) x0 + t eps (docs/method.md §3).
 
-    x0, eps: ``(B, C, H, W)``; t: ``(B,)`` in [0, 1]; cond: ``B`` rows. Returns a 0-dim tensor.
+    x0, eps: ``(B, C, H, W)``; t: ``(B,)`` in [0, 1]; cond: ``B`` rows; precision: of the forward (see
+    :func:`~flowopd_core.models.pipeline.velocity`). Returns a 0-dim float32 tensor.
     """
     t_ = t.view(-1, 1, 1, 1)
     x_t = (1.0 - t_) * x0 + t_ * eps
-    v = velocity(transformer, x_t, t, cond)
+    v = velocity(transformer, x_t, t, cond, precision=precision)
     return torch.mean((v - (eps - x0).float()) ** 2)
 
 
