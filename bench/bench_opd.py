@@ -485,7 +485,10 @@ def run_time(model: str, repeats: int, config: OPDConfig) -> list[str]:
         "The authors' loop structure (docs/method.md §8), implemented in this script, on the same batches: per trained "
         "step the student (with grad), the routed teacher (each teacher a separate model, one forward per teacher "
         "present in the micro-batch) and the anchor (the policy with adapters off) as three separate CFG forwards "
-        "inside the training loop.",
+        "inside the training loop. Both sides at OUR shapes (the mini-world's text length and batches): this "
+        "compares the loop structures, not the authors' real runs, whose text padding (77 + 128 T5 tokens on the "
+        "mini-world's 16) and micro-batch of 4 make their loop slower again (docs/method.md §8; the same comparison "
+        "at their shapes on an SD3.5-Medium-shaped model is bench/gpu_suite.py's).",
         "",
         "| loop | sampling wall s | targets + training wall s | iteration wall s | ratio | iteration CPU s "
         "| ratio (CPU) |",
