@@ -3,7 +3,8 @@
 ``RemoteReward(url)(images, prompts) -> RewardResult`` with ``images`` ``(B, 3, H, W)`` float in [0, 1]. It is a
 ``Reward``, so the base class does what it does for every reward: check the inputs, give non-finite images NaN
 without sending them, and quantise the rest to uint8 -- the very images the PNGs carry, so remote scores equal
-in-process scores (see ``server.py``). The valid images go out in requests of at most ``batch_size``. (A model
+in-process scores (see ``server.py``). The valid images go out in requests of at most ``batch_size``, fewer
+where the server's pixel budget or image count per request (its ``GET /info`` limits) needs it. (A model
 reward whose forward depends on the batch's make-up -- text padded to the longest prompt, batched kernels -- may
 differ in the last float bits when the requests split a batch differently from an in-process call.)
 
@@ -107,8 +108,15 @@ class RemoteReward(Reward):
         return super().__call__(images, prompts)
 
     def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
-        """``(N, H, W, 3)`` uint8 images -> N ``SampleScore`` in requests of at most ``batch_size``."""
-        size = self.config.batch_size
+        """``(N, H, W, 3)`` uint8 images -> N ``SampleScore`` in requests of at most ``batch_size`` images,
+        fewer where the server's pixel budget per request (``GET /info`` limits) needs it."""
+        limits = self.info().get("limits", {})
+        pixels = images.shape[1] * images.shape[2]
+        if pixels > limits.get("max_image_pixels", pixels):
+            raise RemoteRewardError(f"{self.config.url}: images of {images.shape[2]}x{images.shape[1]} pixels are "
+                                    f"over the server's limit of {limits['max_image_pixels']} per image")
+        size = min(self.config.batch_size, limits.get("max_images", self.config.batch_size),
+                   limits.get("max_request_pixels", pixels) // pixels)
         out: list[SampleScore] = []
         for start in range(0, len(prompts), size):
             out += self._score_chunk(images[start:start + size], prompts[start:start + size])

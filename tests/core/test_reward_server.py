@@ -285,9 +285,25 @@ def test_size_limits_give_413_and_a_local_error():
         status, answer = post(handle.url, {"version": 1, "images": [encode_image(image)],
                                            "prompts": [PromptSpec(text="x").to_json()]})
         assert status == 400 and "32x32 pixels, over the limit 256" in answer["error"]
-        images = torch.rand(8, 3, 32, 32)  # noise PNGs: several KB each
+        with pytest.raises(RemoteRewardError, match="images of 32x32 pixels are over the server's limit of 256"):
+            RemoteReward(handle.url, **FAST)(torch.rand(2, 3, 32, 32), [PromptSpec(text="x")] * 2)
+        images = torch.rand(8, 3, 16, 16)  # noise PNGs: ~1 KB each
         with pytest.raises(RemoteRewardError, match="over the server's limit of 2048; lower batch_size"):
             RemoteReward(handle.url, **FAST)(images, [PromptSpec(text="x")] * 8)
+
+
+def test_requests_fit_the_servers_pixel_budget_and_image_count():
+    images, prompts = varied_batch("quality", n=10)  # 32 x 32
+    for limits, posts in ((ServerLimits(max_image_pixels=32 * 32, max_request_pixels=3 * 32 * 32), 4),
+                          (ServerLimits(max_images=4), 3)):
+        with start_server("quality", limits=limits) as handle:
+            proxy = Proxy(handle.url)
+            try:
+                result = RemoteReward(proxy.url, batch_size=64, **FAST)(images, prompts)
+            finally:
+                proxy.close()
+        assert proxy.posts == posts
+        assert_same_result(result, make_reward("quality")(images, prompts))
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
