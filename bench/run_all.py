@@ -39,7 +39,8 @@ NOT_MEASURED = (
     "full_opd end to end (opt-in, about 11 min a run: `python bench/run_all.py --only engine,sampling,opd,full_opd "
     "--full-opd-runs 3`); last measured on 2026-11-25 (commit 42b094c): 687 s median of 3 (target <= 15 min: met), "
     "graph engine 1.0 s = 0.15 % (target <= 1 %: met)",
-    "the GPU suite (tiny model and an SD3.5-Medium-sized transformer, model-FLOPs utilisation): needs a lent GPU",
+    "the GPU suite (`python bench/gpu_suite.py`: GRPO and OPD on an SD3.5-Medium-shaped model at 512 px, MFU, "
+    "the authors' structure at their shapes; writes bench/RESULTS-gpu.md): needs a lent GPU",
 )
 VERDICT = re.compile(
     r"^Target \((?P<issue>[^)]*)\): (?P<what>.*): \*\*(?P<verdict>met|MISSED)\*\*(?: \((?P<value>[^)]*)\))?"
