@@ -31,13 +31,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "requires torchvision" notices on import
 
 COMMANDS = ("run", "validate", "list-nodes", "export", "import", "serve-reward")
+USAGE = """%(prog)s GRAPH.yaml [--set NODE.PARAM=VALUE ...] [--run-dir DIR] [--force NODE ...]
+       %(prog)s validate GRAPH.yaml [--set NODE.PARAM=VALUE ...] [--json] [--no-file-check]
+       %(prog)s list-nodes [--json]
+       %(prog)s export GRAPH.yaml [--comfy-api OUT.json] [--comfy-workflow OUT.json]
+       %(prog)s import COMFY.json [-o OUT.yaml]
+       %(prog)s serve-reward NAME [--host HOST] [--port P] [--set FIELD=VALUE ...]"""
+EPILOG = """GRAPH may also be a ComfyUI API or UI-workflow JSON file. --set takes the text given for a text input
+(STRING or a choice: --set 'router.weights=text: text=0.8 compose=0.2') and reads any other value as a YAML scalar
+(3, 0.5, true).
+Exit codes: 0 done, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran), 128 + N a
+training node stopped on signal N after writing a checkpoint (rerun the same command to resume)."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=Path(sys.argv[0]).name or "flowopd", description="Run flowopd graph files headless."
+        prog=Path(sys.argv[0]).name or "flowopd", usage=USAGE, epilog=EPILOG,
+        description="Run flowopd graph files headless (the first form runs a graph: the command 'run' is implied).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def graph_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("graph", type=Path, help="graph file (YAML, or ComfyUI API / UI-workflow JSON)")
@@ -113,6 +126,8 @@ def _serve_reward(args: argparse.Namespace) -> int:
 
 
 def _load(path: Path, overrides: list[str], check_files: bool = True):
+    """Load and validate a graph (YAML, or ComfyUI JSON by its suffix); bad overrides are reported with every
+    other problem of the graph."""
     from flowopd_nodes.engine.graph import apply_overrides, load_graph_file
     from flowopd_nodes.engine.validate import validate
 
@@ -122,22 +137,26 @@ def _load(path: Path, overrides: list[str], check_files: bool = True):
         graph = load_comfy_file(path)
     else:
         graph = load_graph_file(path)
-    if overrides:
-        apply_overrides(graph, overrides)
+    apply_overrides(graph, overrides)
     return validate(graph, check_files=check_files)
 
 
 def _import(args: argparse.Namespace) -> int:
     """ComfyUI JSON -> YAML graph; the result is validated before it is written (exit 2 and nothing written if not)."""
     from flowopd_nodes.comfy.format import graph_to_yaml, load_comfy_file
-    from flowopd_nodes.engine.errors import GraphValidationError
+    from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError
+    from flowopd_nodes.engine.graph import name_problem
     from flowopd_nodes.engine.validate import validate
 
     out_dir = (args.output.parent if args.output else Path.cwd()).resolve()
     try:
         graph = load_comfy_file(args.json, yaml_dir=out_dir)
-        if args.name:
-            graph.name = args.name
+        if args.name is not None:
+            problem = name_problem(args.name, "--name")
+            if problem:
+                graph.load_issues.append(GraphIssue("invalid_graph", problem, field="name"))
+            else:
+                graph.name = args.name
         validate(graph, check_files=not args.no_file_check)
     except GraphValidationError as exc:
         print(exc, file=sys.stderr)
@@ -194,7 +213,10 @@ def _list_nodes(as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    if not argv:
+        _parser().print_help(sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
     if args.command == "list-nodes":
@@ -221,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "validate":
-        print(f"{args.graph}: valid ({len(valid.nodes)} nodes, {len(valid.order)} to run)")
+        if args.json:
+            print(json.dumps({"valid": True, "graph": str(args.graph), "name": valid.name, "nodes": len(valid.nodes),
+                              "to_run": len(valid.order), "node_errors": {}}, indent=2))
+        else:
+            print(f"{args.graph}: valid ({len(valid.nodes)} nodes, {len(valid.order)} to run)")
         return 0
     if args.command == "export":
         from flowopd_nodes.comfy.format import to_api_prompt, to_workflow
@@ -233,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flowopd_core.training.distributed import init_from_env
+    from flowopd_nodes.engine.graph import inside
     from flowopd_nodes.engine.scheduler import run_graph
 
     unknown = sorted(set(args.force) - set(valid.nodes))
     if unknown:
         print(f"error: --force names no node of the graph: {unknown}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or Path("runs") / valid.name
+    run_dir = args.run_dir or inside("runs", valid.name)  # a validated name: a folder under runs/
     world = init_from_env()  # several processes under torchrun / accelerate launch (WORLD_SIZE > 1)
     try:
         result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)

@@ -25,8 +25,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError
-from flowopd_nodes.engine.graph import SCHEMA_VERSION, Graph, graph_from_data
+from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError, shown
+from flowopd_nodes.engine.graph import (
+    MAX_DEPTH,
+    MAX_NODES,
+    SCHEMA_VERSION,
+    Graph,
+    graph_from_data,
+    name_problem,
+    read_graph_text,
+    safe_name,
+)
 from flowopd_nodes.engine.ports import REQUIRED, In, Node
 from flowopd_nodes.engine.validate import ValidGraph
 from flowopd_nodes.nodes.registry import REGISTRY
@@ -207,8 +216,8 @@ def _widget_value(value: Any, port: In) -> Any:
 # --- import -------------------------------------------------------------------------------------------------
 
 
-def _fail(message: str, source: str) -> GraphValidationError:
-    return GraphValidationError([GraphIssue("invalid_graph", message)], source)
+def _fail(message: str, source: str, kind: str = "invalid_graph", **where: str) -> GraphValidationError:
+    return GraphValidationError([GraphIssue(kind, message, **where)], source)
 
 
 def detect(data: Any) -> str:
@@ -220,6 +229,40 @@ def detect(data: Any) -> str:
     return ""
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def parse_json(text: str, source: str) -> Any:
+    """JSON as plain data, or :class:`GraphValidationError`: within the graph files' limits (nesting depth,
+    size), with duplicate keys refused (JSON would keep the last one silently)."""
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise _fail(f"key {shown(exc.args[0])} appears twice in one object", source, "duplicate_key",
+                    field=str(exc.args[0])[:80]) from None
+    except RecursionError:
+        raise _fail(f"cannot read {source} as JSON: nested more than {MAX_DEPTH} levels deep", source) from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise _fail(f"cannot read {source} as JSON: {exc}", source) from None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise _fail(f"cannot read {source} as JSON: nested more than {MAX_DEPTH} levels deep", source)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return data
+
+
 def load_comfy_file(path: str | Path, *, yaml_dir: Path | None = None) -> Graph:
     """A ComfyUI JSON file (API or UI workflow, or a ``{"prompt": ...}`` request body) as a :class:`Graph`.
 
@@ -228,32 +271,93 @@ def load_comfy_file(path: str | Path, *, yaml_dir: Path | None = None) -> Graph:
     """
     path = Path(path)
     source = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _fail(f"no such file: {path}", source) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(f"cannot read {path} as JSON: {exc}", source) from None
+    data = parse_json(read_graph_text(path, unreadable="invalid_graph"), source)
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]
-    return graph_from_comfy(data, default_name=path.stem.removesuffix(".api").removesuffix(".workflow"),
-                            source=source, yaml_dir=yaml_dir)
+    default = safe_name(path.stem.removesuffix(".api").removesuffix(".workflow"))
+    return graph_from_comfy(data, default_name=default, source=source, yaml_dir=yaml_dir)
 
 
 def graph_from_comfy(data: Any, *, default_name: str, source: str = "<memory>", yaml_dir: Path | None = None) -> Graph:
     kind = detect(data)
-    if kind == "workflow":
-        doc = _from_workflow(data, source)
-    elif kind == "api":
-        doc = _from_api(data, source)
-    else:
+    if kind == "":
         raise _fail("not a ComfyUI graph: expected API format ({id: {class_type, inputs}}) or a UI workflow "
                     "({nodes, links})", source)
+    size = len(data["nodes"]) if kind == "workflow" else len(data)
+    if size > MAX_NODES:
+        raise _fail(f"{size} nodes; a graph may have {MAX_NODES}", source)
+    shape = _workflow_shape(data) if kind == "workflow" else _api_shape(data)
+    if shape:
+        raise GraphValidationError(shape, source)
+    doc = _from_workflow(data, source) if kind == "workflow" else _from_api(data, source)
     for node in doc["nodes"].values():
         _tidy_params(node, yaml_dir)
     doc.setdefault("name", default_name)
     base = yaml_dir if yaml_dir is not None else ROOT
     return graph_from_data(doc, base_dir=base.resolve(), default_name=default_name, source=source)
+
+
+def _is_id(value: Any) -> bool:
+    """A ComfyUI node or link id: an integer (the canvas) or a string (API keys, newer frontends)."""
+    return isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool)
+
+
+def _api_shape(data: dict[str, Any]) -> list[GraphIssue]:
+    """Problems of an API prompt's shape, each naming the node and field (a conversion could not go on)."""
+    issues = []
+    for key, raw in data.items():
+        node = str(key)[:80]
+        if not isinstance(raw.get("class_type"), str):
+            issues.append(GraphIssue("invalid_graph", f"class_type must be a node type name, got "
+                                     f"{shown(raw.get('class_type'))}", node=node, field="class_type"))
+        if not isinstance(raw.get("inputs", {}), dict):
+            issues.append(GraphIssue("invalid_graph", "inputs must be an object", node=node, field="inputs"))
+    return issues
+
+
+def _workflow_shape(data: dict[str, Any]) -> list[GraphIssue]:
+    """Problems of a UI workflow's shape (ids, slots, links), each naming the node and field."""
+    issues = []
+
+    def bad(node: Any, field: str, message: str) -> None:
+        issues.append(GraphIssue("invalid_graph", message, node=str(node)[:80] if _is_id(node) else "", field=field))
+
+    seen: set[Any] = set()
+    for index, node in enumerate(data["nodes"]):
+        if not isinstance(node, dict):
+            bad("", "nodes", f"nodes[{index}] must be an object, got {shown(node)}")
+            continue
+        node_id = node.get("id")
+        if not _is_id(node_id):
+            bad("", "id", f"nodes[{index}]: a node id must be an integer or a string, got {shown(node_id)}")
+            continue
+        if node_id in seen:
+            bad(node_id, "id", f"node id {shown(node_id)} appears twice")
+        seen.add(node_id)
+        if not isinstance(node.get("type"), str):
+            bad(node_id, "type", f"type must be a node type name, got {shown(node.get('type'))}")
+        for key, kinds in (("inputs", list), ("outputs", list), ("properties", dict),
+                           ("widgets_values", (list, dict))):
+            if node.get(key) is not None and not isinstance(node[key], kinds):
+                bad(node_id, key, f"{key} has the wrong shape: {shown(node[key])}")
+        for key in ("inputs", "outputs"):
+            slots = node.get(key) if isinstance(node.get(key), list) else []
+            for slot in slots:
+                if not isinstance(slot, dict) or not isinstance(slot.get("name", ""), str):
+                    bad(node_id, key, f"a slot of {key} must be an object with a name, got {shown(slot)}")
+                elif key == "inputs" and slot.get("link") is not None and not _is_id(slot["link"]):
+                    bad(node_id, slot["name"], f"link must be a link id, got {shown(slot['link'])}")
+    for link in data["links"]:
+        if isinstance(link, list):
+            ends = link[:5]
+        elif isinstance(link, dict):
+            ends = [link.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot")]
+        else:
+            ends = []
+        if len(ends) < 5 or not all(map(_is_id, ends[:2] + ends[3:4])) or not all(
+                isinstance(e, int) and not isinstance(e, bool) for e in (ends[2], ends[4])):
+            bad("", "links", f"a link must be [id, source, slot, target, slot, type], got {shown(link)}")
+    return issues
 
 
 def _meta_doc(meta: Any) -> dict[str, Any]:
@@ -267,7 +371,11 @@ def _meta_doc(meta: Any) -> dict[str, Any]:
 
 
 def _safe_id(raw: Any, taken: set[str]) -> str:
-    base = str(raw).replace(".", "_") or "node"
+    """Our id for a ComfyUI id: ComfyUI's separators ``.`` and ``:`` (nested nodes) become ``_``. An id that
+    would still break the node id rule is kept as written, for validation to refuse in the user's spelling."""
+    base = str(raw).replace(".", "_").replace(":", "_") or "node"
+    if name_problem(base, "node id"):
+        base = str(raw)
     node_id, i = base, 2
     while node_id in taken:
         node_id, i = f"{base}_{i}", i + 1
@@ -290,8 +398,8 @@ def _from_api(data: dict[str, Any], source: str) -> dict[str, Any]:
     ids = {key: _safe_id(key, taken) for key in data}
     nodes: dict[str, Any] = {}
     for key, raw in data.items():
-        class_type = raw.get("class_type")
-        cls = REGISTRY.get(class_type) if isinstance(class_type, str) else None
+        class_type = raw["class_type"]
+        cls = REGISTRY.get(class_type)
         entry: dict[str, Any] = {"type": class_type, "params": {}, "links": {}}
         meta = raw.get("_meta") if isinstance(raw.get("_meta"), dict) else {}
         title = _title(meta.get("title"), ids[key], cls)
@@ -299,9 +407,10 @@ def _from_api(data: dict[str, Any], source: str) -> dict[str, Any]:
             entry["title"] = title
         inputs = raw.get("inputs") if isinstance(raw.get("inputs"), dict) else {}
         for name, value in inputs.items():
-            if isinstance(value, list) and len(value) == 2 and str(value[0]) in data and isinstance(value[1], int):
+            if (isinstance(value, list) and len(value) == 2 and _is_id(value[0]) and str(value[0]) in data
+                    and isinstance(value[1], int) and not isinstance(value[1], bool)):
                 src = data[str(value[0])]
-                src_cls = REGISTRY.get(src.get("class_type"))
+                src_cls = REGISTRY.get(src["class_type"])
                 outputs = [o.name for o in src_cls.OUTPUTS] if src_cls is not None else []
                 out_name = outputs[value[1]] if 0 <= value[1] < len(outputs) else f"output{value[1]}"
                 entry["links"][name] = f"{ids[str(value[0])]}.{out_name}"
@@ -336,16 +445,17 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
             issues.append(GraphIssue("invalid_graph", f"node {node.get('id')} ({node.get('type')}) is bypassed: "
                                      "remove it or turn bypass off", node=str(node.get("id"))))
 
-    def source_of(link_id: Any, seen: int = 0) -> tuple[Any, int] | None:
+    def source_of(link_id: Any) -> tuple[Any, int] | None:
         """The (node, slot) a link starts from, followed back through reroutes."""
-        if link_id not in links or seen > len(links):
-            return None
-        src, slot, _, _ = links[link_id]
-        node = raw_nodes.get(src)
-        if node is not None and node.get("type") == "Reroute":
-            upstream = (node.get("inputs") or [{}])[0].get("link")
-            return source_of(upstream, seen + 1)
-        return src, slot
+        for _ in range(len(links) + 1):  # a loop of reroutes ends here
+            if link_id not in links:
+                return None
+            src, slot, _, _ = links[link_id]
+            node = raw_nodes.get(src)
+            if node is None or node.get("type") != "Reroute":
+                return src, slot
+            link_id = (node.get("inputs") or [{}])[0].get("link")
+        return None
 
     taken: set[str] = set()
     ids: dict[Any, str] = {}
@@ -385,7 +495,8 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
                 continue
             src_node = raw_nodes[src[0]]
             if src_node.get("type") == "PrimitiveNode":
-                entry["params"][name] = (src_node.get("widgets_values") or [None])[0]
+                primitive = src_node.get("widgets_values")
+                entry["params"][name] = primitive[0] if isinstance(primitive, list) and primitive else None
                 continue
             if skipped(src_node):
                 continue
@@ -396,7 +507,7 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
                 out_slots = src_node.get("outputs") or []
                 out_name = (
                     out_slots[src[1]].get("name")
-                    if isinstance(src[1], int) and src[1] < len(out_slots)
+                    if isinstance(src[1], int) and 0 <= src[1] < len(out_slots)
                     else f"output{src[1]}"
                 )
             entry["links"][name] = f"{ids[src[0]]}.{out_name}"
@@ -437,7 +548,10 @@ def _tidy_params(node: dict[str, Any], yaml_dir: Path | None) -> None:
 
 
 def _relative_path(value: str, yaml_dir: Path | None) -> str:
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of an unknown user: validation reports it
+        return value
     absolute = Path(os.path.normpath(path if path.is_absolute() else ROOT / path))
     if yaml_dir is None:
         return str(absolute)

@@ -15,9 +15,10 @@ ComfyUI gets, for each registered node, a thin subclass (same id, ports, display
   under inference mode are cloned into ordinary tensors first;
 - every PNG a node writes at the top of its artifact folder is shown on the node (``{"ui": {"images": ...}}``).
 
-ComfyUI checks each value's type, range and choices itself; ``VALIDATE_INPUTS`` (nodes with path inputs)
-adds that the file exists and the node's own checks of it; cross-field and link checks run as the node
-starts. Relative paths typed on the canvas resolve against the repository root.
+``VALIDATE_INPUTS`` runs the runner's checks on each node's inputs when a prompt is queued (types, ranges,
+choices, file names, paths, link types, the node's own cross-field and link checks); the node's own checks
+run again as it starts, with the values of linked widgets. Relative paths typed on the canvas resolve
+against the repository root.
 Without ComfyUI (tests, the runner) everything here still works: no progress bar, no events, and artifacts
 under ``$FLOWOPD_COMFY_OUTPUT`` (default ``<repo>/runs/comfy``).
 """
@@ -38,8 +39,10 @@ import torch
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
 from flowopd_nodes.engine import context
+from flowopd_nodes.engine.errors import GraphIssue
+from flowopd_nodes.engine.graph import inside
 from flowopd_nodes.engine.ports import REQUIRED, Node
-from flowopd_nodes.engine.validate import check_value
+from flowopd_nodes.engine.validate import check_inputs, node_problems
 from flowopd_nodes.nodes.registry import NODES
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root: relative paths typed on the canvas start here
@@ -186,8 +189,8 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
     key = call_key(cls, inputs)
     root = output_root()
     folder = _folder_name(node_id, cls)
-    artifact_dir = root / folder / key
-    checkpoint_dir = root / "checkpoints" / folder / key
+    artifact_dir = inside(root, folder, key)
+    checkpoint_dir = inside(root, "checkpoints", folder, key)
     if artifact_dir.exists():  # a previous call on the same inputs: start from an empty folder, as the runner does
         shutil.rmtree(artifact_dir)
     artifact_dir.mkdir(parents=True)
@@ -223,46 +226,40 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
 
 
 # --- validation ---------------------------------------------------------------------------------------------
-# ComfyUI checks types, ranges and choices itself, input by input, for every input that VALIDATE_INPUTS does
-# not take; an input VALIDATE_INPUTS takes is checked only there and any failure is reported on each input it
-# takes. So VALIDATE_INPUTS takes exactly the path inputs (does the file exist, and the node's own checks about
-# them, e.g. "a diffusers folder"); cross-field and link checks need every value and run when the node starts.
+# VALIDATE_INPUTS takes every widget input, the node's id and ``input_types`` (the types of the outputs linked to
+# its inputs), so ComfyUI hands every value check to it (it then skips its own range, choice and link-type
+# checks for them) and the checks are the runner's own (flowopd_nodes.engine.validate): types, ranges and
+# choices, file names, paths (relative to the repository root), link types, the node's cross-field and link
+# checks. ComfyUI shows a node only its own inputs: checks across nodes (soft-routing weights against the
+# linked pool's tasks) run in the runner, or when the node starts. A widget fed by a link arrives as None.
 
 
-def _overrides(cls: type[Node], name: str) -> bool:
-    return getattr(getattr(cls, name), "__func__", None) is not getattr(Node, name).__func__
-
-
-def path_problems(cls: type[Node], given: dict[str, Any]) -> list[str]:
-    """Problems of the path inputs in ``given`` (constants; a linked one arrives as None and is skipped)."""
-    problems: list[str] = []
-    params = {p.name: p.default for p in cls.INPUTS if p.is_widget and p.default is not REQUIRED}
-    checked = set()
-    for port in cls.INPUTS:
-        if port.path and given.get(port.name) is not None:
-            value, issues = check_value(port, given[port.name], "", cls.NODE_ID, ROOT)
-            problems += [f"{i.message} [{i.type}]" for i in issues]
-            params[port.name] = value
-            checked.add(port.name)
-    if not problems and checked and _overrides(cls, "check_params"):
-        try:  # the node's own checks, kept to those about the inputs checked here (others are defaults now)
-            problems += [message for field, message in cls.check_params(params) if field in checked]
-        except (KeyError, TypeError, ValueError):
-            pass  # a check that needs values this call does not have: it runs again when the node starts
-    return problems
+def validation_issues(cls: type[Node], node_id: str, given: dict[str, Any],
+                      input_types: dict[str, Any] | None = None) -> list[GraphIssue]:
+    """What the runner's validation finds in one node's inputs as ComfyUI passes them to VALIDATE_INPUTS."""
+    linked = {name: kind if isinstance(kind, str) else None for name, kind in (input_types or {}).items()}
+    values = {name: value for name, value in given.items() if value is not None and name not in linked}
+    params, issues = check_inputs(cls, node_id, values, linked, ROOT)
+    issues = [i for i in issues if i.type != "required_input_missing"]  # ComfyUI reports those itself
+    if not issues:
+        connected = frozenset(linked) if input_types is not None else None  # None: not told, link checks wait
+        issues = [GraphIssue("custom_validation_failed", message, node=node_id, field=field, class_type=cls.NODE_ID)
+                  for field, message in node_problems(cls, params, connected)]
+    return issues
 
 
 def run_checks(cls: type[Node], inputs: dict[str, Any]) -> list[str]:
     """The node's cross-field and link checks on the values of one call (as the runner runs them at validation)."""
     params = {p.name: inputs.get(p.name) for p in cls.INPUTS if p.is_widget}
     linked = frozenset(p.name for p in cls.INPUTS if not p.is_widget and inputs.get(p.name) is not None)
-    checks = [*cls.check_params(dict(params)), *cls.check_links(dict(params), linked)]
-    return [f"{field or 'node'}: {message}" for field, message in checks]
+    return [f"{field or 'node'}: {message}" for field, message in node_problems(cls, params, linked)]
 
 
-def _validate_paths(cls: type[Node], **given: Any) -> bool | str:
-    problems = path_problems(cls.RUNNER_CLASS, given)
-    return True if not problems else "; ".join(problems)
+def _validate_inputs(cls: type[Node], unique_id: Any = None, input_types: Any = None, **given: Any) -> bool | str:
+    runner_cls = cls.RUNNER_CLASS
+    node_id = str(unique_id) if unique_id is not None else runner_cls.NODE_ID
+    issues = validation_issues(runner_cls, node_id, given, input_types if isinstance(input_types, dict) else None)
+    return True if not issues else "; ".join(str(issue) for issue in issues)
 
 
 def _with_signature(func: Any, names: list[str]) -> Any:
@@ -332,10 +329,10 @@ def adapt(cls: type[Node]) -> type[Node]:
         "INPUT_TYPES": classmethod(lambda c: comfy_input_types(cls)),
         "execute": execute,
     }
-    paths = [p.name for p in cls.INPUTS if p.path]
-    if paths:
-        validate = _with_signature(lambda c, **given: _validate_paths(c, **given), paths)
-        attrs["VALIDATE_INPUTS"] = classmethod(validate)
+    widgets = [p.name for p in cls.INPUTS if p.is_widget]
+    validate = _with_signature(lambda c, **given: _validate_inputs(c, **given), ["unique_id", "input_types", *widgets])
+    attrs["VALIDATE_INPUTS"] = classmethod(validate)
+    if any(p.path for p in cls.INPUTS):
         attrs["IS_CHANGED"] = classmethod(_is_changed)
     return type(f"Comfy{cls.__name__}", (cls,), attrs)
 

@@ -31,6 +31,15 @@ ISSUE_TYPES = (
 )
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a message quotes what it refuses without repeating a huge
+    value (control characters and NUL bytes show escaped)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass(frozen=True)
 class GraphIssue:
     """One problem, located as precisely as possible (node id and field may be empty for file-level ones)."""

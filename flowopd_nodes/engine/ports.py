@@ -52,6 +52,9 @@ class In:
     optional: bool = False
     path: bool = False  # STRING holding a file-system path: resolved against the graph file's folder
     must_exist: bool = False  # with path=True: the path must exist before anything runs
+    folder: bool = False  # with path=True: the path names a folder (else a file); checked when it exists
+    artifact: str = ""  # STRING naming a file the node writes in its own artifact folder, with this suffix:
+    # a plain file name (no folder part) of safe characters ending in e.g. ".png"
 
     @property
     def is_widget(self) -> bool:
@@ -162,6 +165,19 @@ class Node:
         name per connected numbered slot. Runs at validation time after :meth:`check_params`."""
         return []
 
+    @classmethod
+    def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """What validation can tell of this node's outputs from its params alone (output name -> facts, e.g. a
+        teacher pool's task names), given the facts of its linked inputs (``inputs``: input name -> facts).
+        Downstream nodes read them in :meth:`check_facts`. A widget that is linked is absent from ``params``."""
+        return {}
+
+    @classmethod
+    def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """Checks against the facts of the linked inputs (see :meth:`output_facts`), at validation time, when
+        the upstream nodes' params tell them (in a graph file; ComfyUI shows a node only its own inputs)."""
+        return []
+
     def run(self, **inputs: Any) -> tuple:
         raise NotImplementedError
 
@@ -250,6 +266,12 @@ def contract_problems(cls: type[Node]) -> list[str]:
             problems.append(f"{where}: wire inputs cannot have a default value")
         if port.path and port.type != "STRING":
             problems.append(f"{where}: path=True needs type STRING")
+        if (port.must_exist or port.folder) and not port.path:
+            problems.append(f"{where}: must_exist and folder need path=True")
+        if port.artifact and (port.type != "STRING" or port.path or not port.artifact.startswith(".")):
+            problems.append(f"{where}: artifact needs type STRING, no path=True and a suffix such as '.png'")
+        if port.choices and port.type != "COMBO":
+            problems.append(f"{where}: a port with choices must be a COMBO (a dropdown, checked at validation)")
     for out in cls.OUTPUTS:
         if out.type not in PRIMITIVES and not out.type.startswith(CUSTOM_PREFIX) and out.type != "IMAGE":
             problems.append(f"output {out.name!r}: custom wire types must start with {CUSTOM_PREFIX}")

@@ -48,8 +48,9 @@ from flowopd_core import __version__ as core_version
 from flowopd_core.training.distributed import World
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import NodeExecutionError, TrainingInterrupted
+from flowopd_nodes.engine.graph import inside
 from flowopd_nodes.engine.types import WIRE_TYPES, decode_outputs, encode_outputs
-from flowopd_nodes.engine.validate import ResolvedNode, ValidGraph
+from flowopd_nodes.engine.validate import ResolvedNode, ValidGraph, node_problems
 
 OUTPUTS_FILE = "outputs.json"
 HASH_CONTENT_LIMIT = 256 * 2**20  # files/folders up to this size are fingerprinted by content, larger by size+mtime
@@ -251,7 +252,7 @@ def run_graph(
                     name: f"{fingerprints[link.node]}:{link.output}" for name, link in sorted(node.links.items())
                 }
                 status.key = node_key(node, upstream)
-                entry = run_dir / "cache" / node_id / status.key
+                entry = inside(run_dir, "cache", node_id, status.key)
                 if main and node_id in force and entry.exists():
                     shutil.rmtree(entry)
                 started = time.perf_counter()
@@ -264,7 +265,7 @@ def run_graph(
                     log.info("node %s (%s): cached %s", node_id, node.cls.NODE_ID, status.key)
                 elif not main:
                     if node.cls.DISTRIBUTED:  # in step with process 0; files of its own go to rank_dir
-                        _execute(node, result, rank_dir / node_id, run_dir, progress, owner=False)
+                        _execute(node, result, inside(rank_dir, node_id), run_dir, progress, owner=False)
                     else:
                         log.info("node %s (%s): runs in process 0", node_id, node.cls.NODE_ID)
                     if not world.broadcast_int(0):  # waits for process 0's outputs.json
@@ -332,7 +333,7 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
     }
     for name, link in node.links.items():
         inputs[name] = result.output(link.node, link.output)
-    checkpoints = run_dir / "checkpoints" / node.id / status.key
+    checkpoints = inside(run_dir, "checkpoints", node.id, status.key)
     ctx = context.NodeContext(
         node_id=node.id,
         artifact_dir=entry,
@@ -344,6 +345,11 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
     )
     log.info("node %s (%s): executing %s", node.id, node.cls.NODE_ID, status.key)
     try:
+        # The node's own checks again, now with the values of widgets fed by links (unknown at validation).
+        params = {p.name: inputs.get(p.name) for p in node.cls.INPUTS if p.is_widget}
+        problems = node_problems(node.cls, params, frozenset(node.links))
+        if problems:
+            raise ValueError("; ".join(f"{field or 'node'}: {message}" for field, message in problems))
         with context.use(ctx), torch.inference_mode(False), torch.enable_grad():
             values = getattr(node.cls(), node.cls.FUNCTION)(**inputs)
         if isinstance(values, dict) and "result" in values:  # ComfyUI's {"ui": ..., "result": (...)}
@@ -373,8 +379,8 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
 def _link_latest(run_dir: Path, node_id: str, entry: Path) -> None:
     nodes_dir = run_dir / "nodes"
     nodes_dir.mkdir(exist_ok=True)
-    link = nodes_dir / node_id
-    tmp = nodes_dir / f".{node_id}.tmp{os.getpid()}"
+    link = inside(nodes_dir, node_id)
+    tmp = inside(nodes_dir, f".{node_id}.tmp{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(os.path.relpath(entry, nodes_dir))

@@ -2,19 +2,24 @@
 
 :func:`validate` returns a :class:`ValidGraph` (resolved params, the dependency graph and the execution
 order) or raises :class:`GraphValidationError` listing all problems, ComfyUI ``node_errors``-style.
+:func:`check_inputs` and :func:`node_problems` are the per-node checks every front end runs (graph files,
+``--set``, ComfyUI JSON, and ComfyUI's VALIDATE_INPUTS through :mod:`flowopd_nodes.comfy.plugin`); checks
+across nodes (cycles, one line per cycle; :meth:`Node.check_facts`) need the whole graph.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError
-from flowopd_nodes.engine.graph import Graph, parse_link
+from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError, shown
+from flowopd_nodes.engine.graph import Graph, did_you_mean, parse_link
 from flowopd_nodes.engine.ports import REQUIRED, In, Node
 from flowopd_nodes.nodes.registry import REGISTRY
 
@@ -48,6 +53,12 @@ class ValidGraph:
 
 
 _PYTHON_TYPES = {"INT": "an integer", "FLOAT": "a number", "STRING": "a string", "BOOLEAN": "true or false"}
+INT_LIMIT = 2**63  # INT values are 64-bit integers wherever they end up (torch, JSON readers)
+FLOAT_LIMIT = sys.float_info.max
+ARTIFACT_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+ARTIFACT_RULE = "a plain file name (no folder part) of 1 to 128 characters out of A-Z a-z 0-9 _ - ."
+MAX_CYCLES_SHOWN = 10  # cycles reported (one line each); a cycle shows at most MAX_CYCLE_NODES of its nodes
+MAX_CYCLE_NODES = 8
 
 
 def _type_ok(port: In, value: Any) -> bool:
@@ -60,50 +71,144 @@ def _type_ok(port: In, value: Any) -> bool:
     return isinstance(value, str)  # STRING, COMBO
 
 
+def _number_hint(port: In, value: Any) -> str:
+    """Why YAML read a number as text (``1e-4`` is a string in YAML 1.1), when that is what happened."""
+    if port.type not in ("INT", "FLOAT") or not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    return f" (YAML reads {value!r} as text; write {number!r})" if math.isfinite(number) else ""
+
+
 def check_value(
     port: In, value: Any, node: str, class_type: str, base_dir: Path, check_files: bool = True
 ) -> tuple[Any, list[GraphIssue]]:
     """Check one widget value against its port; return the resolved value (absolute path) and problems.
-    ``check_files=False`` skips the existence of ``must_exist`` paths (files that live on another machine)."""
 
-    def issue(kind: str, message: str) -> list[GraphIssue]:
-        return [GraphIssue(kind, message, node=node, field=port.name, class_type=class_type)]
+    Numbers are compared with their range before any conversion (an integer too large for a float is refused,
+    not converted). ``check_files=False`` skips the existence of ``must_exist`` paths (files that live on
+    another machine)."""
+
+    def issue(kind: str, message: str) -> tuple[Any, list[GraphIssue]]:
+        return value, [GraphIssue(kind, message, node=node, field=port.name, class_type=class_type)]
 
     if value is None and port.optional:
         return None, []
     if not _type_ok(port, value):
         expected = _PYTHON_TYPES.get(port.type, "one of " + ", ".join(map(repr, port.choices)))
-        return value, issue("invalid_input_type", f"expected {expected} ({port.type}), got {value!r}")
-    if port.type == "FLOAT":
-        if not math.isfinite(value):
-            return value, issue("invalid_input_type", f"expected a finite number, got {value!r}")
-        value = float(value)  # 5 and 5.0 are the same setting (and the same cache key)
-    if port.type == "COMBO" and value not in port.choices:
-        return value, issue("value_not_in_list", f"{value!r} is not one of {list(port.choices)}")
+        return issue("invalid_input_type", f"expected {expected} ({port.type}), got {shown(value)}"
+                     f"{_number_hint(port, value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return issue("invalid_input_type", f"expected a finite number, got {value!r}")
+    if port.choices and value not in port.choices:
+        return issue("value_not_in_list", f"{shown(value)} is not one of {list(port.choices)}"
+                     f"{did_you_mean(value, port.choices)}")
     if port.min is not None and value < port.min:
-        return value, issue("value_smaller_than_min", f"{value!r} is smaller than the minimum {port.min}")
+        return issue("value_smaller_than_min", f"{shown(value)} is smaller than the minimum {port.min}")
     if port.max is not None and value > port.max:
-        return value, issue("value_bigger_than_max", f"{value!r} is bigger than the maximum {port.max}")
+        return issue("value_bigger_than_max", f"{shown(value)} is bigger than the maximum {port.max}")
+    if port.type == "INT" and not -INT_LIMIT <= value < INT_LIMIT:
+        return issue("value_bigger_than_max", f"{shown(value)} does not fit in a 64-bit integer")
+    if port.type == "FLOAT":
+        if abs(value) > FLOAT_LIMIT:
+            return issue("value_bigger_than_max", f"{shown(value)} is too large for a FLOAT")
+        value = float(value)  # 5 and 5.0 are the same setting (and the same cache key)
+    if port.artifact and not (ARTIFACT_PATTERN.fullmatch(value) and value.endswith(port.artifact)):
+        return issue("invalid_input_type", f"{shown(value)}: expected {ARTIFACT_RULE}, ending in {port.artifact!r}")
     if port.path and value:
-        path = Path(value).expanduser()
-        resolved = path if path.is_absolute() else (base_dir / path)
-        if port.must_exist and check_files and not resolved.exists():
-            return value, issue("file_not_found", f"{value!r} does not exist (looked at {resolved})")
-        return str(resolved), []
+        return _check_path(port, value, base_dir, check_files, issue)
     if port.path and port.must_exist and not value:
-        return value, issue("required_input_missing", "a path is required")
+        return issue("required_input_missing", "a path is required")
     return value, []
+
+
+def _check_path(port: In, value: str, base_dir: Path, check_files: bool, issue: Any) -> tuple[Any, list[GraphIssue]]:
+    if any(ord(c) < 32 for c in value):
+        return issue("invalid_input_type", f"{shown(value)}: a path cannot hold control characters")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:  # ~user of an unknown user
+        return issue("invalid_input_type", f"{shown(value)}: {exc}")
+    resolved = path if path.is_absolute() else (base_dir / path)
+    if check_files and resolved.exists():
+        if port.folder and not resolved.is_dir():
+            return issue("invalid_input_type", f"{shown(value)} is a file; a folder is expected (looked at {resolved})")
+        if not port.folder and resolved.is_dir():
+            return issue("invalid_input_type", f"{shown(value)} is a folder; a file is expected (looked at {resolved})")
+    elif port.must_exist and check_files:
+        return issue("file_not_found", f"{shown(value)} does not exist (looked at {resolved})")
+    return str(resolved), []
+
+
+def check_inputs(
+    cls: type[Node],
+    node_id: str,
+    values: dict[str, Any],
+    linked: dict[str, str | None],
+    base_dir: Path,
+    check_files: bool = True,
+) -> tuple[dict[str, Any], list[GraphIssue]]:
+    """One node's inputs, checked the same way for every front end (graph files, ComfyUI's VALIDATE_INPUTS).
+
+    ``values``: the widget values given; ``linked``: input name -> the type of the output linked to it (None:
+    not known). Returns every widget's value (given, else its default; paths resolved; linked widgets left
+    out) and the problems: link types, values, required inputs neither set nor linked.
+    """
+    issues: list[GraphIssue] = []
+    ct = cls.NODE_ID
+    params: dict[str, Any] = {}
+    for port in cls.INPUTS:
+        if port.name in linked:
+            kind = linked[port.name]
+            if kind is not None and kind != port.type:
+                issues.append(GraphIssue("return_type_mismatch", f"the link carries {kind} but input {port.name!r} "
+                                         f"takes {port.type}", node=node_id, field=port.name, class_type=ct))
+        elif port.name in values:
+            value, problems = check_value(port, values[port.name], node_id, ct, base_dir, check_files)
+            issues.extend(problems)
+            params[port.name] = value
+        elif port.default is not REQUIRED:
+            value = port.default
+            if port.path and value:
+                value, problems = check_value(port, value, node_id, ct, base_dir, check_files)
+                issues.extend(problems)
+            params[port.name] = value
+        elif port.optional:
+            params[port.name] = None
+        else:
+            how = "set it in params" if port.is_widget else f"link a {port.type} output to it"
+            issues.append(GraphIssue("required_input_missing", f"required input {port.name!r} is missing: {how}",
+                                     node=node_id, field=port.name, class_type=ct))
+    return params, issues
+
+
+def node_problems(cls: type[Node], params: dict[str, Any], linked: frozenset[str] | None) -> list[tuple[str, str]]:
+    """The node's own checks (``check_params``, then ``check_links`` unless ``linked`` is None: not known) as
+    ``(field, message)``.
+
+    A widget fed by a link is absent from ``params`` at validation: a check that needs its value (a KeyError)
+    is left to the node's start, where the hosts run these checks again with every value known."""
+    checks = [lambda: cls.check_params(dict(params))]
+    if linked is not None:
+        checks.append(lambda: cls.check_links(dict(params), linked))
+    found: list[tuple[str, str]] = []
+    for check in checks:
+        try:
+            found += check()
+        except KeyError:
+            pass
+    return found
 
 
 def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[ResolvedNode | None, list[GraphIssue]]:
     spec = graph.nodes[node_id]
     cls = REGISTRY.get(spec.type)
     if cls is None:
-        known = ", ".join(sorted(REGISTRY))
         return None, [
-            GraphIssue(
-                "unknown_node_type", f"unknown node type {spec.type!r} (known: {known})", node=node_id, field="type"
-            )
+            GraphIssue("unknown_node_type", f"unknown node type {shown(spec.type)}{did_you_mean(spec.type, REGISTRY)}"
+                       f" (known: {', '.join(sorted(REGISTRY))})", node=node_id, field="type")
         ]
     issues: list[GraphIssue] = []
     ct = cls.NODE_ID
@@ -111,28 +216,38 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
     def add(kind: str, field: str, message: str) -> None:
         issues.append(GraphIssue(kind, message, node=node_id, field=field, class_type=ct))
 
-    params: dict[str, Any] = {}
-    links: dict[str, Link] = {}
-    for name in spec.params:
+    def unknown(name: str) -> None:
+        names = [p.name for p in cls.INPUTS]
+        add("unknown_input", name, f"{ct} has no input {shown(name)}{did_you_mean(name, names)} (inputs: {names})")
+
+    values: dict[str, Any] = {}
+    linked: dict[str, str | None] = {}  # input -> the type linked to it; None: not known (or reported already)
+    for name, value in spec.params.items():
         port = cls.input(name)
         if port is None:
-            add("unknown_input", name, f"{ct} has no input {name!r} (inputs: {[p.name for p in cls.INPUTS]})")
+            unknown(name)
         elif not port.is_widget:
             add("invalid_input_type", name, f"input {name!r} takes a link to a {port.type} output, not a value")
+            linked[name] = None  # not also "missing"
         elif name in spec.links:
             add("input_conflict", name, f"input {name!r} is both set in params and linked")
+        else:
+            values[name] = value
+    links: dict[str, Link] = {}
     for name, raw in spec.links.items():
         port = cls.input(name)
         if port is None:
-            add("unknown_input", name, f"{ct} has no input {name!r} (inputs: {[p.name for p in cls.INPUTS]})")
+            unknown(name)
             continue
+        linked[name] = None  # not "missing", whatever is wrong with the link
         parsed = parse_link(raw)
         if parsed is None:
-            add("bad_linked_input", name, f"link {raw!r} must be '<node id>.<output name>'")
+            add("bad_linked_input", name, f"link {shown(raw)} must be '<node id>.<output name>'")
             continue
         src_id, out_name = parsed
         if src_id not in graph.nodes:
-            add("bad_linked_input", name, f"link {raw!r}: no node {src_id!r} in the graph")
+            add("bad_linked_input", name,
+                f"link {shown(raw)}: no node {shown(src_id)} in the graph{did_you_mean(src_id, graph.nodes)}")
             continue
         src_cls = REGISTRY.get(graph.nodes[src_id].type)
         if src_cls is None:
@@ -140,36 +255,60 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
         index = src_cls.output_index(out_name)
         if index is None:
             outs = [o.name for o in src_cls.OUTPUTS]
-            add("bad_linked_input", name,
-                f"link {raw!r}: {src_cls.NODE_ID} has no output {out_name!r} (outputs: {outs})")
+            add("bad_linked_input", name, f"link {shown(raw)}: {src_cls.NODE_ID} has no output {shown(out_name)}"
+                f"{did_you_mean(out_name, outs)} (outputs: {outs})")
             continue
-        out_type = src_cls.OUTPUTS[index].type
-        if out_type != port.type:
-            add("return_type_mismatch", name, f"link {raw!r} carries {out_type} but input {name!r} takes {port.type}")
-            continue
-        links[name] = Link(name, src_id, out_name)
-    for port in cls.INPUTS:
-        if port.name in spec.links or (port.name in spec.params and not port.is_widget):
-            continue  # linked, or already reported as a value given for a wire input
-        if port.name in spec.params and port.is_widget:
-            value, problems = check_value(port, spec.params[port.name], node_id, ct, graph.base_dir, check_files)
-            issues.extend(problems)
-            params[port.name] = value
-        elif port.default is not REQUIRED:
-            value = port.default
-            if port.path and value:
-                value, problems = check_value(port, value, node_id, ct, graph.base_dir, check_files)
-                issues.extend(problems)
-            params[port.name] = value
-        elif port.optional:
-            params[port.name] = None
-        else:
-            how = "set it in params" if port.is_widget else f"link a {port.type} output to it"
-            add("required_input_missing", port.name, f"required input {port.name!r} is missing: {how}")
+        linked[name] = src_cls.OUTPUTS[index].type
+        if linked[name] == port.type:
+            links[name] = Link(name, src_id, out_name)
+    params, problems = check_inputs(cls, node_id, values, linked, graph.base_dir, check_files)
+    issues.extend(problems)
     if not issues:
-        for field, message in [*cls.check_params(dict(params)), *cls.check_links(dict(params), frozenset(links))]:
+        for field, message in node_problems(cls, params, frozenset(links)):
             add("custom_validation_failed", field, message)
     return ResolvedNode(node_id, cls, params, links, spec.title), issues
+
+
+def _cycle_issues(dag: nx.DiGraph, graph: Graph, resolved: dict[str, ResolvedNode]) -> list[GraphIssue]:
+    """One problem per cycle: the nodes of one cycle in each strongly connected part of the graph (found in
+    linear time; listing every simple cycle grows exponentially), at most ``MAX_CYCLES_SHOWN`` of them."""
+    position = {node_id: i for i, node_id in enumerate(graph.nodes)}
+    parts = [sorted(c, key=position.get) for c in nx.strongly_connected_components(dag)
+             if len(c) > 1 or dag.has_edge(next(iter(c)), next(iter(c)))]
+    parts.sort(key=lambda c: position[c[0]])
+    issues = []
+    for part in parts[:MAX_CYCLES_SHOWN]:
+        cycle = [u for u, _ in nx.find_cycle(dag.subgraph(part), source=part[0])]
+        first = min(range(len(cycle)), key=lambda i: position[cycle[i]])
+        cycle = cycle[first:] + cycle[:first]  # starts at the node earliest in the file
+        shown_nodes = cycle if len(cycle) <= MAX_CYCLE_NODES else [*cycle[: MAX_CYCLE_NODES - 1], "..."]
+        path = " -> ".join([*shown_nodes, cycle[0]])
+        size = f" ({len(cycle)} nodes)" if len(cycle) > MAX_CYCLE_NODES else ""
+        node = resolved.get(cycle[0])
+        field = next((name for name, link in node.links.items() if link.node == cycle[-1]), "") if node else ""
+        issues.append(GraphIssue("dependency_cycle", f"cycle: {path}{size}", node=cycle[0], field=field,
+                                 class_type=node.cls.NODE_ID if node else ""))
+    if len(parts) > MAX_CYCLES_SHOWN:
+        issues.append(GraphIssue("dependency_cycle", f"{len(parts) - MAX_CYCLES_SHOWN} more cycles not shown"))
+    return issues
+
+
+def _fact_issues(dag: nx.DiGraph, resolved: dict[str, ResolvedNode], skip: set[str]) -> list[GraphIssue]:
+    """Link-aware checks that need only the graph (e.g. soft-routing weights against the linked pool's task
+    names): each node's :meth:`~Node.check_facts` on the facts its sources' params tell, in link order."""
+    facts: dict[str, dict[str, dict[str, Any]]] = {}
+    issues = []
+    for node_id in nx.topological_sort(dag):
+        node = resolved.get(node_id)
+        if node is None or node_id in skip:
+            continue
+        known = {name: facts[link.node][link.output] for name, link in node.links.items()
+                 if link.output in facts.get(link.node, {})}
+        for field, message in node.cls.check_facts(dict(node.params), known):
+            issues.append(GraphIssue("custom_validation_failed", message, node=node_id, field=field,
+                                     class_type=node.cls.NODE_ID))
+        facts[node_id] = node.cls.output_facts(dict(node.params), known)
+    return issues
 
 
 def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
@@ -190,12 +329,8 @@ def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
     for node in resolved.values():
         for link in node.links.values():
             dag.add_edge(link.node, node.id)
-    cycles = [] if nx.is_directed_acyclic_graph(dag) else list(nx.simple_cycles(dag))
-    for cycle in cycles:
-        path = " -> ".join(cycle + [cycle[0]])
-        for node_id in sorted(cycle):
-            ct = resolved[node_id].cls.NODE_ID if node_id in resolved else ""
-            issues.append(GraphIssue("dependency_cycle", f"cycle: {path}", node=node_id, class_type=ct))
+    cycles = _cycle_issues(dag, graph, resolved)
+    issues.extend(cycles)
     outputs = [n for n, node in resolved.items() if node.cls.OUTPUT_NODE]
     if graph.nodes and not outputs and not any(i.type == "unknown_node_type" for i in issues):
         issues.append(
@@ -203,6 +338,8 @@ def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
                 "prompt_no_outputs", "the graph has no output node (e.g. a grid, report or evaluator): nothing to run"
             )
         )
+    if not cycles:
+        issues.extend(_fact_issues(dag, resolved, {i.node for i in issues}))
     if issues:
         raise GraphValidationError(issues, graph.source)
 

@@ -82,7 +82,7 @@ class ImageGrid(Node):
     INPUTS = (
         In("images", "IMAGE", help="images to lay out"),
         In("prompts", "FLOWOPD_PROMPTS", help="captions, one prompt per image (optional)", optional=True),
-        In("filename", "STRING", "grid.png", "file name inside the node's artifact folder"),
+        In("filename", "STRING", "grid.png", "file name inside the node's artifact folder", artifact=".png"),
         In("columns", "INT", 0, "images per row (0 = near-square)", min=0, max=256),
         In("scale", "INT", 4, "nearest-neighbour upscale factor", min=1, max=32),
         In("title", "STRING", "", "title drawn above the grid"),
@@ -116,7 +116,7 @@ class SavePrompts(Node):
     OUTPUT_NODE = True
     INPUTS = (
         In("prompts", "FLOWOPD_PROMPTS", help="the prompt set to write"),
-        In("filename", "STRING", "prompts.jsonl", "file name inside the node's artifact folder"),
+        In("filename", "STRING", "prompts.jsonl", "file name inside the node's artifact folder", artifact=".jsonl"),
     )
     OUTPUTS = (Out("path", "FLOWOPD_FILE", "the .jsonl file"),)
 

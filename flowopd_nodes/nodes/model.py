@@ -25,7 +25,7 @@ class LoadModel(Node):
     )
     INPUTS = (
         In("path", "STRING", help="pipeline folder (with model_index.json), relative to the graph file", path=True,
-           must_exist=True),
+           must_exist=True, folder=True),
         In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=tuple(DTYPES)),
         In("device", "COMBO", "auto", "auto = cuda when available, else cpu", choices=DEVICES),
         In("label", "STRING", "base", "name shown in reports"),

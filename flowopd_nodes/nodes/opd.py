@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from flowopd_core.distill.coldstart import COLD_STARTS, SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
-from flowopd_core.distill.loss import ROUTE_MODES
+from flowopd_core.distill.loss import ROUTE_MODES, route
 from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherRefs
 from flowopd_core.eval.plots import plot_curves
 from flowopd_core.models.merge import MERGE_METHODS
@@ -82,6 +83,10 @@ class TeacherPoolNode(Node):
             return [("tasks", f"task names must be distinct and not {UNTAGGED_KEY!r}, got {tasks}")]
         return []
 
+    @classmethod
+    def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {"teachers": {"tasks": tuple(parse_tasks(params["tasks"]))}} if "tasks" in params else {}
+
     def run(self, tasks: str, **teachers: ModelRef | None) -> tuple:
         refs = [teachers.get(f"teacher_{i}") for i in range(1, MAX_TEACHERS + 1)]
         return (TeacherRefs(tuple(zip(parse_tasks(tasks), [r for r in refs if r is not None]))),)
@@ -99,7 +104,7 @@ class TaskRouterNode(Node):
     )
     INPUTS = (
         In("teachers", "FLOWOPD_TEACHERS", help="the teacher pool"),
-        In("mode", "STRING", "hard", "hard or soft routing", choices=ROUTE_MODES),
+        In("mode", "COMBO", "hard", "hard or soft routing", choices=ROUTE_MODES),
         In("weights", "STRING", "", "soft mode: 'task: teacher=weight ...; untagged: ...' (normalised per row)"),
     )
     OUTPUTS = (Out("teachers", "FLOWOPD_TEACHERS", "the pool with its routing"),)
@@ -112,6 +117,26 @@ class TaskRouterNode(Node):
             return [("weights", str(exc))]
         if weights and params["mode"] == "hard":
             return [("weights", "weights are for mode 'soft'; hard routing follows the task tag")]
+        for task, row in weights.items():
+            values = list(row.values())
+            if any(w < 0 or not math.isfinite(w) for w in values) or sum(values) <= 0:
+                return [("weights", f"the weights of task {task or UNTAGGED_KEY!r} must be finite, >= 0 and not all "
+                         f"0, got {row}")]
+        return []
+
+    @classmethod
+    def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {"teachers": dict(inputs.get("teachers", {}))}  # the same pool, routed
+
+    @classmethod
+    def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        tasks = inputs.get("teachers", {}).get("tasks")
+        if not tasks or "mode" not in params or "weights" not in params:
+            return []  # the pool's tasks or the routing come from links: checked when the router runs
+        try:
+            route([], tasks, params["mode"], parse_task_weights(params["weights"]))
+        except ValueError as exc:
+            return [("weights", f"{exc}; checked against the teacher pool linked to 'teachers'")]
         return []
 
     def run(self, teachers: TeacherRefs, mode: str, weights: str) -> tuple:
@@ -145,7 +170,7 @@ class ColdStartNode(Node):
     INPUTS = (
         In("teachers", "FLOWOPD_TEACHERS", help="the teacher pool (its routing is used by sft)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (needed by sft)", optional=True),
-        In("method", "STRING", "factor_mean", "none | a merge | sft", choices=COLD_STARTS),
+        In("method", "COMBO", "factor_mean", "none | a merge | sft", choices=COLD_STARTS),
         In("label", "STRING", "student", "name of the student in reports"),
         In("rank", "INT", 0, "student LoRA rank; 0 = the teachers' (factor_mean keeps theirs)", min=0, max=1024),
         In("alpha", "FLOAT", 0.0, "student LoRA alpha; 0 = the teachers'", min=0.0, max=4096.0),
@@ -172,6 +197,8 @@ class ColdStartNode(Node):
 
     def run(self, teachers: TeacherRefs, method: str, label: str, rank: int,
             alpha: float, density: float, seed: int, prompts: PromptSet | None = None, **values) -> tuple:
+        if method not in COLD_STARTS:  # validation refuses it; never run an unknown method as the last branch
+            raise ValueError(f"unknown cold start method {method!r} (one of {COLD_STARTS})")
         ctx = context.current()
         report: dict[str, Any] = {"method": method, "teachers": list(teachers.tasks)}
         base = teachers.base
@@ -187,7 +214,7 @@ class ColdStartNode(Node):
         if method in MERGE_METHODS:
             merged = merge_cold_start(pool.policy, names, "student", method, rank=rank, alpha=alpha, density=density)
             report.update(rank=merged.rank, alpha=merged.alpha, max_relative_error=merged.max_relative_error)
-        else:
+        else:  # "sft"
             config = build_config(SFTConfig, {**values, "route": teachers.route, "seed": seed,
                                               "lora_rank": rank or first.rank, "lora_alpha": alpha or first.alpha})
             bar = ctx.progress(config.train_steps, f"sft {label}")

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
+from fixture_marks import BAD, FIXTURES, marked
 
 import runner
 from flowopd_nodes.engine.errors import GraphValidationError
 from flowopd_nodes.engine.graph import load_graph_file
 from flowopd_nodes.engine.validate import validate
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "graphs"
-BAD = sorted(FIXTURES.glob("*.yaml"))
-
 
 def expected(path: Path) -> set[tuple[str, str, str]]:
-    out = set()
-    for line in path.read_text().splitlines():
-        m = re.match(r"# expect: (\w+)(.*)", line)
-        if m:
-            fields = dict(kv.split("=") for kv in m.group(2).split())
-            out.add((m.group(1), fields.get("node", ""), fields.get("field", "")))
+    out = marked(path, "expect")
     assert out, f"{path.name} has no '# expect:' line"
     return out
 
@@ -46,7 +38,7 @@ def test_cli_validate_exits_2_naming_node_and_field(path: Path, capsys):
     for kind, node, field in expected(path):
         assert f"[{kind}]" in err
         if node:
-            assert f"node {node!r}" in err
+            assert f"node {node!r}" in err  # repr: control characters show escaped
         if field:
             assert f"field {field!r}" in err
 

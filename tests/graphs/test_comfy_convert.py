@@ -61,7 +61,7 @@ def test_yaml_json_yaml_keeps_the_meaning(graph, fmt, tmp_path):
             if REGISTRY[node.type].input(name).path:
                 assert value == load_graph_file(graph).nodes[node.id].params[name]
     # The JSON runs as it is: validating the JSON file itself gives the same graph.
-    assert meaning(runner._load(exported, [], check_files=local(graph))) == meaning(original)
+    assert meaning(validate(load_comfy_file(exported), check_files=local(graph))) == meaning(original)
 
 
 @pytest.mark.parametrize("graph", GRAPHS, ids=IDS)

@@ -101,19 +101,21 @@ def test_input_types_have_comfyui_shape(cls):
                 assert "default" not in opts  # wire inputs are links only
 
 
-def test_validate_inputs_takes_the_path_inputs_only():
+def test_validate_inputs_runs_the_runners_checks_on_every_widget():
     import inspect
 
     load_model = comfy.NODE_CLASS_MAPPINGS["FlowOPDLoadModel"]
-    # ComfyUI reads this signature: the inputs listed are checked here, every other one by ComfyUI itself.
-    assert inspect.getfullargspec(load_model.VALIDATE_INPUTS).args == ["cls", "path"]
-    assert inspect.getfullargspec(load_model.VALIDATE_INPUTS).varkw is None
-    assert load_model.VALIDATE_INPUTS(path="models/miniworld") is True  # relative to the repository root
-    assert "file_not_found" in load_model.VALIDATE_INPUTS(path="no/such/folder")
-    assert "not a diffusers pipeline folder" in load_model.VALIDATE_INPUTS(path="graphs")  # the node's own check
-    assert load_model.VALIDATE_INPUTS(path=None) is True  # linked: known at run time
+    # ComfyUI reads this signature: with input_types listed, it leaves every value and link-type check to us,
+    # so the canvas refuses exactly what the runner refuses, with the runner's messages.
+    args = inspect.getfullargspec(load_model.VALIDATE_INPUTS).args
+    assert args == ["cls", "unique_id", "input_types", "path", "dtype", "device", "label", "max_sequence_length"]
+    assert load_model.VALIDATE_INPUTS(path="models/miniworld", input_types={}) is True  # relative to the repo root
+    assert "file_not_found" in load_model.VALIDATE_INPUTS(path="no/such/folder", input_types={})
+    assert "not a diffusers pipeline folder" in load_model.VALIDATE_INPUTS(path="graphs", input_types={})
+    assert load_model.VALIDATE_INPUTS(path=None, input_types={"path": "STRING"}) is True  # linked: known at run time
     for cls in comfy.COMFY_NODES:
-        assert hasattr(cls, "VALIDATE_INPUTS") == any(p.path for p in cls.INPUTS), cls.NODE_ID
+        assert hasattr(cls, "VALIDATE_INPUTS"), cls.NODE_ID
+        assert hasattr(cls, "IS_CHANGED") == any(p.path for p in cls.INPUTS), cls.NODE_ID
 
 
 def test_cross_field_checks_refuse_a_call_before_it_starts(tmp_path, monkeypatch):

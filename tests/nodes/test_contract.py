@@ -51,3 +51,31 @@ def test_cache_fingerprint_covers_the_core_code_a_node_runs():
     assert {"flowopd_core.eval.evaluate", "flowopd_core.rewards.ocr", "flowopd_core.sampling.samplers"} <= closure
     assert "flowopd_core.grpo.trainer" not in closure  # unrelated core edits do not invalidate the evaluator
     assert "flowopd_core.miniworld.tasks" in core_closure("flowopd_nodes.nodes.miniworld")
+
+
+def test_contract_refuses_choices_that_are_not_a_dropdown():
+    from flowopd_nodes.engine.ports import In, Node, Out
+
+    class Loose(Node):
+        NODE_ID, CATEGORY, DESCRIPTION = "FlowOPDLoose", "FlowOPD/test", "a node breaking the port rules"
+        INPUTS = (
+            In("mode", "STRING", "a", "a choice typed as free text", choices=("a", "b")),
+            In("out", "STRING", "x.png", "an artifact file name that is a path", path=True, artifact=".png"),
+            In("where", "STRING", "", "a folder flag without path=True", folder=True),
+        )
+        OUTPUTS = (Out("value", "STRING", "the value"),)
+
+        def run(self, mode: str, out: str, where: str) -> tuple[str]:
+            return (mode,)
+
+    problems = contract_problems(Loose)
+    assert any("input 'mode': a port with choices must be a COMBO" in p for p in problems)
+    assert any("input 'out': artifact needs type STRING, no path=True" in p for p in problems)
+    assert any("input 'where': must_exist and folder need path=True" in p for p in problems)
+
+
+def test_saver_and_path_ports_declare_what_they_name():
+    assert REGISTRY["FlowOPDImageGrid"].input("filename").artifact == ".png"
+    assert REGISTRY["FlowOPDSavePrompts"].input("filename").artifact == ".jsonl"
+    assert REGISTRY["FlowOPDLoadModel"].input("path").folder
+    assert not REGISTRY["FlowOPDPromptFile"].input("path").folder
