@@ -271,7 +271,7 @@ def _samples_json(e: ModelEval) -> list[dict[str, Any]]:
     for i, spec in enumerate(e.samples):
         metrics = e.plan[spec.task]
         out.append({
-            "index": i, "prompt_id": spec.id, "task": spec.task, "text": spec.text,
+            "index": i, "prompt_id": spec.id, "task": spec.task, "category": spec.category, "text": spec.text,
             "scores": {m: _jsonable(float(e.table.scores[m][i])) for m in metrics},
             "strict": {m: _jsonable(float(e.table.strict[m][i])) for m in metrics if m in e.table.strict},
             "details": {m: _jsonable(e.table.details[m][i]) for m in metrics},
