@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-# Before torch is imported: idle OpenMP threads sleep instead of spin-waiting. A spinning 2-thread torch process
-# on a machine shared with another busy process runs up to ~20x slower (bench/bench_threads.py); PASSIVE keeps
-# it within ~2x. A value the user set wins.
+# Before torch is imported: idle OpenMP threads sleep instead of spin-waiting. With libgomp's default policy a
+# 2-thread torch process next to one busy process ran a GRPO epoch 17x slower than alone; with PASSIVE 1.2x, at
+# the cost of 1.5x alone (bench/bench_threads.py, README "CPU threads"). A value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "requires torchvision" notices on import
