@@ -64,3 +64,23 @@ def test_two_processes_train_one_adapter_and_process_0_writes_the_run(tmp_path):
     again = _torchrun(run_dir)  # process 0 finds every node cached; process 1 follows it
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((run_dir / "status.json").read_text())["cached"] == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl needs CUDA GPUs; this machine has none (the gloo "
+                    "test above covers the same code on the CPU)")
+def test_nccl_processes_one_per_gpu_average_gradients_and_end_identical(tmp_path):
+    """The same graph under torchrun with nccl, one process per visible GPU. With one GPU it is a single CUDA
+    process (nccl needs a GPU per rank): the device path of the trainers, without gradient averaging."""
+    run_dir = tmp_path / "run"
+    gpus = torch.cuda.device_count()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+               str(ROOT / "runner.py"), "run", str(ROOT / "graphs" / "grpo_teacher.yaml"), "--run-dir", str(run_dir),
+               "--no-progress", *TINY, "--set", "base.device=cuda"]
+    env = {**ENV, "FLOWOPD_DIST_BACKEND": "nccl"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = (run_dir / "run.log").read_text()
+    assert f"(process 0 of {gpus})" in log or gpus == 1
+    if gpus > 1:
+        assert f"the {gpus} processes hold identical LoRA weights" in log
+    assert (run_dir / "nodes" / "eval" / "results.md").is_file()
