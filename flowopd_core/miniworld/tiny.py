@@ -191,21 +191,32 @@ def miniworld_words() -> tuple[str, ...]:
     return tuple(sorted(w for w in words if w.isalpha() and w.islower()))
 
 
-def _clip_encoder(config: TinyConfig, tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+def clip_encoder(
+    tokenizer: CLIPTokenizer, *, hidden: int, mlp: int, heads: int, layers: int, max_length: int,
+    activation: str = "quick_gelu",
+) -> CLIPTextModelWithProjection:
+    """A randomly initialised CLIP text tower whose projection is as wide as its hidden state (SD3's CLIP-L and
+    CLIP-G, and the mini-world's), for ``tokenizer``'s vocabulary and ``max_length`` positions."""
     return CLIPTextModelWithProjection(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=config.clip_hidden,
-            intermediate_size=2 * config.clip_hidden,
-            projection_dim=config.clip_hidden,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=config.clip_max_length,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            projection_dim=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            hidden_act=activation,
+            max_position_embeddings=max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def _clip_encoder(config: TinyConfig, tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    return clip_encoder(tokenizer, hidden=config.clip_hidden, mlp=2 * config.clip_hidden, heads=config.text_heads,
+                        layers=config.text_layers, max_length=config.clip_max_length)
 
 
 def _t5_encoder(config: TinyConfig, tokenizer: T5Tokenizer) -> T5EncoderModel:

@@ -49,15 +49,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
 
-from flowopd_core.miniworld.tiny import clip_tokenizer, miniworld_words, t5_tokenizer
+from flowopd_core.miniworld.tiny import clip_encoder, clip_tokenizer, miniworld_words, t5_tokenizer
 
 SD35_MEDIUM_LAYERS = 24
 """Joint transformer blocks of SD3.5-Medium."""
@@ -118,27 +115,6 @@ def sd35_transformer(config: SD35ShapedConfig) -> SD3Transformer2DModel:
     )
 
 
-def clip_encoder(
-    tokenizer: CLIPTokenizer, *, hidden: int, mlp: int, heads: int, activation: str, layers: int
-) -> CLIPTextModelWithProjection:
-    """A CLIP text tower with a projection as wide as its hidden state (SD3's CLIP-L and CLIP-G)."""
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=mlp,
-            projection_dim=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            hidden_act=activation,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-
-
 def t5_encoder(tokenizer: T5Tokenizer, layers: int) -> T5EncoderModel:
     """T5 v1.1-XXL's encoder widths (d_model 4096, 64 heads x 64, gated-gelu d_ff 10240) at ``layers``."""
     return T5EncoderModel(
@@ -194,10 +170,12 @@ def build_sd35_shaped(config: SD35ShapedConfig = SD35ShapedConfig()) -> StableDi
         torch.set_default_dtype(DTYPES[config.dtype])
         try:
             text_encoder = clip_encoder(
-                tokenizer, hidden=768, mlp=3072, heads=12, activation="quick_gelu", layers=config.text_layers
+                tokenizer, hidden=768, mlp=3072, heads=12, activation="quick_gelu", layers=config.text_layers,
+                max_length=CLIP_MAX_LENGTH,
             )
             text_encoder_2 = clip_encoder(
-                tokenizer_2, hidden=1280, mlp=5120, heads=20, activation="gelu", layers=config.text_layers
+                tokenizer_2, hidden=1280, mlp=5120, heads=20, activation="gelu", layers=config.text_layers,
+                max_length=CLIP_MAX_LENGTH,
             )
             text_encoder_3 = t5_encoder(tokenizer_3, config.text_layers)
             vae = sd35_vae()
