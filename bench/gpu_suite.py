@@ -37,6 +37,12 @@ Without a CUDA device (and without ``--tiny``) the script exits with status 2. `
 on the CPU with the mini-world's unit-test pipeline (bfloat16 weights, autocast on the CPU), memory as the
 process's peak RSS, no MFU (no peak figure for a CPU); its verdict lines read "Check (--tiny ...)" so that
 bench/run_all.py never takes them for targets.
+
+On a lent GPU machine (the device tool: one prepared call, about 8 minutes; that machine's image may lack
+diffusers and have an older peft, so bring the wheels along in an ignored folder, e.g. ``.whl/``, as ``carry``):
+``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site
+HF_HUB_OFFLINE=1 python3 bench/gpu_suite.py --output $OUT/RESULTS-gpu.md --commit <short hash> --budget 360``,
+then copy RESULTS-gpu.md to bench/.
 """
 
 from __future__ import annotations
