@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowopd_core.distill.loss import ROUTE_MODES, route
+from flowopd_core.choices import COLD_STARTS as COLD_STARTS
+from flowopd_core.distill.config import SFTConfig as SFTConfig
+from flowopd_core.distill.loss import route
 from flowopd_core.distill.trainer import TeacherPool
 from flowopd_core.models.merge import (
     MERGE_METHODS,
@@ -36,8 +38,8 @@ from flowopd_core.prompts import PromptSet
 from flowopd_core.sampling.samplers import flow_sigmas, sample
 from flowopd_core.training.pretrain import flow_matching_loss, sample_times
 
-COLD_STARTS = ("none", *MERGE_METHODS, "sft")
-"""``none``: a fresh zero-B student (= the base); a merge method; or ``sft``."""
+# COLD_STARTS (flowopd_core.choices, re-exported here): ``none``: a fresh zero-B student (= the base); a merge
+# method; or ``sft``.
 
 
 def adapter_spec(policy: Policy, name: str) -> LoraSpec:
@@ -77,46 +79,6 @@ def merge_cold_start(
     policy.add_adapter(student, spec)
     write_adapter_factors(policy, student, merged.factors)
     return merged
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """SFT cold start on teacher samples (docs/method.md §3)."""
-
-    samples_per_prompt: int = field(default=2, metadata={"help": "teacher images per training prompt"})
-    sample_steps: int = field(default=10, metadata={"help": "ODE steps of the teacher samples"})
-    resolution: int = field(
-        default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
-    )
-    guidance_scale: float = field(default=4.5, metadata={"help": "CFG of the teacher samples"})
-    route: str = field(default="hard", metadata={"help": "hard or soft routing of prompts to teachers"})
-    train_steps: int = field(default=200, metadata={"help": "AdamW steps on the teacher samples"})
-    batch_size: int = field(default=32, metadata={"help": "images per SFT step (and per sampling batch)"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    cfg_dropout: float = field(default=0.1, metadata={"help": "probability of training a sample unconditionally"})
-    lora_rank: int = field(default=16, metadata={"help": "the student's LoRA rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "the student's LoRA alpha"})
-    seed: int = field(default=0, metadata={"help": "seeds sampling noise, batches, times and dropout"})
-    precision: str = field(
-        default="auto", metadata={"help": "compute precision of the teacher sampling and the SFT steps: auto (fp32 "
-                                          "on the CPU, bf16 on CUDA), fp32 or bf16 (autocast)",
-                                  "choices": ("auto", "fp32", "bf16")}
-    )
-
-    def __post_init__(self) -> None:
-        errors = [f"{n} must be >= 1" for n in ("samples_per_prompt", "sample_steps", "train_steps", "batch_size",
-                                                 "lora_rank") if getattr(self, n) < 1]
-        if self.resolution < 0:
-            errors.append("resolution must be >= 0")
-        if not 0 <= self.cfg_dropout < 1 or not self.lr > 0 or not self.lora_alpha > 0 or self.guidance_scale < 0:
-            errors.append("need 0 <= cfg_dropout < 1, lr > 0, lora_alpha > 0, guidance_scale >= 0")
-        if self.route not in ROUTE_MODES:
-            errors.append(f"route must be one of {ROUTE_MODES}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            errors.append(f"precision must be auto, fp32 or bf16 (fp16 needs a gradient scaler), "
-                          f"got {self.precision!r}")
-        if errors:
-            raise ValueError("invalid SFTConfig: " + "; ".join(errors))
 
 
 @dataclass

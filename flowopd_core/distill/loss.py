@@ -25,20 +25,19 @@ MAR (§5): anchor term = lambda mean_i w(t) ||v_theta - v_anchor||^2 (same KL fo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from flowopd_core.choices import DISTILL_MODES
+from flowopd_core.choices import ROUTE_MODES as ROUTE_MODES
+from flowopd_core.distill.routing import route_rows
 from flowopd_core.grpo.loss import KL_FORMS, ppo_clip_loss
-from flowopd_core.prompts import UNTAGGED, PromptSpec
+from flowopd_core.prompts import PromptSpec
 from flowopd_core.sampling.samplers import STOCHASTIC_KINDS, Time, kl_weight
 
-ROUTE_MODES = ("hard", "soft")
-"""``hard``: the prompt's task tag picks one teacher (the authors' code); ``soft``: v_tgt = sum_k alpha_k v_k."""
-DISTILL_MODES = ("paper", "authors", "direct")
-"""See the module doc."""
+# ROUTE_MODES, DISTILL_MODES: flowopd_core.choices (re-exported here); the modes: see the module doc.
 DEFAULT_KL_FORM = {"paper": "true", "authors": "flow_grpo", "direct": "true"}
 """KL form each mode uses unless told otherwise."""
 AUTHORS_ADVANTAGE_CLIP = 5.0
@@ -74,17 +73,6 @@ class RoutePlan:
         return torch.nonzero(self.weights[:, k] > 0).flatten()
 
 
-def _normalised(weights: Mapping[str, float], teachers: Sequence[str], key: str) -> list[float]:
-    unknown = sorted(set(weights) - set(teachers))
-    if unknown:
-        raise ValueError(f"task_weights[{key!r}] names unknown teachers {unknown} (have {list(teachers)})")
-    row = [float(weights.get(name, 0.0)) for name in teachers]
-    if any(w < 0 or not math.isfinite(w) for w in row) or sum(row) <= 0:
-        raise ValueError(f"task_weights[{key!r}] must be finite, >= 0 and not all 0, got {dict(weights)}")
-    total = sum(row)
-    return [w / total for w in row]
-
-
 def route(
     prompts: Sequence[PromptSpec],
     teachers: Sequence[str],
@@ -100,22 +88,8 @@ def route(
     Untagged prompts (``task == UNTAGGED``), in both modes: a uniform blend over all K teachers, unless
     ``task_weights[UNTAGGED]`` (soft mode) gives the blend. A tagged prompt whose task has no teacher raises.
     """
-    if mode not in ROUTE_MODES:
-        raise ValueError(f"route mode must be one of {ROUTE_MODES}, got {mode!r}")
     teachers = tuple(teachers)
-    if not teachers or len(set(teachers)) != len(teachers) or UNTAGGED in teachers:
-        raise ValueError(f"need distinct, non-empty teacher names, got {list(teachers)}")
-    task_weights = dict(task_weights or {})
-    if mode == "hard" and task_weights:
-        raise ValueError("task_weights are for soft routing; hard routing follows the task tag")
-    rows = {task: _normalised(w, teachers, task) for task, w in task_weights.items()}
-    rows.setdefault(UNTAGGED, [1.0 / len(teachers)] * len(teachers))
-    for k, name in enumerate(teachers):
-        rows.setdefault(name, [1.0 if j == k else 0.0 for j in range(len(teachers))])
-    missing = sorted({p.task for p in prompts if p.task not in rows})
-    if missing:
-        raise ValueError(f"no teacher for task(s) {missing} (teachers: {list(teachers)}); untagged prompts "
-                         f"use a uniform blend")
+    rows = route_rows([p.task for p in prompts], teachers, mode, task_weights)
     weights = torch.tensor([rows[p.task] for p in prompts], dtype=torch.float32).reshape(len(prompts), len(teachers))
     one_hot = (weights == 1.0).any(1)
     index = torch.where(one_hot, weights.argmax(1), torch.full_like(one_hot, -1, dtype=torch.long))

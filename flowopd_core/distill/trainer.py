@@ -30,52 +30,15 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowopd_core.distill.loss import DISTILL_MODES, ROUTE_MODES, DistillLoss, RoutePlan, distill_loss, route
-from flowopd_core.grpo.loss import KL_FORMS, group_advantages
+from flowopd_core.distill.config import OPDConfig as OPDConfig
+from flowopd_core.distill.loss import ROUTE_MODES, DistillLoss, RoutePlan, distill_loss, route
+from flowopd_core.grpo.loss import group_advantages
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.models.pipeline import TextEmbeddings, velocity
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.sampling.samplers import Rollout, transition_logprob
 from flowopd_core.training.base import LoraTrainer, RewardFn, TrainerMetrics, mean_or_nan, nan_stats
-from flowopd_core.training.config import TrainerConfig, setting, trainer_config
-
-
-@trainer_config(
-    group_size=(2, "student samples per drawn prompt"),
-    prompts_per_epoch=(16, "prompts drawn per epoch (without replacement)"),
-    train_fraction=(0.99, "train the first int(T * fraction) steps (the last step is deterministic)"),
-    adv_clip=(0.0, "clamp of the dense advantages (paper / authors modes); 0 = the mode's default (authors 5, "
-                   "paper none)"),
-    lr=(1e-3, "AdamW learning rate"),
-    updates_per_epoch=1,
-    batch_size=(32, "rows per transformer batch (CFG doubles them)"),
-    ema_decay=(0.0, "EMA decay of the student's LoRA; 0 = no EMA"),
-    lora_rank=(16, "LoRA rank if the trainer creates the student"),
-    lora_alpha=(32.0, "LoRA alpha if the trainer creates the student"),
-    epochs=(30, "sampling epochs"),
-    reward_workers=(1, "threads scoring logging rewards; 0 = inline"),
-)
-class OPDConfig(TrainerConfig):
-    """Flow-OPD distillation settings (docs/method.md §4, §5): the shared
-    :class:`~flowopd_core.training.base.TrainerConfig` plus the distillation's own. Defaults: the mini-world's."""
-
-    mode: str = setting(
-        "direct", "paper (detached -KL as PPO advantage), authors (not detached, clamped, mean form) or direct "
-                  "(minimise KL_t pathwise); direct is the default: it is the one the mini-world results favour "
-                  "(docs/experiments.md)", choices=DISTILL_MODES)
-    kl_form: str = setting("", "true | mean | flow_grpo; empty = the mode's default", choices=("", *KL_FORMS))
-    route: str = setting("hard", "hard (task tag picks the teacher) or soft (task_weights)", choices=ROUTE_MODES)
-    task_weights: dict[str, dict[str, float]] = setting(
-        default_factory=dict,
-        help="soft routing: task -> {teacher: weight}; '' (untagged) -> blend; default: own teacher")
-    anchor_weight: float = setting(
-        0.0, "MAR lambda (paper 0.02, authors' code 0.04); 0 = no anchor term", min=0.0, max=100.0)
-    drop_equal_reward_groups: bool = setting(
-        False, "authors' code: skip groups whose task rewards are all equal (needs rewards)")
-
-    def extra_errors(self) -> list[str]:
-        return ["task_weights are for route='soft'"] if self.route == "hard" and self.task_weights else []
 
 
 @dataclass

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from flowopd_core.choices import KL_FORMS, REWARD_MODES
 from flowopd_core.sampling.samplers import STOCHASTIC_KINDS
 
-REWARD_MODES = ("sum", "normalised")
-"""``sum``: Flow-GRPO's raw weighted sum of the rewards, then group advantages; ``normalised``: group advantage
-of each reward separately, then their weighted sum (docs/method.md §2, GRPO-Mix)."""
-KL_FORMS = ("flow_grpo", "true", "mean")
-"""See :func:`kl_to_reference`."""
+# REWARD_MODES (flowopd_core.choices, re-exported here): ``sum``: Flow-GRPO's raw weighted sum of the rewards, then
+# group advantages; ``normalised``: group advantage of each reward separately, then their weighted sum (docs/method.md
+# §2, GRPO-Mix). KL_FORMS: see :func:`kl_to_reference`.
 
 
 def group_advantages(

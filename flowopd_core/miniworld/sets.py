@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from flowopd_core.images import from_uint8
-from flowopd_core.miniworld.render import render
+from flowopd_core.miniworld.rendering import render
 from flowopd_core.miniworld.tasks import TASKS, prompts
 from flowopd_core.prompts import PromptSet
 

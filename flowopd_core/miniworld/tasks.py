@@ -1,5 +1,5 @@
 """Mini-world tasks: the vocabulary, the prompts with their ground truth and the fixed train/test splits
-(images and training batches: ``render.py``).
+(images and training batches: ``rendering.py``).
 
 Three tasks mirror the paper's (docs/method.md §6-7); each task's prompts come in templates (the evaluator's
 categories: a task's score is the equal-weight mean over its templates, as GenEval's):
@@ -13,7 +13,7 @@ categories: a task's score is the equal-weight mean over its templates, as GenEv
   3 vowels) in the patterns consonant-vowel and vowel-consonant (template ``word2``: "BA", "UT") and
   consonant-vowel-consonant (``word3``: "BAT"), drawn in proportionally spaced glyphs (the place of a letter
   depends on its neighbours' widths) at a random horizontal and vertical offset, black on white
-  (``render.py``). Mini-world v2 had three- and four-letter words in smaller glyphs; v3 (this) has two- and
+  (``rendering.py``). Mini-world v2 had three- and four-letter words in smaller glyphs; v3 (this) has two- and
   three-letter words in larger ones.
 - ``quality``: "a large red circle, clean" (``icon``) and "a red circle and a blue square, clean" (``pair``);
   its pretraining images mix clean and degraded renders (``QUALITY_DEGRADED_FRACTION``), which gives the
@@ -74,7 +74,7 @@ RELATIONS: dict[str, str] = {
     "below": "below",
 }
 CONSONANTS: str = "BDHKLNRST"  # with VOWELS: letters rapidocr reads at 32 px in the text task's rendering
-VOWELS: str = "AEU"  # (measured on every word: see render.py)
+VOWELS: str = "AEU"  # (measured on every word: see rendering.py)
 LETTERS: str = "".join(sorted(CONSONANTS + VOWELS))
 # text template -> its c(onsonant) / v(owel) patterns and its split modulus
 WORD_PATTERNS: dict[str, tuple[str, ...]] = {"word2": ("cv", "vc"), "word3": ("cvc",)}

@@ -34,10 +34,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import ties as peft_ties
 
+from flowopd_core.choices import MERGE_METHODS
 from flowopd_core.models.policy import Policy
 
-MERGE_METHODS = ("factor_mean", "delta_mean", "task_arithmetic", "ties")
-"""The cold-start merges of docs/method.md §3 (see the module doc)."""
+# MERGE_METHODS (flowopd_core.choices, re-exported here): the cold-start merges of docs/method.md §3 (module doc).
 _PEFT_PREFIX = "base_model.model."
 
 Adapter = Mapping[str, "LoraFactors"]

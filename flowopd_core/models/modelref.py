@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from flowopd_core.choices import DEVICES, DTYPE_NAMES
 from flowopd_core.models.pipeline import load_pipeline
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda")
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(device: str) -> str:

@@ -21,16 +21,16 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from flowopd_core.choices import MAX_T5_LENGTH, PRECISIONS
+
 NUM_TRAIN_TIMESTEPS = 1000
 """SD3 timestep = sigma * 1000 (``FlowMatchEulerDiscreteScheduler.num_train_timesteps``)."""
 DEFAULT_T5_LENGTH = 128
 """T5 tokens when neither the model reference nor the tokenizer asks for fewer: Flow-GRPO's and the Flow-OPD
 authors' 128 (the SD3 pipeline's own default is 256: twice the text tokens in every transformer forward)."""
-MAX_T5_LENGTH = 512
-"""The longest T5 text a pipeline may be asked for (T5's trained length)."""
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""Compute precision of the model calls: ``auto`` = fp32 on the CPU, bf16 on CUDA; bf16 / fp16 run the
-transformer under ``torch.autocast`` (weights keep their dtype; outputs are returned in float32)."""
+# MAX_T5_LENGTH, PRECISIONS: see flowopd_core.choices (re-exported here). PRECISIONS: ``auto`` = fp32 on the CPU,
+# bf16 on CUDA; bf16 / fp16 run the transformer under ``torch.autocast`` (weights keep their dtype; outputs are
+# returned in float32).
 
 
 # --------------------------------------------------------------------------------------------- loading

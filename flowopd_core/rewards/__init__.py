@@ -7,42 +7,46 @@ Mini-world rewards, all real and offline:
 - ``ocr_likelihood``: the same recogniser's CTC likelihood of the target text (a dense form of ``ocr`` to train on);
 - ``quality``: a documented no-reference quality score of mini-world images;
 - ``random``: pseudo-random scores unrelated to the image, a null control for training recipes.
+
+The names (:mod:`flowopd_core.rewards.names`) load without the rewards' code; the registries and classes
+(:mod:`flowopd_core.rewards.registry`) load on first use, so graphs that name rewards validate without torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from flowopd_core.rewards.base import Reward, RewardResult, SampleScore
-from flowopd_core.rewards.compose import ComposeConfig, ComposeReward, ComposeStrictReward
-from flowopd_core.rewards.ocr import OCRConfig, OCRLikelihoodReward, OCRReward
-from flowopd_core.rewards.quality import QualityConfig, QualityReward
-from flowopd_core.rewards.random_control import RandomConfig, RandomReward
-from flowopd_core.rewards.real import REAL_REWARDS, PickScoreConfig, PickScoreReward
+from flowopd_core.rewards.names import TASK_REWARDS
 
-REWARDS: dict[str, type[Reward]] = {
-    "compose": ComposeReward,
-    "compose_strict": ComposeStrictReward,
-    "ocr": OCRReward,
-    "ocr_likelihood": OCRLikelihoodReward,
-    "quality": QualityReward,
+_LAZY: dict[str, str] = {
+    "REAL_REWARDS": "flowopd_core.rewards.real",
+    "REWARDS": "flowopd_core.rewards.registry",
+    "CONTROL_REWARDS": "flowopd_core.rewards.registry",
+    "make_reward": "flowopd_core.rewards.registry",
+    "ComposeConfig": "flowopd_core.rewards.compose",
+    "ComposeReward": "flowopd_core.rewards.compose",
+    "ComposeStrictReward": "flowopd_core.rewards.compose",
+    "OCRConfig": "flowopd_core.rewards.ocr",
+    "OCRLikelihoodReward": "flowopd_core.rewards.ocr",
+    "OCRReward": "flowopd_core.rewards.ocr",
+    "PickScoreConfig": "flowopd_core.rewards.real",
+    "PickScoreReward": "flowopd_core.rewards.real",
+    "QualityConfig": "flowopd_core.rewards.quality",
+    "QualityReward": "flowopd_core.rewards.quality",
+    "RandomConfig": "flowopd_core.rewards.random_control",
+    "RandomReward": "flowopd_core.rewards.random_control",
+    "Reward": "flowopd_core.rewards.base",
+    "RewardResult": "flowopd_core.rewards.base",
+    "SampleScore": "flowopd_core.rewards.base",
 }
 
-# rewards to train on in experiments only: never a metric (the Evaluator's "all" is REWARDS)
-CONTROL_REWARDS: dict[str, type[Reward]] = {"random": RandomReward}
 
-# mini-world task -> the reward that judges it
-TASK_REWARDS: dict[str, str] = {"compose": "compose", "text": "ocr", "quality": "quality"}
-
-
-def make_reward(name: str, **config: Any) -> Reward:
-    """Build a registered reward (:data:`REWARDS`, a local-weights adapter of :data:`REAL_REWARDS`, or one of
-    :data:`CONTROL_REWARDS`); ``config`` are the fields of its config dataclass."""
-    registry: dict[str, type[Reward]] = {**REWARDS, **REAL_REWARDS, **CONTROL_REWARDS}
-    if name not in registry:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(registry)}")
-    cls = registry[name]
-    return cls(cls.config_type(**config))
+def __getattr__(name: str) -> Any:
+    """The registries and reward classes, imported on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Rewards named in graph files: ``"compose:1, ocr:0.5"`` weights, reward servers and task -> reward maps.
 
-A reward name is either registered here (:data:`REWARDS`, :data:`REAL_REWARDS`) or served by a reward server
+A reward name is either registered (:data:`~flowopd_core.rewards.REWARDS`, ``REAL_REWARDS``; their names are
+:mod:`flowopd_core.rewards.names`) or served by a reward server
 (``runner.py serve-reward``) named in a ``servers`` map, e.g. ``"geneval=http://10.0.0.5:18001"``: that is how a
 cluster graph reaches GenEval, PaddleOCR, DeQA and other heavy scorers. Nothing is imported from a name.
 """
@@ -8,10 +9,13 @@ cluster graph reaches GenEval, PaddleOCR, DeQA and other heavy scorers. Nothing 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from flowopd_core.rewards import CONTROL_REWARDS, REAL_REWARDS, REWARDS, Reward, make_reward
-from flowopd_core.rewards.client import RemoteReward
+from flowopd_core.rewards.names import ALL_REWARD_NAMES
+
+if TYPE_CHECKING:
+    from flowopd_core.rewards.base import Reward
 
 
 def _items(spec: str) -> list[str]:
@@ -34,7 +38,7 @@ def parse_servers(spec: str) -> dict[str, str]:
 
 def known_rewards(servers: Mapping[str, str] | None = None) -> list[str]:
     """Every reward name a graph may use: the registered ones and the served ones."""
-    return sorted({*REWARDS, *REAL_REWARDS, *CONTROL_REWARDS, *(servers or {})})
+    return sorted({*ALL_REWARD_NAMES, *(servers or {})})
 
 
 def parse_reward_weights(spec: str, servers: Mapping[str, str] | None = None) -> dict[str, float]:
@@ -70,7 +74,12 @@ def parse_task_rewards(spec: str, servers: Mapping[str, str] | None = None) -> d
 
 def build_reward(name: str, servers: Mapping[str, str] | None = None) -> Reward:
     """The reward ``name``: a :class:`RemoteReward` when ``servers`` names a server for it, else the registered
-    one (local weights only)."""
+    one (local weights only). The rewards' code is imported here, not with this module: the parse_* helpers
+    validate graphs without it."""
     if servers and name in servers:
+        from flowopd_core.rewards.client import RemoteReward
+
         return RemoteReward(servers[name], name=name)
+    from flowopd_core.rewards.registry import make_reward
+
     return make_reward(name)

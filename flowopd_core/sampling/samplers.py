@@ -26,11 +26,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-SAMPLER_KINDS = ("sde", "cps", "ode")
-"""``sde``: Flow-GRPO SDE (§1); ``cps``: coefficients-preserving SDE (§1); ``ode``: deterministic Euler."""
-STOCHASTIC_KINDS = ("sde", "cps")
-LOGPROB_REDUCES = ("mean", "sum")
-"""``mean``: log-density averaged over the D elements (Flow-GRPO, clip range 1e-4); ``sum``: the true one."""
+from flowopd_core.choices import LOGPROB_REDUCES, SAMPLER_KINDS, STOCHASTIC_KINDS
+
+# SAMPLER_KINDS, STOCHASTIC_KINDS, LOGPROB_REDUCES: see flowopd_core.choices (re-exported here).
 
 Time = float | torch.Tensor
 """A python float, a 0-dim tensor, or a ``(B,)`` tensor of per-sample times."""

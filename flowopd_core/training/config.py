@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from flowopd_core.models.pipeline import PRECISIONS
-from flowopd_core.sampling.samplers import LOGPROB_REDUCES, STOCHASTIC_KINDS
+from flowopd_core.choices import LOGPROB_REDUCES, PRECISIONS, STOCHASTIC_KINDS
 
 CHECKPOINTING_MODES = ("auto", "on", "off")
 CHECKPOINTING_PARAMS = 500_000_000

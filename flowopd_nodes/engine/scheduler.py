@@ -40,12 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from flowopd_core import __version__ as core_version
-from flowopd_core.training.distributed import World
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import NodeExecutionError, TrainingInterrupted
 from flowopd_nodes.engine.graph import inside
@@ -205,6 +203,8 @@ def run_graph(
     :class:`NodeExecutionError`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from flowopd_core.training.distributed import World  # torch: imported when a graph runs
+
     world = World.current()
     main = world.is_main
     rank_dir = run_dir / "ranks" / f"rank{world.rank}"  # process r > 0's own files
@@ -344,6 +344,8 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
         checkpoint_dir=checkpoints,
     )
     log.info("node %s (%s): executing %s", node.id, node.cls.NODE_ID, status.key)
+    import torch
+
     try:
         # The node's own checks again, now with the values of widgets fed by links (unknown at validation).
         params = {p.name: inputs.get(p.name) for p in node.cls.INPUTS if p.is_widget}

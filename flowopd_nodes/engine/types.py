@@ -11,14 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from flowopd_core.distill.trainer import TeacherRefs
-from flowopd_core.models.modelref import ModelRef
 from flowopd_core.prompts import PromptSet
+
+if TYPE_CHECKING:
+    import torch
+
+    from flowopd_core.distill.trainer import TeacherRefs
+    from flowopd_core.models.modelref import ModelRef
+
+# torch, the model handles and the teacher pools are imported where a value is checked, encoded or decoded (a
+# run), not with this module: validating a graph never needs them.
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,16 @@ def _plain_decode(data: Any, entry: Path) -> Any:
 
 
 def _encode_image(value: torch.Tensor, entry: Path, name: str) -> dict[str, str]:
+    from safetensors.torch import save_file
+
     file = f"{name}.safetensors"
     save_file({"images": value.detach().to("cpu").contiguous()}, str(entry / file))
     return {"file": file}
 
 
 def _decode_image(data: dict[str, str], entry: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
     return load_file(str(entry / data["file"]))["images"]
 
 
@@ -80,6 +88,8 @@ def _encode_model(value: ModelRef, entry: Path) -> dict[str, Any]:
 
 
 def _decode_model(data: dict[str, Any], entry: Path) -> ModelRef:
+    from flowopd_core.models.modelref import ModelRef
+
     adapter = data.get("adapter", "")
     return ModelRef.from_json(
         {**data, "path": _decode_path(data["path"], entry), "adapter": _decode_path(adapter, entry) if adapter else ""}
@@ -95,8 +105,28 @@ def _encode_teachers(value: TeacherRefs, entry: Path) -> dict[str, Any]:
 
 
 def _decode_teachers(data: dict[str, Any], entry: Path) -> TeacherRefs:
+    from flowopd_core.distill.trainer import TeacherRefs
+
     teachers = tuple((item["task"], _decode_model(item["model"], entry)) for item in data["teachers"])
     return TeacherRefs(teachers, data["route"], data["task_weights"])
+
+
+def _is_image(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[-1] == 3
+
+
+def _is_model(value: Any) -> bool:
+    from flowopd_core.models.modelref import ModelRef
+
+    return isinstance(value, ModelRef)
+
+
+def _is_teachers(value: Any) -> bool:
+    from flowopd_core.distill.trainer import TeacherRefs
+
+    return isinstance(value, TeacherRefs)
 
 
 WIRE_TYPES: dict[str, WireType] = {
@@ -115,7 +145,7 @@ WIRE_TYPES: dict[str, WireType] = {
         WireType(
             "IMAGE",
             "ComfyUI images: float tensor (B, H, W, 3) in [0, 1]",
-            lambda v: isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[-1] == 3,
+            _is_image,
             _encode_image,
             _decode_image,
         ),
@@ -129,14 +159,14 @@ WIRE_TYPES: dict[str, WireType] = {
         WireType(
             "FLOWOPD_MODEL",
             "a model handle: a local diffusers pipeline folder, dtype and device",
-            lambda v: isinstance(v, ModelRef),
+            _is_model,
             lambda v, entry, name: _encode_model(v, entry),
             lambda d, entry: _decode_model(d, entry),
         ),
         WireType(
             "FLOWOPD_TEACHERS",
             "a teacher pool: one LoRA teacher per task on one shared base, with its routing (hard/soft)",
-            lambda v: isinstance(v, TeacherRefs),
+            _is_teachers,
             lambda v, entry, name: _encode_teachers(v, entry),
             lambda d, entry: _decode_teachers(d, entry),
         ),

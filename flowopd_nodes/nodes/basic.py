@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from flowopd_core.images import from_comfy, save_grid
 from flowopd_core.prompts import PromptSet, PromptSpec, load_prompt_file, write_prompt_file
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_SEED = 2**31 - 1
 
@@ -104,6 +105,8 @@ class ImageGrid(Node):
         if captions is not None and len(captions) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(captions)} prompts")
         out = context.current().artifact_dir / filename
+        from flowopd_core.images import from_comfy, save_grid
+
         save_grid(from_comfy(images), out, ncols=columns, scale=scale, captions=captions, title=title)
         return (str(out),)
 

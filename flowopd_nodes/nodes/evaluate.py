@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from flowopd_core.eval.evaluate import METRIC_MODES, EvalConfig, evaluate_targets, metric_plan, targets_from_refs
-from flowopd_core.eval.report import summarise, write_results
-from flowopd_core.images import load_png, to_comfy
-from flowopd_core.models.modelref import ModelRef
-from flowopd_core.prompts import PromptSet
-from flowopd_core.rewards import REWARDS
+from typing import TYPE_CHECKING
+
+from flowopd_core.choices import METRIC_MODES
+from flowopd_core.eval.config import EvalConfig
+from flowopd_core.rewards.names import REWARD_NAMES
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
+
+if TYPE_CHECKING:
+    from flowopd_core.models.modelref import ModelRef
+    from flowopd_core.prompts import PromptSet
 
 MAX_MODELS = 8  # ComfyUI's V1 contract has no variadic inputs: numbered optional slots
 
@@ -60,6 +63,10 @@ class Evaluator(Node):
         return reward_param_errors(params, task_rewards=parse_task_rewards)
 
     def run(self, prompts: PromptSet, model_1: ModelRef, task_rewards: str, reward_servers: str, **values) -> tuple:
+        from flowopd_core.eval.evaluate import evaluate_targets, metric_plan, targets_from_refs
+        from flowopd_core.eval.report import summarise, write_results
+        from flowopd_core.images import load_png, to_comfy
+
         refs = [model_1, *(values.pop(f"model_{i}", None) for i in range(2, MAX_MODELS + 1))]
         refs = [r for r in refs if r is not None]
         servers = parse_servers(reward_servers)
@@ -67,7 +74,7 @@ class Evaluator(Node):
         names = [r.name for r in refs]
         if len(set(names)) != len(names):
             raise ValueError(f"models need distinct names (labels), got {names}")
-        available = sorted({*REWARDS, *servers, *config.task_rewards.values()})  # 'all' = these
+        available = sorted({*REWARD_NAMES, *servers, *config.task_rewards.values()})  # 'all' = these
         plan = metric_plan(prompts.tasks, config.metrics, available, config.task_rewards)
         rewards = {m: build_reward(m, servers) for m in dict.fromkeys(m for task in plan for m in plan[task])}
         evals = evaluate_targets(targets_from_refs(refs), prompts, config, rewards)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from typing import TYPE_CHECKING
 
-from flowopd_core.eval.plots import plot_curves
-from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, parse_window_range
-from flowopd_core.models.modelref import ModelRef
-from flowopd_core.models.policy import Policy
-from flowopd_core.prompts import PromptSet
+from flowopd_core.grpo.config import GRPOConfig, parse_window_range
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
+
+if TYPE_CHECKING:
+    from flowopd_core.models.modelref import ModelRef
+    from flowopd_core.prompts import PromptSet
 
 _GRPO_INPUTS = config_inputs(GRPOConfig, skip=("window_range", "reward_weights"))
 CURVE_KEYS = ("reward", "reward_best_of_group", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm",
@@ -67,6 +68,10 @@ class GRPOTrainerNode(Node):
         self, model: ModelRef, prompts: PromptSet, rewards: str, reward_servers: str, label: str,
         checkpoint_every: int, keep_checkpoints: int, **values
     ) -> tuple:
+        from flowopd_core.eval.plots import plot_curves
+        from flowopd_core.grpo.trainer import GRPOTrainer
+        from flowopd_core.models.policy import Policy
+
         servers = parse_servers(reward_servers)
         weights = parse_reward_weights(rewards, servers)
         config = build_config(GRPOConfig, {**values, "reward_weights": weights,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from flowopd_core.images import to_comfy
-from flowopd_core.miniworld import SPLITS, TASKS
-from flowopd_core.miniworld.sets import prompt_set, render_set
+from flowopd_core.miniworld.tasks import SPLITS, TASKS
 from flowopd_core.prompts import PromptSet
 from flowopd_nodes.engine.ports import In, Node, Out
 
@@ -26,6 +24,8 @@ class MiniWorldPrompts(Node):
     OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
 
     def run(self, task: str, split: str, per_task: int, seed: int) -> tuple[PromptSet]:
+        from flowopd_core.miniworld.sets import prompt_set
+
         return (prompt_set(task, split, per_task, seed),)
 
 
@@ -42,4 +42,7 @@ class RenderGroundTruth(Node):
     OUTPUTS = (Out("images", "IMAGE", "one image per prompt"),)
 
     def run(self, prompts: PromptSet, size: int, seed: int) -> tuple:
+        from flowopd_core.images import to_comfy
+        from flowopd_core.miniworld.sets import render_set
+
         return (to_comfy(render_set(prompts, seed, size)),)

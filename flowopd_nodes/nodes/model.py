@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flowopd_core.eval.evaluate import targets_from_refs
-from flowopd_core.images import to_comfy
-from flowopd_core.models.modelref import DEVICES, DTYPES, ModelRef
-from flowopd_core.models.pipeline import MAX_T5_LENGTH
+from flowopd_core.choices import DEVICES, DTYPE_NAMES, MAX_T5_LENGTH, SAMPLER_KINDS
 from flowopd_core.prompts import PromptSet
-from flowopd_core.sampling.generate import SampleConfig, generate
-from flowopd_core.sampling.samplers import SAMPLER_KINDS
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out
+
+if TYPE_CHECKING:
+    from flowopd_core.models.modelref import ModelRef
 
 
 class LoadModel(Node):
@@ -26,7 +25,7 @@ class LoadModel(Node):
     INPUTS = (
         In("path", "STRING", help="pipeline folder (with model_index.json), relative to the graph file", path=True,
            must_exist=True, folder=True),
-        In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=tuple(DTYPES)),
+        In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=DTYPE_NAMES),
         In("device", "COMBO", "auto", "auto = cuda when available, else cpu", choices=DEVICES),
         In("label", "STRING", "base", "name shown in reports"),
         In("max_sequence_length", "INT", 0, "T5 text tokens per prompt; 0 = 128 (Flow-GRPO's and the authors' "
@@ -44,6 +43,8 @@ class LoadModel(Node):
         return []
 
     def run(self, path: str, dtype: str, device: str, label: str, max_sequence_length: int) -> tuple[ModelRef]:
+        from flowopd_core.models.modelref import ModelRef
+
         return (ModelRef(path, dtype, device, label=label, max_sequence_length=max_sequence_length),)
 
 
@@ -81,6 +82,10 @@ class Sample(Node):
         seed: int,
         batch_size: int,
     ) -> tuple:
+        from flowopd_core.eval.evaluate import targets_from_refs
+        from flowopd_core.images import to_comfy
+        from flowopd_core.sampling.generate import SampleConfig, generate
+
         config = SampleConfig(steps, guidance_scale, sampler, noise_level, batch_size, seed)
         expanded = PromptSet(tuple(p for p in prompts for _ in range(images_per_prompt)), name=prompts.name)
         (target,) = targets_from_refs([model])  # the base, or base + the model's adapter (never a copy)

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowopd_core.distill.coldstart import COLD_STARTS, SFTConfig, adapter_spec, merge_cold_start, sft_cold_start
-from flowopd_core.distill.loss import ROUTE_MODES, route
-from flowopd_core.distill.trainer import OPDConfig, OPDTrainer, TeacherRefs
-from flowopd_core.eval.plots import plot_curves
-from flowopd_core.models.merge import MERGE_METHODS
-from flowopd_core.models.modelref import ModelRef
-from flowopd_core.models.policy import Policy
-from flowopd_core.prompts import UNTAGGED, PromptSet
+from flowopd_core.choices import COLD_STARTS, MERGE_METHODS, ROUTE_MODES
+from flowopd_core.distill.config import OPDConfig, SFTConfig
+from flowopd_core.distill.routing import route_rows
+from flowopd_core.prompts import UNTAGGED
 from flowopd_core.rewards.spec import build_reward, parse_servers
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, optional_weights, reward_param_errors
 from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
+
+if TYPE_CHECKING:
+    from flowopd_core.distill.trainer import TeacherRefs
+    from flowopd_core.models.modelref import ModelRef
+    from flowopd_core.prompts import PromptSet
 
 MAX_TEACHERS = 8  # numbered optional slots: ComfyUI's V1 contract has no variadic inputs
 UNTAGGED_KEY = "untagged"
@@ -88,6 +89,8 @@ class TeacherPoolNode(Node):
         return {"teachers": {"tasks": tuple(parse_tasks(params["tasks"]))}} if "tasks" in params else {}
 
     def run(self, tasks: str, **teachers: ModelRef | None) -> tuple:
+        from flowopd_core.distill.trainer import TeacherRefs
+
         refs = [teachers.get(f"teacher_{i}") for i in range(1, MAX_TEACHERS + 1)]
         return (TeacherRefs(tuple(zip(parse_tasks(tasks), [r for r in refs if r is not None]))),)
 
@@ -134,7 +137,7 @@ class TaskRouterNode(Node):
         if not tasks or "mode" not in params or "weights" not in params:
             return []  # the pool's tasks or the routing come from links: checked when the router runs
         try:
-            route([], tasks, params["mode"], parse_task_weights(params["weights"]))
+            route_rows([], tasks, params["mode"], parse_task_weights(params["weights"]))
         except ValueError as exc:
             return [("weights", f"{exc}; checked against the teacher pool linked to 'teachers'")]
         return []
@@ -199,6 +202,10 @@ class ColdStartNode(Node):
             alpha: float, density: float, seed: int, prompts: PromptSet | None = None, **values) -> tuple:
         if method not in COLD_STARTS:  # validation refuses it; never run an unknown method as the last branch
             raise ValueError(f"unknown cold start method {method!r} (one of {COLD_STARTS})")
+        from flowopd_core.distill.coldstart import adapter_spec, merge_cold_start, sft_cold_start
+        from flowopd_core.eval.plots import plot_curves
+        from flowopd_core.models.policy import Policy
+
         ctx = context.current()
         report: dict[str, Any] = {"method": method, "teachers": list(teachers.tasks)}
         base = teachers.base
@@ -281,6 +288,10 @@ class DistillerNode(Node):
             log_rewards: str, reward_servers: str, label: str, checkpoint_every: int, keep_checkpoints: int,
             anchor: ModelRef | None = None,
             **values) -> tuple:
+        from flowopd_core.distill.trainer import OPDTrainer
+        from flowopd_core.eval.plots import plot_curves
+        from flowopd_core.models.policy import Policy
+
         ctx = context.current()
         config = build_config(OPDConfig, {**values, "route": teachers.route, "task_weights": teachers.task_weights})
         teachers.check_base(student, "the student")

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from flowopd_core.miniworld import (
-    QUALITY_DEGRADED_FRACTION,
-    TASKS,
-    TEXT_JITTER,
-    parse_task_weights,
-    parse_text_jitter,
-    sample_training_batch,
-)
-from flowopd_core.miniworld.tiny import TinyConfig, build_tiny_pipeline
-from flowopd_core.models.modelref import DEVICES, ModelRef, resolve_device
-from flowopd_core.models.pipeline import load_pipeline
-from flowopd_core.training.pretrain import PretrainConfig, pretrain
+from flowopd_core.choices import DEVICES
+from flowopd_core.miniworld.options import TEXT_JITTER, parse_task_weights, parse_text_jitter
+from flowopd_core.miniworld.tasks import QUALITY_DEGRADED_FRACTION, TASKS
+from flowopd_core.miniworld.tiny_config import TinyConfig
+from flowopd_core.training.pretrain_config import PretrainConfig
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
+
+if TYPE_CHECKING:
+    from flowopd_core.models.modelref import ModelRef
 
 _BIG = {"min": 1, "max": 10**7}
 _TINY_INPUTS = config_inputs(
@@ -112,6 +109,12 @@ class PretrainMiniWorld(Node):
 
     def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
             task_weights: str = "", text_jitter: str = "", device: str = "auto", **values) -> tuple:
+        from flowopd_core.miniworld.rendering import sample_training_batch
+        from flowopd_core.miniworld.tiny import build_tiny_pipeline
+        from flowopd_core.models.modelref import ModelRef, resolve_device
+        from flowopd_core.models.pipeline import load_pipeline
+        from flowopd_core.training.pretrain import pretrain
+
         tiny = build_config(TinyConfig, values)
         if init is None:
             pipe = build_tiny_pipeline(tiny, seed=values["seed"])

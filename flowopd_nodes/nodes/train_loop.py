@@ -4,13 +4,14 @@ bar, metrics events and TensorBoard folder, and its errors in the node's name.""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowopd_core.training.base import LoraTrainer
-from flowopd_core.training.fit import Interrupted, fit
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import TrainingInterrupted
 from flowopd_nodes.engine.ports import In
+
+if TYPE_CHECKING:
+    from flowopd_core.training.base import LoraTrainer
 
 CHECKPOINT_INPUTS = (
     In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
@@ -35,6 +36,8 @@ def train_resumable(
     ``metric_keys`` of each epoch's ``record(metrics)`` sent as metrics events. A signal becomes
     :class:`TrainingInterrupted` (the runner exits with 128 + the signal's number and says to rerun the same
     command). Returns the history."""
+    from flowopd_core.training.fit import Interrupted, fit
+
     ctx = context.current()
     try:
         return fit(

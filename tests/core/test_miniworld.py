@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowopd_core import miniworld as mw
-from flowopd_core.miniworld.render import layout_pair, word_slack
+from flowopd_core.miniworld.rendering import layout_pair, word_slack
 from flowopd_core.rewards.compose import ComposeConfig, detect_objects, relation_holds
 
 

@@ -1,0 +1,48 @@
+"""The evaluator's settings (:class:`EvalConfig`), importable without torch: the Evaluator node declares its ports
+from it. :mod:`flowopd_core.eval.evaluate` re-exports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flowopd_core.choices import METRIC_MODES, PRECISIONS
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    steps: int = field(default=40, metadata={"help": "ODE steps (paper evaluation: 40; training uses 10)"})
+    resolution: int = field(
+        default=0, metadata={"help": "image height = width in pixels; 0 = the model's native size (paper: 512)"}
+    )
+    guidance_scale: float = field(default=4.5, metadata={"help": "classifier-free guidance w (1 = no CFG)"})
+    seed: int = field(default=0, metadata={"help": "noise seed; sample i of a run starts from noise (seed, i)"})
+    batch_size: int = field(default=16, metadata={"help": "samples per sampling batch (and per scoring job)"})
+    precision: str = field(
+        default="auto", metadata={"help": "compute precision of the sampling: auto (fp32 on the CPU, bf16 on CUDA), "
+                                          "fp32, bf16 or fp16 (autocast)", "choices": PRECISIONS}
+    )
+    images_per_prompt: int = field(default=1, metadata={"help": "images sampled per prompt"})
+    metrics: str = field(
+        default="task+quality", metadata={"help": f"rewards per task: {' | '.join(METRIC_MODES)} (METRIC_MODES)"}
+    )
+    confidence: float = field(default=0.95, metadata={"help": "confidence level of the Student-t intervals"})
+    keep_images: int = field(default=16, metadata={"help": "images kept per task for the grids (0 = all)"})
+    concurrent: bool = field(
+        default=True, metadata={"help": "score batch k in a background thread while batch k+1 samples"}
+    )
+    task_rewards: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "task -> its own metric, over TASK_REWARDS (e.g. compose -> geneval)"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "images_per_prompt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.metrics not in METRIC_MODES:
+            raise ValueError(f"metrics must be one of {sorted(METRIC_MODES)}, got {self.metrics!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.keep_images < 0:
+            raise ValueError(f"keep_images must be >= 0, got {self.keep_images}")

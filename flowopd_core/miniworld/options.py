@@ -1,0 +1,53 @@
+"""The mini-world's training-data options as plain Python (no numpy): the text task's jitter and the tasks'
+weights, parsed from the text a graph gives. :mod:`flowopd_core.miniworld.rendering` re-exports them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from flowopd_core.miniworld.tasks import TASKS
+
+TEXT_JITTER = (1.5, 1.0)  # px at size 32: largest random (x, y) offset of a word from the centre
+
+
+def parse_task_weights(spec: str) -> dict[str, float]:
+    """``"compose:1, text:2, quality:1"`` -> {task: weight}; tasks not named get weight 0. Raises ValueError
+    naming the bad item (unknown task, bad or negative number, repeated task, all zero)."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in spec.replace(";", ",").split(",")):
+        if not item:
+            continue
+        task, _, value = (x.strip() for x in item.partition(":"))
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} in {item!r}; tasks: {list(TASKS)}")
+        if task in weights:
+            raise ValueError(f"task {task!r} is weighted twice")
+        try:
+            weight = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"weight of {task!r} is not a number: {value!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {task!r} must be a finite number >= 0, got {value!r}")
+        weights[task] = weight
+    if not any(weights.values()):
+        raise ValueError(f"give at least one task a weight > 0, e.g. 'compose:1, text:2, quality:1'; got {spec!r}")
+    return weights
+
+
+def _is_text_jitter(values: Sequence[float]) -> bool:
+    """Two finite numbers >= 0: a valid (x, y) bound on the text task's word offset."""
+    return len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
+
+
+def parse_text_jitter(spec: str) -> tuple[float, float]:
+    """``"1.5, 1"`` -> (1.5, 1.0): the text task's largest (x, y) offset in px at size 32. Raises ValueError
+    unless it is exactly two finite numbers >= 0."""
+    parts = [part.strip() for part in spec.replace(";", ",").split(",")]
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"expected two numbers 'x, y' (px at 32 px), got {spec!r}") from None
+    if not _is_text_jitter(values):
+        raise ValueError(f"expected two finite numbers >= 0 'x, y' (px at 32 px), got {spec!r}")
+    return values  # type: ignore[return-value]
