@@ -35,7 +35,7 @@ def parse_task_weights(spec: str) -> dict[str, float]:
     return weights
 
 
-def _is_text_jitter(values: Sequence[float]) -> bool:
+def is_text_jitter(values: Sequence[float]) -> bool:
     """Two finite numbers >= 0: a valid (x, y) bound on the text task's word offset."""
     return len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
 
@@ -48,6 +48,6 @@ def parse_text_jitter(spec: str) -> tuple[float, float]:
         values = tuple(float(part) for part in parts)
     except ValueError:
         raise ValueError(f"expected two numbers 'x, y' (px at 32 px), got {spec!r}") from None
-    if not _is_text_jitter(values):
+    if not is_text_jitter(values):
         raise ValueError(f"expected two finite numbers >= 0 'x, y' (px at 32 px), got {spec!r}")
     return values  # type: ignore[return-value]

@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from flowopd_core.images import from_uint8
 from flowopd_core.miniworld.options import TEXT_JITTER as TEXT_JITTER
-from flowopd_core.miniworld.options import _is_text_jitter
+from flowopd_core.miniworld.options import is_text_jitter
 from flowopd_core.miniworld.options import parse_task_weights as parse_task_weights
 from flowopd_core.miniworld.options import parse_text_jitter as parse_text_jitter
 from flowopd_core.miniworld.tasks import (
@@ -384,7 +384,7 @@ def sample_training_batch(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
     if not 0.0 <= quality_degraded_fraction <= 1.0:
         raise ValueError(f"quality_degraded_fraction must lie in [0, 1], got {quality_degraded_fraction}")
-    if text_jitter is not None and not _is_text_jitter(text_jitter):
+    if text_jitter is not None and not is_text_jitter(text_jitter):
         raise ValueError(f"text_jitter must be two finite numbers >= 0 (x, y px), got {text_jitter!r}")
     p = None
     if task_weights is not None:
