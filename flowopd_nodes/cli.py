@@ -283,9 +283,23 @@ def main(argv: list[str] | None = None) -> int:
     for node_id in valid.order:
         if valid.nodes[node_id].cls.OUTPUT_NODE:
             for name, value in result.outputs[node_id].items():
-                shown = f"tensor {tuple(value.shape)}" if hasattr(value, "shape") else value
-                print(f"  {node_id}.{name}: {shown}")
+                print(f"  {node_id}.{name}: {_shown(value, run_dir, node_id)}")
     return 0
+
+
+def _shown(value: object, run_dir: Path, node_id: str) -> str:
+    """An output as a person wants it in the end-of-run summary: an image batch by its size, a file by its path
+    through the run folder's ``nodes/<node>`` link instead of the cache entry it lives in."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and len(shape) == 4 and shape[-1] == 3:  # ComfyUI's IMAGE: (B, H, W, 3)
+        return f"{shape[0]} image(s) of {shape[2]}x{shape[1]} px (see {run_dir / 'nodes' / node_id})"
+    if shape is not None:
+        return f"tensor {tuple(shape)}"
+    try:  # <run>/cache/<node>/<key>/rest -> <run>/nodes/<node>/rest
+        rest = Path(str(value)).relative_to(run_dir / "cache" / node_id).parts[1:]
+    except ValueError:
+        return str(value)
+    return str(run_dir / "nodes" / node_id / Path(*rest))
 
 
 def _exit(code: int) -> None:

@@ -55,13 +55,16 @@ def _tiny_full_opd(run_dir: Path) -> list[str]:
     return args
 
 
-def test_full_opd_pipeline_runs_end_to_end_small(tmp_path, monkeypatch):
+def test_full_opd_pipeline_runs_end_to_end_small(tmp_path, monkeypatch, capsys):
     """Teachers -> pool -> router -> merge cold start -> OPD with and without MAR -> Evaluator (tiny settings).
     The run folder is given relative to the working folder, as `runs/...` is by default: adapter paths must
     survive being passed on through several nodes' cache entries."""
     monkeypatch.chdir(tmp_path)
     run_dir = Path("runs") / "full"
     assert runner.main(_tiny_full_opd(run_dir)) == 0
+    summary = capsys.readouterr().out  # outputs shown through the run folder's nodes/<node> links
+    assert f"eval.table: {run_dir / 'nodes' / 'eval' / 'results.md'}" in summary and "/cache/" not in summary
+    assert "image(s) of" in summary and "tensor (" not in summary
     table = (run_dir / "nodes" / "eval" / "results.md").read_text()
     for label in ("base", "grpo-compose", "grpo-text", "grpo-quality", "grpo-mix", "flow-opd-no-mar", "flow-opd"):
         assert f"| {label} |" in table
