@@ -238,7 +238,7 @@ def evaluate_model(
     if not len(prompts):
         raise ValueError(f"{name}: no prompts to evaluate")
     samples = tuple(p for p in prompts for _ in range(config.images_per_prompt))
-    keep = _kept(samples, config.keep_images)
+    keep = kept_samples(samples, config.keep_images)
     tables, kept, pending = [], [], None
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -266,14 +266,27 @@ def default_rewards(plan: Mapping[str, Sequence[str]]) -> dict[str, Reward]:
     return {m: make_reward(m) for m in dict.fromkeys(m for task in plan for m in plan[task])}
 
 
-def _kept(samples: Sequence[PromptSpec], per_task: int) -> set[int]:
-    """Indices of the first ``per_task`` samples of each task (all for 0)."""
-    seen: dict[str, int] = {}
-    keep = set()
+def kept_samples(samples: Sequence[PromptSpec], per_task: int) -> set[int]:
+    """Indices of ``per_task`` samples of each task (all for 0) for the grids, spread over the task's categories
+    (round robin, in order of first appearance, each category's samples in order): a compose grid shows single,
+    count, pair and position prompts, not only the first category's."""
+    if per_task == 0:
+        return set(range(len(samples)))
+    by_task: dict[str, dict[str, list[int]]] = {}
     for i, s in enumerate(samples):
-        seen[s.task] = seen.get(s.task, 0) + 1
-        if per_task == 0 or seen[s.task] <= per_task:
-            keep.add(i)
+        by_task.setdefault(s.task, {}).setdefault(s.category, []).append(i)
+    keep: set[int] = set()
+    for categories in by_task.values():
+        queues = [iter(rows) for rows in categories.values()]
+        taken = 0
+        while queues and taken < per_task:
+            for queue in list(queues):
+                index = next(queue, None)
+                if index is None:
+                    queues.remove(queue)
+                elif taken < per_task:
+                    keep.add(index)
+                    taken += 1
     return keep
 
 

@@ -255,3 +255,19 @@ def test_category_means_weigh_categories_equally():
     assert got.half_width == pytest.approx(st.t.ppf(0.975, df) * np.sqrt(va + vb) / 2)
     # one category: the plain interval
     assert mean_ci(a, strata=["x"] * 40) == mean_ci(a)
+
+
+def test_grids_keep_images_of_every_category():
+    from flowopd_core.eval.evaluate import kept_samples
+    from flowopd_core.prompts import PromptSpec
+
+    specs = [PromptSpec(f"p{i}", task="compose", spec={"template": t}) for i, t in
+             enumerate(["single"] * 6 + ["count"] * 3 + ["pair"] * 2 + ["position"] * 5)]
+    specs += [PromptSpec(f"q{i}", task="quality") for i in range(4)]
+    kept = kept_samples(specs, 6)
+    compose = sorted(specs[i].category for i in kept if specs[i].task == "compose")
+    # round robin: one of each category, then the next of each; the first 6 samples would all be "single"
+    assert compose == ["count", "count", "pair", "position", "single", "single"]
+    assert sorted(i for i in kept if specs[i].task == "quality") == [16, 17, 18, 19]
+    assert kept_samples(specs, 0) == set(range(len(specs)))
+    assert len([i for i in kept_samples(specs, 100) if specs[i].task == "compose"]) == 16
