@@ -226,9 +226,12 @@ def evaluate_model(
     prompts: PromptSet,
     config: EvalConfig = EvalConfig(),
     rewards: Mapping[str, Reward] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ModelEval:
     """Sample and score one model on ``prompts`` (module doc). ``sampler``: a :data:`Sampler` or a pipeline
-    (its own transformer). ``rewards``: metric name -> reward; default: the registered rewards the plan needs."""
+    (its own transformer). ``rewards``: metric name -> reward; default: the registered rewards the plan needs.
+    ``progress(n)``: called after each sampled batch with its number of images (a progress bar's ``update``; a
+    host that stops work raises from it, between batches)."""
     if isinstance(sampler, StableDiffusion3Pipeline):
         sampler = target_sampler(EvalTarget(name, sampler), config)
     plan = metric_plan(
@@ -253,6 +256,8 @@ def evaluate_model(
             if pending is not None:
                 tables.append(pending.result())
             pending = submit(score_images, images, [samples[i] for i in rows], plan, rewards)
+            if progress is not None:
+                progress(len(rows))
         tables.append(pending.result())
     return ModelEval(
         name=name, prompts=prompts, samples=samples, config=config, plan=plan, table=ScoreTable.cat(tables),
@@ -295,8 +300,10 @@ def evaluate_targets(
     prompts: PromptSet,
     config: EvalConfig = EvalConfig(),
     rewards: Mapping[str, Reward] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[ModelEval]:
-    """:func:`evaluate_model` for each target with shared rewards and one text cache per pipeline."""
+    """:func:`evaluate_model` for each target with shared rewards and one text cache per pipeline; ``progress``
+    counts the images of all targets (``len(targets) * len(prompts) * images_per_prompt`` in all)."""
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -306,7 +313,8 @@ def evaluate_targets(
     evals = []
     for target in targets:
         cache = caches.setdefault(id(target.pipeline), TextEmbeddingCache(target.pipeline))
-        evals.append(evaluate_model(target.name, target_sampler(target, config, cache), prompts, config, rewards))
+        sampler = target_sampler(target, config, cache)
+        evals.append(evaluate_model(target.name, sampler, prompts, config, rewards, progress=progress))
     return evals
 
 

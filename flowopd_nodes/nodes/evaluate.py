@@ -77,7 +77,15 @@ class Evaluator(Node):
         available = sorted({*REWARD_NAMES, *servers, *config.task_rewards.values()})  # 'all' = these
         plan = metric_plan(prompts.tasks, config.metrics, available, config.task_rewards)
         rewards = {m: build_reward(m, servers) for m in dict.fromkeys(m for task in plan for m in plan[task])}
-        evals = evaluate_targets(targets_from_refs(refs), prompts, config, rewards)
-        files = write_results(summarise(evals), context.current().artifact_dir)
+        ctx = context.current()
+        targets = targets_from_refs(refs)
+        # a bar over every image of every model: the runner's tqdm; in ComfyUI its ProgressBar, whose update
+        # raises when the user presses Stop (between sampling batches)
+        bar = ctx.progress(len(targets) * len(prompts) * config.images_per_prompt, "evaluate")
+        try:
+            evals = evaluate_targets(targets, prompts, config, rewards, progress=bar.update)
+        finally:
+            bar.close()
+        files = write_results(summarise(evals), ctx.artifact_dir)
         return (str(files.markdown), to_comfy(load_png(files.chart)))
 

@@ -231,3 +231,17 @@ def test_without_comfyui_the_adapter_writes_under_the_fallback_folder(tmp_path, 
         Path(path).is_file()
         and Path(path).is_relative_to(tmp_path / "flowopd" / "FlowOPDSavePrompts-FlowOPDSavePrompts")
     )
+
+
+def test_evaluator_reports_progress_and_stops_on_stop(fake_comfyui):
+    node_cls = comfy.NODE_CLASS_MAPPINGS["FlowOPDEvaluator"]
+    model = ModelRef(str(ROOT / "models" / "miniworld"), label="base")
+    inputs = dict(prompts=prompt_set("quality", "test", 6, 0), model_1=model, steps=2, batch_size=2, metrics="task")
+    fake_comfyui.stop_after = 2  # Stop pressed after the first batch of 2 images
+    with torch.inference_mode(), pytest.raises(Interrupted):
+        node_cls().execute(unique_id="7", **inputs)
+    assert fake_comfyui.bars[0].total == 6 and fake_comfyui.bars[0].current == 2  # stopped between batches
+    fake_comfyui.stop_after = None
+    with torch.inference_mode():
+        node_cls().execute(unique_id="7", **inputs)
+    assert fake_comfyui.bars[-1].current == fake_comfyui.bars[-1].total == 6  # every image reported
