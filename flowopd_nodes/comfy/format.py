@@ -9,8 +9,9 @@
   ids are kept in each node's ``properties.flowopd_id``, name and description in ``extra.flowopd``. Nodes are
   laid out in columns by topological depth, each column ordered to follow its inputs.
 
-Export writes every widget value resolved (defaults filled in, paths absolute) so the JSON runs wherever
-ComfyUI's working folder is. Import reads both formats back into a :class:`Graph`: values equal to a port's
+Export writes every widget value resolved (defaults filled in; paths inside the repository relative to its root,
+where ComfyUI and import resolve them, other paths absolute) so the JSON runs on another checkout too. Import
+reads both formats back into a :class:`Graph`: values equal to a port's
 default are left out, relative paths in a JSON file are taken relative to the repository root (where the
 ComfyUI adapter resolves them) and written relative to the YAML file's folder when they share a parent below
 ``/``. Nodes of other packs are kept (validation names them); notes, muted nodes and reroutes are not graph
@@ -54,8 +55,8 @@ MODE_MUTED, MODE_BYPASS = 2, 4
 def to_api_prompt(valid: ValidGraph) -> dict[str, dict[str, Any]]:
     """The graph as ComfyUI's API format: ``{id: {class_type, inputs, _meta: {title}}}``.
 
-    Widget values are written resolved (defaults filled in, paths absolute) so the prompt runs wherever
-    ComfyUI's working folder is; links become ``[source id, output index]``.
+    Widget values are written resolved (defaults filled in, paths inside the repository relative to its root,
+    others absolute: see :func:`_export_params`); links become ``[source id, output index]``.
     """
     prompt: dict[str, dict[str, Any]] = {}
     for node_id, node in valid.nodes.items():
@@ -71,11 +72,15 @@ def to_api_prompt(valid: ValidGraph) -> dict[str, dict[str, Any]]:
 
 
 def _export_params(node: Any) -> dict[str, Any]:
-    """A node's resolved widget values, paths written as clean absolute paths."""
+    """A node's resolved widget values. Paths inside the repository are written relative to its root (where
+    ComfyUI and import resolve relative paths), so a shared workflow runs on a colleague's checkout; other
+    paths are written absolute."""
     params = dict(node.params)
     for port in node.cls.INPUTS:
         if port.path and isinstance(params.get(port.name), str) and params[port.name]:
-            params[port.name] = str(Path(params[port.name]).resolve())
+            absolute = Path(params[port.name]).resolve()
+            inside = absolute.is_relative_to(ROOT)
+            params[port.name] = absolute.relative_to(ROOT).as_posix() if inside else str(absolute)
     return params
 
 

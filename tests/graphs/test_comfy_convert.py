@@ -175,3 +175,18 @@ def test_canvas_made_files_import_as_the_graph_they_mean():
     wf["nodes"][3]["mode"] = 4  # bypassed: ComfyUI would pass inputs through; refused instead of guessed
     with pytest.raises(Exception, match="bypassed"):
         graph_from_comfy(wf, default_name="wf")
+
+
+@pytest.mark.parametrize("fmt", ["api", "workflow"])
+def test_exported_json_names_repository_paths_relative_to_the_repository(fmt, tmp_path):
+    """A shared workflow must not carry the exporting machine's folders: a path inside the repository is written
+    relative to its root (where ComfyUI and import resolve it), so it loads on a colleague's checkout."""
+    exported = tmp_path / f"full_opd.{fmt}.json"
+    assert runner.main(["export", str(ROOT / "graphs" / "full_opd.yaml"), f"--comfy-{fmt}", str(exported)]) == 0
+    text = exported.read_text()
+    assert str(ROOT) not in text and '"models/miniworld"' in text
+    moved = tmp_path / "elsewhere"  # the same file read from another folder still finds the model
+    moved.mkdir()
+    (moved / exported.name).write_text(text)
+    graph = load_comfy_file(moved / exported.name)
+    assert Path(validate(graph).nodes["base"].params["path"]).resolve() == (ROOT / "models" / "miniworld").resolve()
