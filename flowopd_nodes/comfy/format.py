@@ -11,8 +11,8 @@
 
 Export writes every widget value resolved (defaults filled in; paths inside the repository relative to its root,
 where ComfyUI and import resolve them, other paths absolute) so the JSON runs on another checkout too. Import
-reads both formats back into a :class:`Graph`: values equal to a port's
-default are left out, relative paths in a JSON file are taken relative to the repository root (where the
+reads both formats back into a :class:`Graph`: every value is kept (defaults included, so the graph keeps its
+meaning when a default changes), relative paths in a JSON file are taken relative to the repository root (where the
 ComfyUI adapter resolves them) and written relative to the YAML file's folder when they share a parent below
 ``/``. Nodes of other packs are kept (validation names them); notes, muted nodes and reroutes are not graph
 nodes, and a primitive node's value becomes a param of the nodes it feeds.
@@ -21,7 +21,6 @@ nodes, and a primitive node's value becomes a param of the nodes it feeds.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from flowopd_nodes.engine.graph import (
     read_graph_text,
     safe_name,
 )
-from flowopd_nodes.engine.ports import REQUIRED, In, Node
+from flowopd_nodes.engine.ports import In, Node
 from flowopd_nodes.engine.validate import ValidGraph
 from flowopd_nodes.nodes.registry import REGISTRY
 
@@ -523,16 +522,9 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
     return doc
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=0, abs_tol=0)
-    return a == b
-
-
 def _tidy_params(node: dict[str, Any], yaml_dir: Path | None) -> None:
-    """Leave out values equal to the default; write paths relative to the YAML file where that reads well."""
+    """Write paths relative to the YAML file where that reads well. Every value the file gives is kept, those
+    equal to today's defaults too: a shared graph must not change meaning when a default changes."""
     cls = REGISTRY.get(node.get("type"))
     if cls is None:
         return
@@ -542,9 +534,7 @@ def _tidy_params(node: dict[str, Any], yaml_dir: Path | None) -> None:
         if port is None or not port.is_widget:
             continue
         value = params[name]
-        if port.default is not REQUIRED and _same(value, port.default):
-            del params[name]
-        elif port.path and isinstance(value, str) and value:
+        if port.path and isinstance(value, str) and value:
             params[name] = _relative_path(value, yaml_dir)
     if not params:
         del node["params"]

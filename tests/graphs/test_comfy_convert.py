@@ -139,7 +139,8 @@ def test_canvas_made_files_import_as_the_graph_they_mean():
     data = graph.to_data()
     assert data["name"] == "canvas"
     assert data["nodes"] == {
-        "3": {"type": "FlowOPDMiniWorldPrompts", "params": {"task": "text", "per_task": 2},
+        # every value kept, "split": "test" (today's default) too: the graph keeps its meaning if defaults change
+        "3": {"type": "FlowOPDMiniWorldPrompts", "params": {"task": "text", "split": "test", "per_task": 2},
               "links": {"seed": "7.seed"}},
         "7": {"type": "FlowOPDSeed", "title": "my seed", "params": {"seed": 5}},
         "9": {"type": "FlowOPDSavePrompts", "params": {"filename": "a.jsonl"}, "links": {"prompts": "3.prompts"}},
