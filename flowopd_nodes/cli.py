@@ -7,7 +7,7 @@
     python runner.py list-nodes [--json]
     python runner.py export GRAPH.yaml [--comfy-api OUT.json] [--comfy-workflow OUT.json]
     python runner.py import COMFY.json [-o OUT.yaml]
-    python runner.py serve-reward NAME [--port P] [--host 127.0.0.1] [--set FIELD=VALUE ...]
+    python runner.py serve-reward NAME [--port P] [--host 127.0.0.1] [--set FIELD=VALUE ...] [--limit FIELD=VALUE ...]
 
 GRAPH may also be a ComfyUI API or UI-workflow JSON file (as exported, or saved from the canvas).
 Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran), 128 + N a
@@ -36,7 +36,7 @@ USAGE = """%(prog)s GRAPH.yaml [--set NODE.PARAM=VALUE ...] [--run-dir DIR] [--f
        %(prog)s list-nodes [--json]
        %(prog)s export GRAPH.yaml [--comfy-api OUT.json] [--comfy-workflow OUT.json]
        %(prog)s import COMFY.json [-o OUT.yaml]
-       %(prog)s serve-reward NAME [--host HOST] [--port P] [--set FIELD=VALUE ...]"""
+       %(prog)s serve-reward NAME [--host HOST] [--port P] [--set FIELD=VALUE ...] [--limit FIELD=VALUE ...]"""
 EPILOG = """GRAPH may also be a ComfyUI API or UI-workflow JSON file. --set takes the text given for a text input
 (STRING or a choice: --set 'router.weights=text: text=0.8 compose=0.2') and reads any other value as a YAML scalar
 (3, 0.5, true).
@@ -102,23 +102,37 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="config", action="append", default=[], metavar="FIELD=VALUE",
         help="a field of the reward's config (repeatable), e.g. --set model_path=/models/pickscore",
     )
+    srv.add_argument(
+        "--limit", dest="limits", action="append", default=[], metavar="FIELD=VALUE",
+        help="a server limit (repeatable; fields of flowopd_core.rewards.server.ServerLimits, e.g. "
+             "--limit max_image_pixels=1048576 --limit workers=16); GET /info shows the limits in force",
+    )
     return parser
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import yaml
 
-    from flowopd_core.rewards.server import serve
+    from flowopd_core.rewards.server import ServerLimits, serve
 
-    config = {}
-    for item in args.config:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            print(f"error: --set {item!r}: expected FIELD=VALUE", file=sys.stderr)
-            return 2
-        config[key] = yaml.safe_load(value) if value else ""
+    values: dict[str, dict] = {"--set": {}, "--limit": {}}
+    for flag, items in (("--set", args.config), ("--limit", args.limits)):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                print(f"error: {flag} {item!r}: expected FIELD=VALUE", file=sys.stderr)
+                return 2
+            values[flag][key] = yaml.safe_load(value) if value else ""
+    known = {f.name for f in dataclasses.fields(ServerLimits)}
+    unknown = sorted(set(values["--limit"]) - known)
+    if unknown:
+        print(f"error: --limit: unknown field(s) {unknown}; the limits are {sorted(known)}", file=sys.stderr)
+        return 2
     try:
-        serve(args.name, host=args.host, port=args.port, config=config)
+        limits = ServerLimits(**values["--limit"])
+        serve(args.name, host=args.host, port=args.port, config=values["--set"], limits=limits)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,11 +20,16 @@ def test_unknown_reward_and_bad_config_exit_2(capsys):
     assert runner.main(["serve-reward", "pickscore", "--port", "0", "--set", "model_path=/no/such/folder"]) == 2
     err = capsys.readouterr().err
     assert "unknown reward" in err and "/no/such/folder" in err
+    assert runner.main(["serve-reward", "quality", "--port", "0", "--limit", "max_pixels=9"]) == 2
+    assert "unknown field(s) ['max_pixels']" in capsys.readouterr().err
+    assert runner.main(["serve-reward", "quality", "--port", "0", "--limit", "workers=0"]) == 2
+    assert "workers" in capsys.readouterr().err
 
 
 def test_serves_on_loopback():
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "runner.py"), "serve-reward", "quality", "--port", "0"],
+        [sys.executable, str(ROOT / "runner.py"), "serve-reward", "quality", "--port", "0",
+         "--limit", "max_image_pixels=4096", "--limit", "workers=2"],
         stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
@@ -36,6 +41,9 @@ def test_serves_on_loopback():
         assert url, "server did not report its URL"
         with urllib.request.urlopen(url + "/health", timeout=10) as response:
             assert json.loads(response.read())["name"] == "quality"
+        with urllib.request.urlopen(url + "/info", timeout=10) as response:
+            limits = json.loads(response.read())["limits"]
+        assert limits["max_image_pixels"] == 4096 and limits["workers"] == 2  # --limit reached the server
     finally:
         proc.terminate()
         proc.wait(timeout=10)
