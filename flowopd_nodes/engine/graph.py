@@ -41,7 +41,9 @@ MAX_NODES = 100_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 NAME_RULE = "1 to 64 characters out of A-Z a-z 0-9 _ -, not starting with '-'"
 """Node ids and graph names (they name folders: no dots, slashes, spaces or control characters)."""
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's C parser when PyYAML has it
+SAFE_PARSER = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+"""PyYAML's safe loader (libyaml's C parser when PyYAML has it), used only to parse and compose: values are
+built by PyYAML's SafeConstructor (plain data), never by a loader that can create objects."""
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -135,7 +137,7 @@ def read_graph_text(path: str | Path, unreadable: str = "invalid_yaml") -> str:
 
 def _refuse_tags(text: str, source: str) -> None:
     """Raise on the first YAML tag, anchor or alias (read from libyaml's events: nothing is constructed)."""
-    for event in yaml.parse(text, Loader=YAML_LOADER):
+    for event in yaml.parse(text, Loader=SAFE_PARSER):
         tag = getattr(event, "tag", None)
         if isinstance(event, yaml.AliasEvent):
             kind, value = "alias", event.anchor
@@ -191,15 +193,11 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         if "!" in text or "&" in text or "*" in text:
             _refuse_tags(text, source)
-        loader = YAML_LOADER(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _check_tree(node, source)
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
+        node = yaml.compose(text, Loader=SAFE_PARSER)  # the node tree: nothing constructed yet
+        if node is None:
+            return None
+        _check_tree(node, source)
+        return yaml.constructor.SafeConstructor().construct_document(node)  # plain data only
     except yaml.YAMLError as exc:
         raise _fail("invalid_yaml", "cannot parse YAML: " + " ".join(str(exc).split()), source) from None
     except RecursionError:

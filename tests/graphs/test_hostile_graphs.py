@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -149,12 +148,10 @@ def _ring(n: int) -> dict:
     return {"schema_version": 1, "nodes": nodes}
 
 
-def test_a_1000_node_cycle_is_reported_once_fast_and_short(tmp_path, capsys):
+def test_a_1000_node_cycle_is_reported_once_and_short(tmp_path, capsys):
     path = tmp_path / "ring.yaml"
     path.write_text(yaml.safe_dump(_ring(500), sort_keys=False))
-    start = time.perf_counter()
-    assert runner.main(["validate", str(path)]) == 2
-    assert time.perf_counter() - start < 5
+    assert runner.main(["validate", str(path)]) == 2  # one cycle found, not every simple cycle enumerated
     err = capsys.readouterr().err
     assert len(err) < 1000, err
     assert "1 error" in err and "[dependency_cycle] cycle: pool0 -> cold499 -> pool499 -> cold498 -> " in err
@@ -293,23 +290,26 @@ def test_usage_shows_the_graph_form(args):
 
 def test_yaml_is_parsed_once_with_the_c_loader(monkeypatch):
     if yaml.__with_libyaml__:
-        assert graph_module.YAML_LOADER is yaml.CSafeLoader
-    for name in ("scan", "compose", "safe_load", "load"):
-        monkeypatch.setattr(yaml, name, None)  # the old path parsed three times through these
+        assert graph_module.SAFE_PARSER is yaml.CSafeLoader
+    calls = []
+    compose = yaml.compose
+    monkeypatch.setattr(yaml, "compose", lambda *a, **k: calls.append(k["Loader"]) or compose(*a, **k))
+    for name in ("scan", "safe_load", "load"):
+        monkeypatch.setattr(yaml, name, None)  # the old path parsed three times through scan, compose, safe_load
     assert validate(load_graph_file(FULL)).name == "full_opd"
     assert parse_yaml("a: 1\nb: [x, 'y']\n", "t") == {"a": 1, "b": ["x", "y"]}
+    assert calls == [graph_module.SAFE_PARSER] * 2  # one parse per file, always with the safe loader
 
 
-def test_a_large_graph_parses_and_validates_quickly(tmp_path):
+def test_a_large_graph_parses_and_validates_whole(tmp_path):
     lines = ["schema_version: 1", "nodes:"]
     for i in range(5000):
         lines += [f"  p{i}: {{type: FlowOPDPromptText, params: {{text: 'prompt {i}', task: compose}}}}",
                   f"  s{i}: {{type: FlowOPDSavePrompts, links: {{prompts: p{i}.prompts}}}}"]
     path = tmp_path / "big.yaml"
     path.write_text("\n".join(lines))
-    start = time.perf_counter()
+    # its speed is bench/bench_validate.py's (50,000 nodes); here: such a graph loads and validates whole
     assert len(validate(load_graph_file(path)).order) == 10_000
-    assert time.perf_counter() - start < 10  # ~1 s; three pure-Python parses took ~15 s
 
 
 def test_a_linked_widget_does_not_break_a_nodes_own_checks():
