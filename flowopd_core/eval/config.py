@@ -46,3 +46,5 @@ class EvalConfig:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.keep_images < 0:
             raise ValueError(f"keep_images must be >= 0, got {self.keep_images}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")

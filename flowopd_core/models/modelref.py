@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowopd_core.choices import DEVICES, DTYPE_NAMES
+from flowopd_core.choices import DEVICES, DTYPE_NAMES, MAX_T5_LENGTH
 from flowopd_core.models.pipeline import load_pipeline
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -54,6 +54,9 @@ class ModelRef:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not 0 <= self.max_sequence_length <= MAX_T5_LENGTH:
+            raise ValueError(f"max_sequence_length must be in [0, {MAX_T5_LENGTH}] (0 = default), "
+                             f"got {self.max_sequence_length}")
 
     @property
     def name(self) -> str:

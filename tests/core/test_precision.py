@@ -145,3 +145,14 @@ def test_text_length_reaches_the_text_encoder_and_the_cache_key(tmp_path):
     assert ref.base_key != dataclasses.replace(ref, max_sequence_length=0).base_key
     with pytest.raises(ValueError, match="max_sequence_length must be in"):
         load_pipeline(tmp_path / "model", max_sequence_length=513)
+
+
+def test_bad_precision_and_text_length_are_refused_where_they_are_set():
+    from flowopd_core.eval.config import EvalConfig
+    from flowopd_core.sampling.generate import SampleConfig
+
+    for make in (lambda: EvalConfig(precision="fp8"), lambda: SampleConfig(precision="half")):
+        with pytest.raises(ValueError, match="precision must be one of"):
+            make()
+    with pytest.raises(ValueError, match="max_sequence_length must be in"):
+        ModelRef("models/miniworld", max_sequence_length=600)
