@@ -164,31 +164,34 @@ def fake_comfyui(tmp_path, monkeypatch):
     return state
 
 
-def test_training_node_in_inference_mode_stops_on_stop_and_resumes(fake_comfyui):
+def test_training_node_in_inference_mode_stops_on_stop_inside_an_epoch_and_resumes(fake_comfyui):
     node_cls = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOTrainer"]
     inputs = dict(
         model=ModelRef(str(ROOT / "models" / "miniworld")), prompts=prompt_set("compose", "train", 2, 0),
-        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, checkpoint_every=1,
+        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, checkpoint_every=5,
         lora_rank=4, lr=0.01,
     )
-    fake_comfyui.stop_after = 2  # Stop pressed while epoch 1 reports progress
+    units = 1 + 2  # per epoch: one sampling batch (4 samples) and updates_per_epoch = 2 optimizer steps
+    fake_comfyui.stop_after = units + 2  # Stop pressed after epoch 1's first optimizer step
     with torch.inference_mode():  # how ComfyUI runs every node
         with pytest.raises(Interrupted):
             node_cls().execute(unique_id="12", **inputs)
+    assert fake_comfyui.bars[0].total == 3 * units and fake_comfyui.bars[0].node_id == "12"
+    assert fake_comfyui.bars[0].current == units + 2  # it stopped at that update, inside epoch 1
     root = fake_comfyui.output / "flowopd"
     (folder,) = (root / "checkpoints").iterdir()
     assert folder.name == "12-FlowOPDGRPOTrainer"
     (ckpt,) = folder.iterdir()
-    newest = ckpt / "epoch_000002"
-    assert [h["epoch"] for h in json.loads((newest / "history.json").read_text())] == [0, 1]  # both epochs kept
+    (newest,) = ckpt.iterdir()  # checkpoint_every = 5, yet the Stop kept the completed epoch 0
+    assert newest.name == "epoch_000001"
+    assert [h["epoch"] for h in json.loads((newest / "history.json").read_text())] == [0]  # nothing of epoch 1
     assert not (root / folder.name / ckpt.name).exists()  # no half-written artifacts
-    assert fake_comfyui.bars[0].total == 3 and fake_comfyui.bars[0].node_id == "12"
-    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events] == [0, 1]
+    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events] == [0]
     assert {(name, e["node"], e["class_type"]) for name, e in fake_comfyui.events} == {
         ("flowopd.metrics", "12", "FlowOPDGRPOTrainer")
     }
 
-    fake_comfyui.stop_after = None  # queue the same graph again: resumes from the checkpoint
+    fake_comfyui.stop_after = None  # queue the same graph again: the same folder, resumed from epoch 1
     with torch.inference_mode():
         out = node_cls().execute(unique_id="12", **inputs)
     model, curves = out["result"]
@@ -196,8 +199,8 @@ def test_training_node_in_inference_mode_stops_on_stop_and_resumes(fake_comfyui)
     assert Path(model.adapter).parent == artifacts and Path(curves) == artifacts / "curves.png"
     assert [h["epoch"] for h in json.loads((artifacts / "metrics.json").read_text())] == [0, 1, 2]
     assert not ckpt.exists()  # removed once the node succeeded
-    assert fake_comfyui.bars[-1].current == 3  # resumed bar starts at the checkpoint's 2 epochs
-    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events[2:]] == [2]
+    assert fake_comfyui.bars[-1].current == fake_comfyui.bars[-1].total == 3 * units  # from epoch 1's units on
+    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events[1:]] == [1, 2]  # epoch 0 was not run again
     assert out["ui"]["images"] == [
         {"filename": "curves.png", "subfolder": f"flowopd/{folder.name}/{ckpt.name}", "type": "output"}
     ]
