@@ -190,8 +190,9 @@ class LoraTrainer:
         self.bad_streak = 0  # consecutive skipped optimizer steps (checkpointed)
         self.skipped_steps = 0  # skipped steps of the current epoch (the subclass resets it per epoch)
         self.on_unit: Callable[[str], None] | None = None
-        """Called with ``"sample"`` after each sampling batch and ``"step"`` after each optimizer step (taken or
-        skipped): the points where training may stop. :func:`~flowopd_core.training.fit.fit` uses it for its
+        """Called with ``"sample"`` after each sampling batch, ``"step"`` after each optimizer step (taken or
+        skipped) and ``"check"`` after each denoising step of a rollout and each backward pass (no unit of
+        progress, a point to stop at within seconds): :func:`~flowopd_core.training.fit.fit` uses it for its
         progress bar and stop checks. It may raise to stop training; the unfinished epoch is then lost (this
         trainer is left in the middle of it: resume from a checkpoint)."""
 
@@ -297,6 +298,7 @@ class LoraTrainer:
                     lambda x, t: self._velocity(x, t, cond, uncond),  # noqa: B023  (called within this iteration)
                     noise, self.sigmas, kind=cfg.kind, noise_level=cfg.noise_level, generator=generator,
                     sde_window=sde_window, logprob_reduce=cfg.logprob_reduce,
+                    progress=lambda j, steps: self._tick("check"),
                 ))
                 images.append(decode(self.pipe, parts[-1].latents[:, -1]))
                 pending.append({name: submit_reward(pool, fn, images[-1], chunk) for name, fn in rewards.items()})
@@ -461,6 +463,7 @@ class LoraTrainer:
                         break
                     (terms.total / (len(micro) * steps_per_sample)).backward()
                     record(terms, rows, update)
+                    self._tick("check")
                 if bad:
                     break
             norm = self._finish_update(len(part), bad)

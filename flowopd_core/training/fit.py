@@ -12,8 +12,9 @@ user::
   broken ones with a warning; on the CPU it then repeats the uninterrupted run bit for bit.
 - SIGTERM / SIGINT (in the main thread): the running epoch finishes, a checkpoint is written, then
   :class:`Interrupted`; a second signal stops at once.
-- A stop inside an epoch (``should_stop()`` turning True, polled after each sampling batch and optimizer step;
-  the progress bar's ``update`` raising, as ComfyUI's Stop does; a second signal) discards the unfinished epoch:
+- A stop inside an epoch (``should_stop()`` turning True or the progress bar's ``update`` raising, as ComfyUI's
+  Stop does, both checked after each denoising step of a rollout, each backward pass and each optimizer step;
+  a second signal) discards the unfinished epoch:
   the last completed epoch is checkpointed if it is not on disk yet (its state was copied to the CPU when it
   ended), nothing of the unfinished one is saved, and the trainer object is left mid-epoch. Calling fit again
   with a fresh trainer and the same ``checkpoint_dir`` resumes from that checkpoint and repeats the
@@ -49,6 +50,9 @@ HISTORY = "history.json"
 
 
 class Progress(Protocol):
+    """A progress bar: ``update(n)`` adds n units (``update(0)``: a point where the host may stop the work by
+    raising, as ComfyUI's ProgressBar does on Stop); ``close()``."""
+
     def update(self, n: int = 1) -> None: ...
 
     def close(self) -> None: ...
@@ -142,8 +146,9 @@ def fit(
     called after each epoch (e.g. to send metrics events). tensorboard_dir: TensorBoard event files of every number
     of each entry (as ``<tensorboard_prefix>/<key>``; needs the ``tensorboard`` package). progress(total, desc): a
     progress bar factory (default tqdm; None = no bar), counting ``trainer.units_per_epoch()`` units (sampling
-    batches and optimizer steps) per epoch; its ``update`` may raise to stop training. should_stop(): polled after
-    each unit; True stops inside the epoch (module doc). Raises :class:`Interrupted` on a signal or a stop,
+    batches and optimizer steps) per epoch, and ``update(0)`` at the checks in between; ``update`` may raise to
+    stop training. should_stop(): polled at the same points (with several processes after each optimizer step
+    only); True stops inside the epoch (module doc). Raises :class:`Interrupted` on a signal or a stop,
     FloatingPointError after ``max_bad_steps`` consecutive bad optimizer steps.
     """
     log = log or logging.getLogger("flowopd")
@@ -201,7 +206,11 @@ def fit(
     pending: list[tuple[int, Any, list[dict[str, Any]]] | None] = [None]
 
     def on_unit(unit: str) -> None:
-        show(min(shown[0] + 1, (len(history) + 1) * units))  # never past the running epoch's end
+        if unit == "check":  # no progress; a host may raise from update(0) (ComfyUI's Stop does)
+            if bar is not None:
+                bar.update(0)
+        else:
+            show(min(shown[0] + 1, (len(history) + 1) * units))  # never past the running epoch's end
         if should_stop is not None and (unit == "step" or world.size == 1):  # every process polls together
             if world.any(bool(should_stop())):
                 raise _StopRequested
@@ -245,8 +254,8 @@ def fit(
             store.save(epochs, {**state_files(state), HISTORY: json.dumps(done, default=str).encode()})
         world.barrier()
         last_good[0], pending[0] = store.path(epochs), None
-        log.info("%s: stopped inside epoch %d; its progress is discarded, epoch %d is checkpointed in %s", label,
-                 epochs, epochs, last_good[0])
+        log.info("%s: stopped during epoch %d (from 0), which is discarded; the %d completed epoch(s) are "
+                 "checkpointed in %s", label, epochs, epochs, last_good[0])
 
     def check_identical() -> None:
         if not world.identical(list(trainer.params.values())):

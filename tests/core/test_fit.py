@@ -152,7 +152,7 @@ def test_a_stop_in_the_first_epoch_writes_no_checkpoint(tmp_path):
     with pytest.raises(Interrupted) as stopped:
         fit(trainer, checkpoint_dir=tmp_path / "ckpt", should_stop=lambda: True, progress=None)
     assert stopped.value.epochs == 0 and stopped.value.checkpoint is None
-    assert trainer.optimizer_steps == 0  # stopped after the first sampling batch
+    assert trainer.optimizer_steps == 0  # stopped after the first denoising step
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
