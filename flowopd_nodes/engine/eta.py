@@ -33,11 +33,13 @@ class Estimate:
     untimed: tuple[str, ...] = ()
 
     def text(self) -> str:
-        """``ETA 3m20s``; ``ETA >= 3m20s (2 nodes untimed)`` when some node has no estimate."""
+        """``ETA 3m20s``; ``ETA >= 3m20s (2 nodes untimed)`` when some node has no estimate (``ETA ?`` when none
+        has one)."""
         if not self.untimed:
             return f"ETA {format_seconds(self.seconds)}"
         n = len(self.untimed)
-        return f"ETA >= {format_seconds(self.seconds)} ({n} node{'s' if n > 1 else ''} untimed)"
+        known = f">= {format_seconds(self.seconds)}" if self.seconds >= 0.5 else "?"
+        return f"ETA {known} ({n} node{'s' if n > 1 else ''} untimed)"
 
     def to_json(self, now: float) -> dict[str, object]:
         return {

@@ -315,7 +315,8 @@ def run_graph(
             )
         log.info("run %s: %d nodes to consider in %s%s", valid.name, len(valid.order), run_dir,
                  f" (process {world.rank} of {world.size})" if world.size > 1 else "")
-        bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True)
+        bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} nodes [{elapsed}{postfix}]")  # our ETA, not tqdm's
         try:
             for node_id in bar:
                 node = valid.nodes[node_id]

@@ -27,6 +27,7 @@ def test_format_and_text():
     assert [format_seconds(s) for s in (0, 44.6, 200, 7500)] == ["0s", "45s", "3m20s", "2h05m"]
     assert Estimate(200.0).text() == "ETA 3m20s"
     assert Estimate(200.0, ("eval", "grid")).text() == "ETA >= 3m20s (2 nodes untimed)"
+    assert Estimate(0.0, ("eval",)).text() == "ETA ? (1 node untimed)"
     assert Estimate(200.0, ("eval",)).to_json(1000.0) == {
         "seconds_left": 200.0, "finish_at": None, "lower_bound": True, "untimed": ["eval"]}
     assert Estimate(5.0).to_json(1000.0)["finish_at"] == 1005.0
