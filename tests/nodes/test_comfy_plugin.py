@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flowopd_core.miniworld.sets import prompt_set
 from flowopd_core.models.modelref import ModelRef
@@ -134,17 +135,21 @@ class Interrupted(Exception):
 @pytest.fixture
 def fake_comfyui(tmp_path, monkeypatch):
     """Minimal stand-ins for the ComfyUI modules the adapter uses; records what the adapter does with them."""
-    state = types.SimpleNamespace(bars=[], events=[], stop_after=None, updates=0, output=tmp_path / "output")
+    state = types.SimpleNamespace(bars=[], events=[], stop_after=None, updates=0, output=tmp_path / "output",
+                                  checks=0, stop_at_check=None)
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
             self.total, self.node_id, self.current = total, node_id, 0
             state.bars.append(self)
 
-        def update(self, value):
+        def update(self, value):  # ComfyUI's hook raises on Stop at every update, update(0) too
             self.current += value
             state.updates += value
+            state.checks += value == 0
             if state.stop_after is not None and state.updates >= state.stop_after:
+                raise Interrupted("Stop pressed")
+            if state.stop_at_check is not None and state.checks >= state.stop_at_check:
                 raise Interrupted("Stop pressed")
 
     comfy_pkg = types.ModuleType("comfy")
@@ -204,6 +209,10 @@ def test_training_node_in_inference_mode_stops_on_stop_inside_an_epoch_and_resum
     assert out["ui"]["images"] == [
         {"filename": "curves.png", "subfolder": f"flowopd/{folder.name}/{ckpt.name}", "type": "output"}
     ]
+    with torch.inference_mode():  # the same call uninterrupted (another node id: its own folders)
+        (straight, _) = node_cls().execute(unique_id="13", **inputs)["result"]
+    resumed, want = (load_file(str(Path(m.adapter) / "adapter_model.safetensors")) for m in (model, straight))
+    assert resumed.keys() == want.keys() and all(torch.equal(resumed[k], want[k]) for k in want)  # bit for bit
 
 
 def test_outputs_of_one_call_land_in_a_folder_named_by_node_and_inputs(fake_comfyui):
@@ -244,6 +253,13 @@ def test_evaluator_reports_progress_and_stops_on_stop(fake_comfyui):
     with torch.inference_mode(), pytest.raises(Interrupted):
         node_cls().execute(unique_id="7", **inputs)
     assert fake_comfyui.bars[0].total == 6 and fake_comfyui.bars[0].current == 2  # stopped between batches
+    assert fake_comfyui.checks == 2  # the first batch's two denoising steps were checks too
+    fake_comfyui.stop_after, fake_comfyui.checks = None, 0
+    fake_comfyui.stop_at_check = 3  # Stop pressed during the second batch
+    with torch.inference_mode(), pytest.raises(Interrupted):
+        node_cls().execute(unique_id="7", **inputs)
+    assert fake_comfyui.bars[-1].current == 2 and fake_comfyui.checks == 3  # after its first denoising step
+    fake_comfyui.stop_at_check = None
     fake_comfyui.stop_after = None
     with torch.inference_mode():
         node_cls().execute(unique_id="7", **inputs)
