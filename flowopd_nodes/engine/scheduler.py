@@ -3,7 +3,9 @@
 Run directory (``runs/<graph name>/`` by default)::
 
     graph.yaml        the graph as run (overrides applied)
-    status.json       per node: state (executed / cached / failed / skipped), cache key, seconds
+    status.json       per node: state (executed / cached / failed / skipped), cache key, seconds; the running
+                      node, the estimated time left (``eta``, see :mod:`flowopd_nodes.engine.eta`) and each
+                      node's last execution time (``timings``, kept across runs)
     run.log           the log
     cache/<node>/<key>/outputs.json + artifacts    one entry per distinct input state of a node
     checkpoints/<node>/<key>/   resumable state of a long node while it runs (kept if it fails, then removed)
