@@ -194,4 +194,3 @@ def test_cps_distillation_leaves_out_the_step_onto_sigma_min():
     assert set(loose.collect().train_steps.unique().tolist()) == {0, 1, 2}
     with pytest.raises(ValueError, match="no step to train"):
         OPDTrainer(pipe, pool, "student3", _config(kind="cps", noise_level=0.8, steps=2), PROMPTS)
-
