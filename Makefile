@@ -20,8 +20,21 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# make exits 2 whenever a recipe fails ("Error N" names the runner's code N), and dies of the signal itself when
+# it got one (Ctrl-C at a terminal: after the runner's checkpoint, the shell sees 130). So the recipe prints the
+# runner's code and what it means; scripts call `$(BIN)/python runner.py GRAPH` for the code itself.
 run: setup
-	$(BIN)/python runner.py $(MAIN_GRAPH)
+	@echo "$(BIN)/python runner.py $(MAIN_GRAPH)"; $(BIN)/python runner.py $(MAIN_GRAPH); code=$$?; \
+	case $$code in 0) ;; \
+	  1) echo "make run: runner.py exited with 1: a node failed" >&2 ;; \
+	  2) echo "make run: runner.py exited with 2: the graph is invalid" >&2 ;; \
+	  130|143) echo "make run: runner.py exited with $$code: stopped by a signal after its checkpoint;" \
+	    "run it again to resume" >&2 ;; \
+	  *) echo "make run: runner.py exited with $$code" >&2 ;; \
+	esac; \
+	[ $$code -eq 0 ] || echo "make run: (make itself exits 2; for the runner's own exit code run" \
+	  "$(BIN)/python runner.py $(MAIN_GRAPH))" >&2; \
+	exit $$code
 
 test: setup   # lint (ruff, configured in pyproject.toml), then the suite
 	$(BIN)/ruff check .

@@ -259,6 +259,7 @@ class OPDTrainer(LoraTrainer):
 
     STATE_FORMAT = STATE_FORMAT
     LOSS_NAME = "OPD"
+    EXTRA_UNITS = 1  # the teacher pass of collect()
 
     def __init__(
         self,
@@ -304,6 +305,7 @@ class OPDTrainer(LoraTrainer):
         plan = route(specs, self.pool.tasks, cfg.route, cfg.task_weights)
         train_steps = self.draw_train_steps(len(specs), out.rollout.sde_steps, generator)
         targets, anchors = self._targets(out.rollout, specs, plan, train_steps)
+        self._tick("sample")  # the teacher pass: EXTRA_UNITS
         if self.world.size > 1:  # the logging rewards of the whole epoch (keep above used this share's groups)
             scores = {name: self._gather_groups(r, len(drawn), cfg.group_size) for name, r in scores.items()}
         return OPDBatch(

@@ -91,9 +91,11 @@ def adapter_names(transformer: Policy | PeftModel) -> tuple[str, ...]:
     raise TypeError(f"transformer must be a Policy or a PeftModel, got {type(transformer).__name__}")
 
 
-def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingCache | None = None) -> Sampler:
+def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingCache | None = None,
+                   check: Callable[[], None] | None = None) -> Sampler:
     """The ODE :data:`Sampler` of ``target``: the same images as :func:`flowopd_core.sampling.generate.generate` with
-    ``kind="ode"`` for the same sample indices (docs/method.md §1; CFG with the negative prompt "")."""
+    ``kind="ode"`` for the same sample indices (docs/method.md §1; CFG with the negative prompt "").
+    ``check()`` is called after each denoising step (a host that stops work raises from it)."""
     pipe = target.pipeline
     model = target.transformer if target.transformer is not None else pipe.transformer
     peft = target.transformer is not None and bool(adapter_names(target.transformer))
@@ -112,6 +114,7 @@ def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingC
         rollout = generate(
             pipe, list(texts), sample_config, cache=cache, transformer=model, adapter_names=names,
             keep_latents=False, first_index=first,
+            step_progress=(lambda j, steps: check()) if check is not None else None,
         )
         return rollout.images.cpu()
 
@@ -232,9 +235,11 @@ def evaluate_model(
     """Sample and score one model on ``prompts`` (module doc). ``sampler``: a :data:`Sampler` or a pipeline
     (its own transformer). ``rewards``: metric name -> reward; default: the registered rewards the plan needs.
     ``progress(n)``: called after each sampled batch with its number of images (a progress bar's ``update``; a
-    host that stops work raises from it, between batches)."""
+    host that stops work raises from it, between batches), and with 0 after each denoising step when
+    ``sampler`` is a pipeline (:func:`evaluate_targets` does the same), so a Stop takes effect within a step."""
     if isinstance(sampler, StableDiffusion3Pipeline):
-        sampler = target_sampler(EvalTarget(name, sampler), config)
+        sampler = target_sampler(EvalTarget(name, sampler), config,
+                                 check=(lambda: progress(0)) if progress is not None else None)
     plan = metric_plan(
         prompts.tasks, config.metrics, list(rewards if rewards is not None else REWARDS), config.task_rewards
     )
@@ -304,7 +309,8 @@ def evaluate_targets(
     progress: Callable[[int], None] | None = None,
 ) -> list[ModelEval]:
     """:func:`evaluate_model` for each target with shared rewards and one text cache per pipeline; ``progress``
-    counts the images of all targets (``len(targets) * len(prompts) * images_per_prompt`` in all)."""
+    counts the images of all targets (``len(targets) * len(prompts) * images_per_prompt`` in all) and is called
+    with 0 after each denoising step (a point where a host may stop the work by raising)."""
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -317,7 +323,8 @@ def evaluate_targets(
     evals = []
     for target in targets:
         cache = caches.setdefault(id(target.pipeline), TextEmbeddingCache(target.pipeline))
-        sampler = target_sampler(target, config, cache)
+        sampler = target_sampler(target, config, cache,
+                                 check=(lambda: progress(0)) if progress is not None else None)
         evals.append(evaluate_model(target.name, sampler, prompts, config, rewards, progress=progress))
     return evals
 

@@ -70,12 +70,14 @@ def generate(
     progress: Callable[[int], None] | None = None,
     keep_latents: bool = True,
     first_index: int = 0,
+    step_progress: Callable[[int, int], None] | None = None,
 ) -> Rollout:
     """Sample one image per prompt (repeat a prompt for several); returns a :class:`Rollout` with ``images``
     ``(N, 3, H, W)`` in [0, 1] and, if ``keep_latents``, every visited state.
 
     ``transformer`` defaults to ``pipe.transformer`` (pass a peft-wrapped policy to sample with adapters;
-    ``adapter_names`` selects one per sample). ``progress(n)`` is called after each batch with its size.
+    ``adapter_names`` selects one per sample). ``progress(n)`` is called after each batch with its size,
+    ``step_progress(j, T)`` after each denoising step j of a batch (a host may raise from either to stop).
     ``first_index`` numbers the samples (sample i's noise is seeded by (seed, first_index + i)), so a long list
     sampled in several calls gets the same images as in one call.
     """
@@ -106,6 +108,7 @@ def generate(
                 kind=config.kind,
                 noise_level=config.noise_level,
                 generator=sde_gen,
+                progress=step_progress,
             )
             images.append(decode(pipe, rollout.latents[:, -1]))
         if not keep_latents:

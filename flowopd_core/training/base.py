@@ -189,6 +189,32 @@ class LoraTrainer:
         self.optimizer_steps = 0
         self.bad_streak = 0  # consecutive skipped optimizer steps (checkpointed)
         self.skipped_steps = 0  # skipped steps of the current epoch (the subclass resets it per epoch)
+        self.on_unit: Callable[[str], None] | None = None
+        """Called with ``"sample"`` after each sampling batch, ``"step"`` after each optimizer step (taken or
+        skipped) and ``"check"`` after each denoising step of a rollout and each backward pass (no unit of
+        progress, a point to stop at within seconds): :func:`~flowopd_core.training.fit.fit` uses it for its
+        progress bar and stop checks. It may raise to stop training; the unfinished epoch is then lost (this
+        trainer is left in the middle of it: resume from a checkpoint)."""
+
+    # ------------------------------------------------------------------------------------------- progress
+
+    EXTRA_UNITS: ClassVar[int] = 0
+    """Further :attr:`on_unit` calls per epoch of a subclass (the distiller's teacher pass)."""
+
+    def _tick(self, unit: str) -> None:
+        if self.on_unit is not None:
+            self.on_unit(unit)
+
+    def units_per_epoch(self) -> int:
+        """How many times :attr:`on_unit` is called in one epoch of this process: its sampling batches plus the
+        optimizer steps. Exact unless samples are dropped before the update (``drop_zero_advantage``,
+        ``drop_equal_reward_groups``) or an epoch is skipped unscored (then fewer)."""
+        cfg = self.config
+        groups = min(getattr(cfg, "prompts_per_epoch", 1), len(getattr(self, "prompts", ())) or 10**9)
+        samples = len(self.world.shard(groups)) * cfg.group_size
+        batches = -(-samples // cfg.batch_size)
+        steps = cfg.updates_per_epoch if self.world.size > 1 else min(cfg.updates_per_epoch, samples)
+        return batches + steps + self.EXTRA_UNITS
 
     # ------------------------------------------------------------------------------------------- forwards
 
@@ -272,9 +298,11 @@ class LoraTrainer:
                     lambda x, t: self._velocity(x, t, cond, uncond),  # noqa: B023  (called within this iteration)
                     noise, self.sigmas, kind=cfg.kind, noise_level=cfg.noise_level, generator=generator,
                     sde_window=sde_window, logprob_reduce=cfg.logprob_reduce,
+                    progress=lambda j, steps: self._tick("check"),
                 ))
                 images.append(decode(self.pipe, parts[-1].latents[:, -1]))
                 pending.append({name: submit_reward(pool, fn, images[-1], chunk) for name, fn in rewards.items()})
+                self._tick("sample")
             scores = {name: torch.cat([reward_scores(p[name].result(), name, len(i)) for p, i in zip(pending, images)])
                       for name in rewards}
         rollout = Rollout(
@@ -435,11 +463,13 @@ class LoraTrainer:
                         break
                     (terms.total / (len(micro) * steps_per_sample)).backward()
                     record(terms, rows, update)
+                    self._tick("check")
                 if bad:
                     break
             norm = self._finish_update(len(part), bad)
             if norm is not None:
                 norms.append(norm)
+            self._tick("step")
         self.optimizer.zero_grad(set_to_none=True)
         return norms
 

@@ -8,7 +8,9 @@ ComfyUI gets, for each registered node, a thin subclass (same id, ports, display
   to the same place), resumable state to ``<ComfyUI output>/flowopd/checkpoints/<node>/<key>/`` (kept when the
   call fails or is stopped, removed once it succeeds: queueing the same graph again resumes a stopped run);
 - progress through ``comfy.utils.ProgressBar``, which is also where ComfyUI's Stop (POST /interrupt) takes
-  effect: a node stops at its next progress update, keeping its last checkpoint;
+  effect: a node stops at its next progress update (the Evaluator after its sampling batch, a trainer after
+  its sampling batch or optimizer step), a trainer keeping its last completed epoch as a checkpoint and
+  discarding the unfinished one;
 - metrics as websocket events (``PromptServer.instance.send_sync("flowopd.metrics", ...)``);
 - ``torch.inference_mode(False)`` + ``torch.enable_grad()`` around the call (ComfyUI runs graphs in inference
   mode; training nodes build the modules they train inside this block), and IMAGE inputs made by other nodes

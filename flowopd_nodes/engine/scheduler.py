@@ -3,7 +3,9 @@
 Run directory (``runs/<graph name>/`` by default)::
 
     graph.yaml        the graph as run (overrides applied)
-    status.json       per node: state (executed / cached / failed / skipped), cache key, seconds
+    status.json       per node: state (executed / cached / failed / skipped), cache key, seconds; the running
+                      node, the estimated time left (``eta``, see :mod:`flowopd_nodes.engine.eta`) and each
+                      node's last execution time (``timings``, kept across runs)
     run.log           the log
     cache/<node>/<key>/outputs.json + artifacts    one entry per distinct input state of a node
     checkpoints/<node>/<key>/   resumable state of a long node while it runs (kept if it fails, then removed)
@@ -46,6 +48,7 @@ from tqdm.auto import tqdm
 from flowopd_core import __version__ as core_version
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import NodeExecutionError, TrainingInterrupted
+from flowopd_nodes.engine.eta import EtaTracker
 from flowopd_nodes.engine.graph import inside
 from flowopd_nodes.engine.types import WIRE_TYPES, decode_outputs, encode_outputs
 from flowopd_nodes.engine.validate import ResolvedNode, ValidGraph, node_problems
@@ -112,11 +115,17 @@ def path_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def node_key(node: ResolvedNode, upstream: dict[str, str]) -> str:
-    """Cache key of ``node`` given the fingerprints of the upstream outputs it consumes (input -> fingerprint)."""
-    files = {
-        p.name: path_fingerprint(node.params[p.name]) for p in node.cls.INPUTS if p.path and node.params.get(p.name)
-    }
+def node_key(node: ResolvedNode, upstream: dict[str, str], memo: dict[str, str] | None = None) -> str:
+    """Cache key of ``node`` given the fingerprints of the upstream outputs it consumes (input -> fingerprint).
+    ``memo``: path -> fingerprint already computed in this run (files are hashed once per run)."""
+    memo = {} if memo is None else memo
+    files = {}
+    for p in node.cls.INPUTS:
+        if p.path and node.params.get(p.name):
+            path = str(node.params[p.name])
+            if path not in memo:
+                memo[path] = path_fingerprint(path)
+            files[p.name] = memo[path]
     return _sha(
         {
             "type": node.cls.NODE_ID,
@@ -143,10 +152,60 @@ class _TqdmProgress:
         self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
-        self.bar.update(n)
+        if n:
+            self.bar.update(n)
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _TrackedProgress:
+    """A node's progress bar that also tells the run's ETA tracker (``on_update`` refreshes what shows it)."""
+
+    def __init__(self, inner: context.Progress, tracker: EtaTracker, on_update: Callable[[], None]):
+        self.inner, self.tracker, self.on_update = inner, tracker, on_update
+
+    def update(self, n: int = 1) -> None:
+        self.tracker.update(n)
+        self.on_update()
+        self.inner.update(n)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def predict_to_run(valid: ValidGraph, run_dir: Path, force: frozenset[str] | set[str],
+                   memo: dict[str, str] | None = None) -> list[str]:
+    """The nodes a run will execute, in order, as the cache tells before anything runs: a node whose inputs all
+    come from cached nodes and whose entry for the resulting key is complete is served from the cache; any other
+    node executes, and so does everything downstream of it (it gets a new fingerprint)."""
+    fingerprints: dict[str, str] = {}
+    to_run = []
+    for node_id in valid.order:
+        node = valid.nodes[node_id]
+        if node_id not in force and all(link.node in fingerprints for link in node.links.values()):
+            upstream = {name: f"{fingerprints[link.node]}:{link.output}" for name, link in sorted(node.links.items())}
+            done = inside(run_dir, "cache", node_id, node_key(node, upstream, memo)) / OUTPUTS_FILE
+            try:
+                fingerprints[node_id] = json.loads(done.read_text(encoding="utf-8"))["fingerprint"]
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        to_run.append(node_id)
+    return to_run
+
+
+def _previous_timings(status_file: Path) -> dict[str, float]:
+    """Seconds of each node's last execution recorded by an earlier run in this folder (empty if none)."""
+    try:
+        data = json.loads(status_file.read_text(encoding="utf-8"))
+        timings = {k: float(v) for k, v in (data.get("timings") or {}).items()}
+        for node_id, entry in (data.get("nodes") or {}).items():
+            if entry.get("state") == "executed":
+                timings[node_id] = float(entry["seconds"])
+        return timings
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 @contextlib.contextmanager
@@ -220,6 +279,12 @@ def run_graph(
     fingerprints: dict[str, str] = {}
     progress = progress or context._null_progress
     status_meta = {"graph": valid.name, "source": valid.graph.source, "started": time.time()}
+    memo: dict[str, str] = {}  # path -> fingerprint: each file hashed once per run
+    tracker = EtaTracker(  # the time left (flowopd_nodes/engine/eta.py says what it estimates)
+        dict.fromkeys(predict_to_run(valid, run_dir, set(force), memo) if main else ()),
+        _previous_timings(run_dir / "status.json") if main else {},
+    )
+    bar = None  # the graph's bar (nodes), made below
 
     last_write = [0.0]
 
@@ -230,9 +295,19 @@ def run_graph(
             return
         last_write[0] = now
         counts = {s: len(result.ids(s)) for s in ("executed", "cached", "failed", "skipped", "pending")}
+        eta = tracker.estimate()
+        if bar is not None:
+            bar.set_postfix_str(f"{tracker.running or ''} {eta.text()}".strip())
         _write_json(
-            run_dir / "status.json", {**status_meta, **counts, "nodes": {k: asdict(v) for k, v in statuses.items()}}
+            run_dir / "status.json",
+            {**status_meta, **counts, "running": tracker.running, "eta": eta.to_json(time.time()),
+             "timings": {k: round(v, 3) for k, v in tracker.timings.items()},
+             "nodes": {k: asdict(v) for k, v in statuses.items()}},
         )
+
+    def node_progress(total: int, desc: str) -> context.Progress:
+        tracker.new_bar(total)
+        return _TrackedProgress(progress(total, desc), tracker, write_status)
 
     lock = _run_lock(run_dir) if main else contextlib.nullcontext()
     with lock, _file_log(run_dir / "run.log" if main else rank_dir / "run.log"):
@@ -242,16 +317,16 @@ def run_graph(
             )
         log.info("run %s: %d nodes to consider in %s%s", valid.name, len(valid.order), run_dir,
                  f" (process {world.rank} of {world.size})" if world.size > 1 else "")
-        bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True)
+        bar = tqdm(valid.order, desc=valid.name, unit="node", disable=not show_progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} nodes [{elapsed}{postfix}]")  # our ETA, not tqdm's
         try:
             for node_id in bar:
-                bar.set_postfix_str(node_id)
                 node = valid.nodes[node_id]
                 status = statuses[node_id]
                 upstream = {
                     name: f"{fingerprints[link.node]}:{link.output}" for name, link in sorted(node.links.items())
                 }
-                status.key = node_key(node, upstream)
+                status.key = node_key(node, upstream, memo)
                 entry = inside(run_dir, "cache", node_id, status.key)
                 if main and node_id in force and entry.exists():
                     shutil.rmtree(entry)
@@ -262,6 +337,7 @@ def run_graph(
                     values = decode_outputs(node.cls.RETURN_TYPES, data["outputs"], entry)
                     fingerprints[node_id] = data["fingerprint"]
                     status.state = "cached"
+                    tracker.finish(node_id, executed=False)
                     log.info("node %s (%s): cached %s", node_id, node.cls.NODE_ID, status.key)
                 elif not main:
                     if node.cls.DISTRIBUTED:  # in step with process 0; files of its own go to rank_dir
@@ -275,8 +351,10 @@ def run_graph(
                     fingerprints[node_id] = data["fingerprint"]
                     status.state = "executed"
                 else:
+                    tracker.start(node_id)
+                    write_status(force=True)
                     try:
-                        values = _execute(node, result, entry, run_dir, progress)
+                        values = _execute(node, result, entry, run_dir, node_progress)
                     except BaseException:
                         if world.size > 1 and not node.cls.DISTRIBUTED:
                             world.broadcast_int(0)  # the others wait for this node: tell them it failed
@@ -301,6 +379,7 @@ def run_graph(
                         entry,
                     )
                     status.state = "executed"
+                    tracker.finish(node_id, executed=True)
                     world.broadcast_int(1)  # the outputs are on disk: the other processes read them
                 status.seconds = time.perf_counter() - started
                 result.outputs[node_id] = dict(zip(node.cls.RETURN_NAMES, values))
@@ -308,6 +387,8 @@ def run_graph(
                     _link_latest(run_dir, node_id, entry)
                 write_status()
         except BaseException as exc:
+            if tracker.running is not None:
+                tracker.finish(tracker.running, executed=False)
             for status in statuses.values():
                 if status.state == "pending":
                     status.state = "skipped"

@@ -101,7 +101,7 @@ class Evaluator(Node):
         ctx = context.current()
         targets = targets_from_refs(refs)
         # a bar over every image of every model: the runner's tqdm; in ComfyUI its ProgressBar, whose update
-        # raises when the user presses Stop (between sampling batches)
+        # raises when the user presses Stop (update(0) after each denoising step: it stops within a step)
         bar = ctx.progress(len(targets) * len(prompts) * config.images_per_prompt, "evaluate")
         try:
             evals = evaluate_targets(targets, prompts, config, rewards, progress=bar.update)

@@ -95,6 +95,7 @@ class Sample(Node):
             rollout = generate(
                 target.pipeline, expanded.texts, config, transformer=target.transformer, adapter_names=names,
                 progress=bar.update, keep_latents=False,
+                step_progress=lambda j, steps: bar.update(0),  # ComfyUI's Stop takes effect within a step
             )
         finally:
             bar.close()

@@ -79,6 +79,19 @@ def test_pool_and_trainer_refuse_bad_setups():
         OPDConfig(mode="gkd")
 
 
+def test_units_per_epoch_counts_the_sampling_batches_the_teacher_pass_and_the_optimizer_steps():
+    pipe, pool = _pool()
+    trainer = OPDTrainer(pipe, pool, "student", _config(epochs=1, batch_size=3, updates_per_epoch=2), PROMPTS)
+    units: list[str] = []
+    trainer.on_unit = units.append  # what fit() uses for its bar and stop checks
+    trainer.train()
+    counted = [u for u in units if u != "check"]
+    assert counted == ["sample"] * 3 + ["sample"] + ["step"] * 2  # 8 samples in batches of 3, teachers, 2 steps
+    assert trainer.units_per_epoch() == len(counted) == 6
+    # checks: 4 denoising steps x 3 batches; per optimizer step (4 samples: micro-batches of 3 and 1) x 3 columns
+    assert units.count("check") == 4 * 3 + 2 * (2 * 3)
+
+
 def test_targets_are_the_routed_teachers_velocities_at_the_visited_states():
     pipe, pool = _pool()
     trainer = OPDTrainer(pipe, pool, "student", _config(), PROMPTS)

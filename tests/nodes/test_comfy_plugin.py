@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flowopd_core.miniworld.sets import prompt_set
 from flowopd_core.models.modelref import ModelRef
@@ -134,17 +135,21 @@ class Interrupted(Exception):
 @pytest.fixture
 def fake_comfyui(tmp_path, monkeypatch):
     """Minimal stand-ins for the ComfyUI modules the adapter uses; records what the adapter does with them."""
-    state = types.SimpleNamespace(bars=[], events=[], stop_after=None, updates=0, output=tmp_path / "output")
+    state = types.SimpleNamespace(bars=[], events=[], stop_after=None, updates=0, output=tmp_path / "output",
+                                  checks=0, stop_at_check=None)
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
             self.total, self.node_id, self.current = total, node_id, 0
             state.bars.append(self)
 
-        def update(self, value):
+        def update(self, value):  # ComfyUI's hook raises on Stop at every update, update(0) too
             self.current += value
             state.updates += value
+            state.checks += value == 0
             if state.stop_after is not None and state.updates >= state.stop_after:
+                raise Interrupted("Stop pressed")
+            if state.stop_at_check is not None and state.checks >= state.stop_at_check:
                 raise Interrupted("Stop pressed")
 
     comfy_pkg = types.ModuleType("comfy")
@@ -164,31 +169,34 @@ def fake_comfyui(tmp_path, monkeypatch):
     return state
 
 
-def test_training_node_in_inference_mode_stops_on_stop_and_resumes(fake_comfyui):
+def test_training_node_in_inference_mode_stops_on_stop_inside_an_epoch_and_resumes(fake_comfyui):
     node_cls = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOTrainer"]
     inputs = dict(
         model=ModelRef(str(ROOT / "models" / "miniworld")), prompts=prompt_set("compose", "train", 2, 0),
-        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, checkpoint_every=1,
+        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, checkpoint_every=5,
         lora_rank=4, lr=0.01,
     )
-    fake_comfyui.stop_after = 2  # Stop pressed while epoch 1 reports progress
+    units = 1 + 2  # per epoch: one sampling batch (4 samples) and updates_per_epoch = 2 optimizer steps
+    fake_comfyui.stop_after = units + 2  # Stop pressed after epoch 1's first optimizer step
     with torch.inference_mode():  # how ComfyUI runs every node
         with pytest.raises(Interrupted):
             node_cls().execute(unique_id="12", **inputs)
+    assert fake_comfyui.bars[0].total == 3 * units and fake_comfyui.bars[0].node_id == "12"
+    assert fake_comfyui.bars[0].current == units + 2  # it stopped at that update, inside epoch 1
     root = fake_comfyui.output / "flowopd"
     (folder,) = (root / "checkpoints").iterdir()
     assert folder.name == "12-FlowOPDGRPOTrainer"
     (ckpt,) = folder.iterdir()
-    newest = ckpt / "epoch_000002"
-    assert [h["epoch"] for h in json.loads((newest / "history.json").read_text())] == [0, 1]  # both epochs kept
+    (newest,) = ckpt.iterdir()  # checkpoint_every = 5, yet the Stop kept the completed epoch 0
+    assert newest.name == "epoch_000001"
+    assert [h["epoch"] for h in json.loads((newest / "history.json").read_text())] == [0]  # nothing of epoch 1
     assert not (root / folder.name / ckpt.name).exists()  # no half-written artifacts
-    assert fake_comfyui.bars[0].total == 3 and fake_comfyui.bars[0].node_id == "12"
-    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events] == [0, 1]
+    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events] == [0]
     assert {(name, e["node"], e["class_type"]) for name, e in fake_comfyui.events} == {
         ("flowopd.metrics", "12", "FlowOPDGRPOTrainer")
     }
 
-    fake_comfyui.stop_after = None  # queue the same graph again: resumes from the checkpoint
+    fake_comfyui.stop_after = None  # queue the same graph again: the same folder, resumed from epoch 1
     with torch.inference_mode():
         out = node_cls().execute(unique_id="12", **inputs)
     model, curves = out["result"]
@@ -196,11 +204,15 @@ def test_training_node_in_inference_mode_stops_on_stop_and_resumes(fake_comfyui)
     assert Path(model.adapter).parent == artifacts and Path(curves) == artifacts / "curves.png"
     assert [h["epoch"] for h in json.loads((artifacts / "metrics.json").read_text())] == [0, 1, 2]
     assert not ckpt.exists()  # removed once the node succeeded
-    assert fake_comfyui.bars[-1].current == 3  # resumed bar starts at the checkpoint's 2 epochs
-    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events[2:]] == [2]
+    assert fake_comfyui.bars[-1].current == fake_comfyui.bars[-1].total == 3 * units  # from epoch 1's units on
+    assert [e["metrics"]["epoch"] for _, e in fake_comfyui.events[1:]] == [1, 2]  # epoch 0 was not run again
     assert out["ui"]["images"] == [
         {"filename": "curves.png", "subfolder": f"flowopd/{folder.name}/{ckpt.name}", "type": "output"}
     ]
+    with torch.inference_mode():  # the same call uninterrupted (another node id: its own folders)
+        (straight, _) = node_cls().execute(unique_id="13", **inputs)["result"]
+    resumed, want = (load_file(str(Path(m.adapter) / "adapter_model.safetensors")) for m in (model, straight))
+    assert resumed.keys() == want.keys() and all(torch.equal(resumed[k], want[k]) for k in want)  # bit for bit
 
 
 def test_outputs_of_one_call_land_in_a_folder_named_by_node_and_inputs(fake_comfyui):
@@ -241,6 +253,13 @@ def test_evaluator_reports_progress_and_stops_on_stop(fake_comfyui):
     with torch.inference_mode(), pytest.raises(Interrupted):
         node_cls().execute(unique_id="7", **inputs)
     assert fake_comfyui.bars[0].total == 6 and fake_comfyui.bars[0].current == 2  # stopped between batches
+    assert fake_comfyui.checks == 2  # the first batch's two denoising steps were checks too
+    fake_comfyui.stop_after, fake_comfyui.checks = None, 0
+    fake_comfyui.stop_at_check = 3  # Stop pressed during the second batch
+    with torch.inference_mode(), pytest.raises(Interrupted):
+        node_cls().execute(unique_id="7", **inputs)
+    assert fake_comfyui.bars[-1].current == 2 and fake_comfyui.checks == 3  # after its first denoising step
+    fake_comfyui.stop_at_check = None
     fake_comfyui.stop_after = None
     with torch.inference_mode():
         node_cls().execute(unique_id="7", **inputs)
