@@ -1,0 +1,97 @@
+"""Ship the teachers a run trained: their adapters, small, with a provenance file (command, commit, budget, scores).
+
+    python bench/ship_teachers.py runs/full_opd --out models/teachers \
+        --command "python runner.py graphs/full_opd.yaml" --commit <the commit that ran it>
+
+Copies each teacher node's ``adapter/`` (peft safetensors + config, unchanged) from the run folder to
+``<out>/<task>/`` and writes ``<out>/PROVENANCE.md``: the command and commit, the base the adapters were trained on
+(with the sha256 of its transformer weights; an adapter only fits that base), each teacher's settings and sample
+budget (from ``nodes/<node>/outputs.json``), its training curve's first and last epoch, the sha256 of every shipped
+file, and the held-out scores of the run's Evaluator: each teacher against the base on its own task (paired,
+:func:`compare_models.paired`). ``graphs/opd_from_teachers.yaml`` starts stage 2 from the shipped folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compare_models import HEADLINE, categories, paired  # noqa: E402
+
+TEACHERS = {"compose": "teacher_compose", "text": "teacher_text", "quality": "teacher_quality"}
+SETTINGS = ("rewards", "epochs", "prompts_per_epoch", "group_size", "steps", "updates_per_epoch", "lr", "beta",
+            "clip_range", "lora_rank", "lora_alpha", "ema_decay", "guidance_scale", "seed")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="the run folder that trained the teachers, e.g. runs/full_opd")
+    parser.add_argument("--out", type=Path, default=Path("models/teachers"))
+    parser.add_argument("--command", required=True, help="the command that made the run (recorded)")
+    parser.add_argument("--commit", required=True, help="the commit that made the run (recorded)")
+    parser.add_argument("--eval-node", default="eval", help="the Evaluator node whose results.json scores them")
+    args = parser.parse_args()
+
+    results = json.loads((args.run / "nodes" / args.eval_node / "results.json").read_text())
+    category = categories(results)
+    base_meta = json.loads((args.run / "nodes" / "base" / "outputs.json").read_text())
+    base_path = Path(base_meta["outputs"][0]["path"])
+    base_weights = base_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    lines = [
+        f"# {args.out.as_posix()}: teacher adapters for stage 2", "",
+        "Flow-GRPO LoRA teachers (peft format, float32, unchanged from the run), one per mini-world task. Stage 2",
+        "from them: `graphs/opd_from_teachers.yaml`. They fit only the base they were trained on:", "",
+        f"- base: `models/{base_path.name}` (transformer weights sha256 `{sha256(base_weights)}`)",
+        f"- made by: `{args.command}` at commit `{args.commit}` ({dt.date.today().isoformat()}), the run's stage 1",
+        f"- written by: `python bench/ship_teachers.py {args.run.as_posix()} --out {args.out.as_posix()} ...`",
+        "",
+        "| teacher | reward | epochs x prompts x group = samples | optimizer steps | lr | clip "
+        "| reward, epoch 1 -> last | held-out: teacher - base on its task (paired, 95 %) | files (sha256) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for task, node in TEACHERS.items():
+        folder = args.run / "nodes" / node
+        meta = json.loads((folder / "outputs.json").read_text())
+        params = meta["params"]
+        label = meta["outputs"][0]["label"]
+        history = json.loads((folder / "metrics.json").read_text())
+        target = args.out / task
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(folder / "adapter", target)
+        files = ", ".join(f"{p.name} `{sha256(p)[:12]}`" for p in sorted(target.iterdir()))
+        samples = params["epochs"] * params["prompts_per_epoch"] * params["group_size"]
+        stat = paired(results, label, results["models"][0], task, category)
+        star = " *" if stat.low > 0 or stat.high < 0 else ""
+        metric = " ".join(HEADLINE[task][::-1]).replace("scores", "").strip()
+        lines.append(
+            f"| {task} (`{label}`) | {params['rewards']} | {params['epochs']} x {params['prompts_per_epoch']} x "
+            f"{params['group_size']} = {samples} | {params['epochs'] * params['updates_per_epoch']} | {params['lr']} "
+            f"| {params['clip_range']} | {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f} | {metric}: "
+            f"{stat.mean:+.2f} ± {stat.half_width:.2f}{star} | {files} |")
+        settings = ", ".join(f"{k} {params[k]}" for k in SETTINGS if k in params)
+        lines.append(f"|  | settings: {settings} | | | | | | | |")
+    lines += ["", f"Held-out: the run's Evaluator (`{args.eval_node}`, {results['config']['images_per_prompt']} images "
+              f"per prompt, ODE {results['config']['steps']} steps, seed {results['config']['seed']}); * = the "
+              f"interval excludes 0. The budget is the main job's short CPU stage 1, not the paper's long-trained "
+              f"teachers (docs/experiments.md)."]
+    (args.out / "PROVENANCE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"wrote {args.out} ({total / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
