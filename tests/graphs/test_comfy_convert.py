@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import runner
-from flowopd_nodes.comfy.format import COLUMN_WIDTH, graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
+from flowopd_nodes.comfy.format import graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
 from flowopd_nodes.engine.graph import load_graph_file
 from flowopd_nodes.engine.validate import ValidGraph, validate
 from flowopd_nodes.nodes.registry import REGISTRY
@@ -74,7 +74,9 @@ def test_workflow_is_what_the_canvas_expects(graph):
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
         out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
         assert out["type"] == inp["type"] == kind and inp["link"] == link_id and link_id in out["links"]
-        assert nodes[src]["pos"][0] + COLUMN_WIDTH < nodes[dst]["pos"][0]  # links run left to right
+        # links run left to right (a collapsed settings node sits right above the node it feeds)
+        above = nodes[src]["flags"].get("collapsed") and nodes[src]["pos"][0] == nodes[dst]["pos"][0]
+        assert above or nodes[src]["pos"][0] + nodes[src]["size"][0] < nodes[dst]["pos"][0]
     linked = sum(1 for n in wf["nodes"] for i in n["inputs"] if i["link"] is not None)
     assert linked == len(wf["links"]) == sum(len(n.links) for n in valid.nodes.values())
     for n in wf["nodes"]:
