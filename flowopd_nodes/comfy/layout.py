@@ -175,14 +175,25 @@ def _order_columns(columns: list[list[_Unit]], sources: dict[object, list[object
                     _mean([rank[n] for n in near[u.node]], rank[u.node]), current[u.node]))
 
 
-def _pack(columns: list[list[_Unit]], cap: float, room: float,
-          sources: dict[object, list[object]]) -> tuple[dict[object, tuple[float, float]], float, float]:
-    """Top-left corners of each unit's box for sub-columns at most ``cap`` tall; with the width and height."""
+def _pack(columns: list[list[_Unit]], cap: float, room: float, sources: dict[object, list[object]],
+          stack: bool) -> tuple[dict[object, tuple[float, float]], float, float]:
+    """Top-left corners of each unit's box for sub-columns at most ``cap`` tall; with the width and height.
+    ``stack``: a column holding one node fed by the single node of the column before (a chain such as pool ->
+    router -> cold start) goes below it, in the same column, while they fit ``cap``."""
     def full(u: _Unit) -> float:
         return u.height + (room if u.preview else 0)
 
-    stacks: list[list[list[_Unit]]] = []
+    slots: list[list[_Unit]] = []
+    chain = False  # the last slot is a chain of one-node columns
     for col in columns:
+        if stack and chain and len(col) == 1 and slots[-1][-1].node in sources[col[0].node] and (
+                sum(full(u) + ROW_GAP for u in slots[-1]) + full(col[0]) <= cap):
+            slots[-1].append(col[0])
+            continue
+        slots.append(list(col))
+        chain = len(col) == 1
+    stacks: list[list[list[_Unit]]] = []
+    for col in slots:
         subs: list[list[_Unit]] = [[]]
         used = 0.0
         for unit in col:
@@ -203,7 +214,7 @@ def _pack(columns: list[list[_Unit]], cap: float, room: float,
                 x += SUB_COLUMN_GAP
             height = sum(full(u) for u in sub) + ROW_GAP * (len(sub) - 1)
             near = [corner[n][1] for u in sub for n in sources[u.node] if n in corner]
-            wanted = (sum(near) / len(near)) if near else (total_height - height) / 2
+            wanted = _mean(near, (total_height - height) / 2)
             y = min(max(wanted, 0.0), total_height - height)
             for unit in sub:
                 corner[unit.node] = (x, y)
@@ -241,19 +252,22 @@ def place(items: Iterable[Item], edges: Iterable[tuple[object, object]],
     total = sum(u.height + PREVIEW_ROOM + ROW_GAP for u in units)
     caps = sorted({tallest + PREVIEW_ROOM * u.preview for u in units} | {
         tallest + (total - tallest) * k / 48 for k in range(49)})
-    best: tuple[float, float, float, dict] | None = None
+    # The layout kept: titles drawn at fit view if at all possible, then the most room for previews, then
+    # links left to right (no stacked chain), then the highest zoom.
+    best: tuple | None = None
     room = PREVIEW_ROOM
     while True:
-        for cap in caps:
-            corner, width, height = _pack(columns, max(cap, tallest + room), room, sources)
-            zoom = fit_zoom(width, height, canvas)
-            score = (min(zoom, TITLE_ZOOM), room, zoom)
-            if best is None or score > best[:3]:
-                best = (*score, corner)
+        for stack in (False, True):
+            for cap in caps:
+                corner, width, height = _pack(columns, max(cap, tallest + room), room, sources, stack)
+                zoom = fit_zoom(width, height, canvas)
+                score = (min(zoom, TITLE_ZOOM), room, not stack, zoom)
+                if best is None or score > best[:4]:
+                    best = (*score, corner)
         if best[0] >= TITLE_ZOOM or room <= PREVIEW_FLOOR:
             break
         room = max(PREVIEW_FLOOR, room - 40)
-    corner = best[3]
+    corner = best[4]
     pos: dict[object, list[float]] = {}
     for unit in units:
         x, y = corner[unit.node]

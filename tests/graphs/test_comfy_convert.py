@@ -74,9 +74,10 @@ def test_workflow_is_what_the_canvas_expects(graph):
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
         out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
         assert out["type"] == inp["type"] == kind and inp["link"] == link_id and link_id in out["links"]
-        # links run left to right (a collapsed settings node sits right above the node it feeds)
-        above = nodes[src]["flags"].get("collapsed") and nodes[src]["pos"][0] == nodes[dst]["pos"][0]
-        assert above or nodes[src]["pos"][0] + nodes[src]["size"][0] < nodes[dst]["pos"][0]
+        # links run left to right, or down to a node right below in the same column (a settings node above
+        # the node it feeds, a chain of small nodes stacked to fit the canvas)
+        (sx, sy), (dx, dy) = nodes[src]["pos"], nodes[dst]["pos"]
+        assert sx + nodes[src]["size"][0] < dx or (sx == dx and sy < dy)
     linked = sum(1 for n in wf["nodes"] for i in n["inputs"] if i["link"] is not None)
     assert linked == len(wf["links"]) == sum(len(n.links) for n in valid.nodes.values())
     for n in wf["nodes"]:
