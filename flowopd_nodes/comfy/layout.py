@@ -111,20 +111,23 @@ class _Unit:
 
 
 def _depths(ids: list[object], edges: list[tuple[object, object]]) -> dict[object, int]:
-    sources: dict[object, list[object]] = {i: [] for i in ids}
+    """Longest path from a node without inputs (Kahn's order; a cycle is refused)."""
+    targets: dict[object, list[object]] = {i: [] for i in ids}
+    waiting = dict.fromkeys(ids, 0)
     for src, dst in edges:
-        sources[dst].append(src)
-    depth: dict[object, int] = {}
-
-    def visit(node: object, trail: frozenset) -> int:  # graphs are small (<= MAX_NODES) and acyclic
-        if node not in depth:
-            if node in trail:
-                raise ValueError(f"the links form a cycle through node {node!r}")
-            depth[node] = 1 + max((visit(s, trail | {node}) for s in sources[node]), default=-1)
-        return depth[node]
-
-    for node in ids:
-        visit(node, frozenset())
+        targets[src].append(dst)
+        waiting[dst] += 1
+    depth = dict.fromkeys(ids, 0)
+    ready = [i for i in ids if waiting[i] == 0]
+    while ready:
+        node = ready.pop()
+        for dst in targets[node]:
+            depth[dst] = max(depth[dst], depth[node] + 1)
+            waiting[dst] -= 1
+            if waiting[dst] == 0:
+                ready.append(dst)
+    if any(waiting.values()):
+        raise ValueError("the links form a cycle")
     return depth
 
 
@@ -161,18 +164,20 @@ def _mean(values: list[float], default: float) -> float:
 def _order_columns(columns: list[list[_Unit]], sources: dict[object, list[object]],
                    targets: dict[object, list[object]]) -> None:
     """Reorder each column in place by the mean rank of its neighbours (a few down and up sweeps)."""
+    rank: dict[object, float] = {}
 
-    def ranks() -> dict[object, float]:
-        return {u.node: (i + 0.5) / len(col) for col in columns for i, u in enumerate(col)}
+    def note(col: list[_Unit]) -> None:
+        rank.update((u.node, (i + 0.5) / len(col)) for i, u in enumerate(col))
 
+    for col in columns:
+        note(col)
     for _ in range(3):
-        for sweep, neighbours in ((range(1, len(columns)), sources), (range(len(columns) - 2, -1, -1), targets)):
+        for sweep, near in ((range(1, len(columns)), sources), (range(len(columns) - 2, -1, -1), targets)):
             for c in sweep:
-                rank = ranks()
                 current = {u.node: i for i, u in enumerate(columns[c])}
-
-                columns[c].sort(key=lambda u, rank=rank, current=current, near=neighbours: (
+                columns[c].sort(key=lambda u, current=current, near=near: (
                     _mean([rank[n] for n in near[u.node]], rank[u.node]), current[u.node]))
+                note(columns[c])
 
 
 def _pack(columns: list[list[_Unit]], cap: float, room: float, sources: dict[object, list[object]],
@@ -185,13 +190,16 @@ def _pack(columns: list[list[_Unit]], cap: float, room: float, sources: dict[obj
 
     slots: list[list[_Unit]] = []
     chain = False  # the last slot is a chain of one-node columns
+    chain_height = 0.0
     for col in columns:
         if stack and chain and len(col) == 1 and slots[-1][-1].node in sources[col[0].node] and (
-                sum(full(u) + ROW_GAP for u in slots[-1]) + full(col[0]) <= cap):
+                chain_height + ROW_GAP + full(col[0]) <= cap):
             slots[-1].append(col[0])
+            chain_height += ROW_GAP + full(col[0])
             continue
         slots.append(list(col))
         chain = len(col) == 1
+        chain_height = full(col[0]) if chain else 0.0
     stacks: list[list[list[_Unit]]] = []
     for col in slots:
         subs: list[list[_Unit]] = [[]]
@@ -229,29 +237,33 @@ def place(items: Iterable[Item], edges: Iterable[tuple[object, object]],
     """``pos`` (top-left of the body, as LiteGraph stores it) of every item; ``edges`` are (source, target)
     pairs, several links between the same two nodes allowed."""
     by_id = {item.id: item for item in items}
-    pairs = sorted({(s, d) for s, d in edges}, key=lambda e: (list(by_id).index(e[0]), list(by_id).index(e[1])))
+    index = {node: i for i, node in enumerate(by_id)}
+    pairs = sorted({(s, d) for s, d in edges}, key=lambda e: (index[e[0]], index[e[1]]))
     if not by_id:
         return {}
     units = _units(by_id, pairs)
     unit_of = {m: u.node for u in units for m in u.members}
     unit_edges = [(unit_of[s], unit_of[d]) for s, d in pairs if unit_of[s] != unit_of[d]]
-    depth = _depths([u.node for u in units], unit_edges)
-    for s, _ in unit_edges:  # a node with no inputs sits in the column right before its first consumer
-        if not any(d == s for _, d in unit_edges):
-            depth[s] = min(depth[d] for src, d in unit_edges if src == s) - 1
-    levels = sorted(set(depth.values()))
-    columns = [[u for u in units if depth[u.node] == level] for level in levels]
     sources: dict[object, list[object]] = {u.node: [] for u in units}
     targets: dict[object, list[object]] = {u.node: [] for u in units}
     for s, d in unit_edges:
         sources[d].append(s)
         targets[s].append(d)
+    depth = _depths([u.node for u in units], unit_edges)
+    for node, out in targets.items():  # a node without inputs sits right before its first consumer's column
+        if out and not sources[node]:
+            depth[node] = min(depth[d] for d in out) - 1
+    levels = {level: c for c, level in enumerate(sorted(set(depth.values())))}
+    columns: list[list[_Unit]] = [[] for _ in levels]
+    for unit in units:
+        columns[levels[depth[unit.node]]].append(unit)
     _order_columns(columns, sources, targets)
 
     tallest = max(u.height for u in units)
     total = sum(u.height + PREVIEW_ROOM + ROW_GAP for u in units)
-    caps = sorted({tallest + PREVIEW_ROOM * u.preview for u in units} | {
-        tallest + (total - tallest) * k / 48 for k in range(49)})
+    steps = 48 if len(units) <= 200 else 8 if len(units) <= 5000 else 2  # column heights tried
+    caps = sorted({tallest, tallest + PREVIEW_ROOM} | {
+        tallest + (total - tallest) * k / steps for k in range(steps + 1)})
     # The layout kept: titles drawn at fit view if at all possible, then the most room for previews, then
     # links left to right (no stacked chain), then the highest zoom.
     best: tuple | None = None
