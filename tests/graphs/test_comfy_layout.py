@@ -27,13 +27,16 @@ MANY_WIDGETS = 12  # issue 19: nodes keep at most 12 widgets (the rest on collap
 
 
 def boxes(wf: dict) -> dict[int, tuple[float, float, float, float]]:
-    """(x, y, w, h) of each node on the canvas, title bar included; a collapsed node is its title bar (at most
-    as wide as the node)."""
+    """(x, y, w, h) of each node on the canvas, title bar included. A collapsed node is its title bar, as wide as
+    its title in the 12 px font plus 60, at most the node's width (the frontend's rule; text measured at 0.6 em
+    a character, wider than Arial's letters)."""
     out = {}
     for n in wf["nodes"]:
-        collapsed = (n.get("flags") or {}).get("collapsed")
-        height = TITLE if collapsed else n["size"][1] + TITLE
-        out[n["id"]] = (n["pos"][0], n["pos"][1] - TITLE, n["size"][0], height)
+        if (n.get("flags") or {}).get("collapsed"):
+            width = min(n["size"][0], 0.6 * 12 * len(n["title"]) + 2 * TITLE)
+            out[n["id"]] = (n["pos"][0], n["pos"][1] - TITLE, width, TITLE)
+        else:
+            out[n["id"]] = (n["pos"][0], n["pos"][1] - TITLE, n["size"][0], n["size"][1] + TITLE)
     return out
 
 
