@@ -42,8 +42,10 @@ FIT_FILL, FIT_PADDING = 0.75, 10  # fitToBounds fills 75 % of the canvas; create
 # font size, 8 px, over the 14 px title font).
 TITLE_ZOOM = 8 / 14
 
-COLUMN_GAP, SUB_COLUMN_GAP, ROW_GAP, ATTACHED_GAP, MARGIN = 50, 24, 24, 6, 40
-PREVIEW_ROOM, PREVIEW_FLOOR = 220, 80  # free height below a node that shows images after a run
+# ROW_GAP and ATTACHED_GAP leave room for the node-source badge the frontend draws above a node's title bar.
+COLUMN_GAP, SUB_COLUMN_GAP, ROW_GAP, ATTACHED_GAP, MARGIN = 50, 24, 20, 18, 40
+PREVIEW_ROOM, PREVIEW_FLOOR = 220, 70  # free height below a node that shows images after a run
+MINIMAP = 180  # the frontend's minimap covers the canvas's bottom-right corner: the last column keeps clear of it
 
 
 def text_width(text: str, font: int) -> float:
@@ -216,14 +218,17 @@ def _pack(columns: list[list[_Unit]], cap: float, room: float, sources: dict[obj
     total_height = max(heights, default=0.0)
     corner: dict[object, tuple[float, float]] = {}
     x = 0.0
-    for subs in stacks:
+    for c, subs in enumerate(stacks):
         for s, sub in enumerate(subs):
             if s:
                 x += SUB_COLUMN_GAP
             height = sum(full(u) for u in sub) + ROW_GAP * (len(sub) - 1)
             near = [corner[n][1] for u in sub for n in sources[u.node] if n in corner]
             wanted = _mean(near, (total_height - height) / 2)
-            y = min(max(wanted, 0.0), total_height - height)
+            lowest = total_height - height
+            if c == len(stacks) - 1 and s == len(subs) - 1:
+                lowest = max(lowest - MINIMAP, 0.0)
+            y = min(max(wanted, 0.0), lowest)
             for unit in sub:
                 corner[unit.node] = (x, y)
                 y += full(unit) + ROW_GAP
