@@ -185,44 +185,44 @@ def _order_columns(columns: list[list[_Unit]], sources: dict[object, list[object
 def _pack(columns: list[list[_Unit]], cap: float, room: float, sources: dict[object, list[object]],
           stack: bool) -> tuple[dict[object, tuple[float, float]], float, float]:
     """Top-left corners of each unit's box for sub-columns at most ``cap`` tall; with the width and height.
-    ``stack``: a column holding one node fed by the single node of the column before (a chain such as pool ->
-    router -> cold start) goes below it, in the same column, while they fit ``cap``."""
-    def full(u: _Unit) -> float:
-        return u.height + (room if u.preview else 0)
+    Preview room is kept between a node and the next one down; below the lowest node of a sub-column a preview
+    grows past the layout's bounds, over nothing. ``stack``: a column holding one node fed by the single node
+    of the column before (a chain such as pool -> router -> cold start) goes below it, in the same column,
+    while they fit ``cap``."""
+    def after(u: _Unit) -> float:  # from the top of u to the top of the next unit down
+        return u.height + (room if u.preview else 0) + ROW_GAP
+
+    def span(sub: list[_Unit]) -> float:
+        return sum(after(u) for u in sub[:-1]) + sub[-1].height
 
     slots: list[list[_Unit]] = []
     chain = False  # the last slot is a chain of one-node columns
-    chain_height = 0.0
     for col in columns:
         if stack and chain and len(col) == 1 and slots[-1][-1].node in sources[col[0].node] and (
-                chain_height + ROW_GAP + full(col[0]) <= cap):
+                span(slots[-1]) - slots[-1][-1].height + after(slots[-1][-1]) + col[0].height <= cap):
             slots[-1].append(col[0])
-            chain_height += ROW_GAP + full(col[0])
             continue
         slots.append(list(col))
         chain = len(col) == 1
-        chain_height = full(col[0]) if chain else 0.0
     stacks: list[list[list[_Unit]]] = []
     for col in slots:
         subs: list[list[_Unit]] = [[]]
-        used = 0.0
+        used = 0.0  # top of the next unit in the current sub-column
         for unit in col:
-            need = full(unit) + (ROW_GAP if subs[-1] else 0)
-            if subs[-1] and used + need > cap:
+            if subs[-1] and used + unit.height > cap:
                 subs.append([])
-                used, need = 0.0, full(unit)
+                used = 0.0
             subs[-1].append(unit)
-            used += need
+            used += after(unit)
         stacks.append(subs)
-    heights = [sum(full(u) for u in sub) + ROW_GAP * (len(sub) - 1) for subs in stacks for sub in subs]
-    total_height = max(heights, default=0.0)
+    total_height = max((span(sub) for subs in stacks for sub in subs), default=0.0)
     corner: dict[object, tuple[float, float]] = {}
     x = 0.0
     for c, subs in enumerate(stacks):
         for s, sub in enumerate(subs):
             if s:
                 x += SUB_COLUMN_GAP
-            height = sum(full(u) for u in sub) + ROW_GAP * (len(sub) - 1)
+            height = span(sub)
             near = [corner[n][1] for u in sub for n in sources[u.node] if n in corner]
             wanted = _mean(near, (total_height - height) / 2)
             lowest = total_height - height
@@ -231,7 +231,7 @@ def _pack(columns: list[list[_Unit]], cap: float, room: float, sources: dict[obj
             y = min(max(wanted, 0.0), lowest)
             for unit in sub:
                 corner[unit.node] = (x, y)
-                y += full(unit) + ROW_GAP
+                y += after(unit)
             x += max(u.width for u in sub)
         x += COLUMN_GAP
     return corner, max(x - COLUMN_GAP, 0.0), total_height
@@ -276,7 +276,7 @@ def place(items: Iterable[Item], edges: Iterable[tuple[object, object]],
     while True:
         for stack in (False, True):
             for cap in caps:
-                corner, width, height = _pack(columns, max(cap, tallest + room), room, sources, stack)
+                corner, width, height = _pack(columns, max(cap, tallest), room, sources, stack)
                 zoom = fit_zoom(width, height, canvas)
                 score = (min(zoom, TITLE_ZOOM), room, not stack, zoom)
                 if best is None or score > best[:4]:

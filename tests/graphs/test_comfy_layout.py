@@ -81,7 +81,7 @@ def test_exported_workflow_reads_at_fit_view(graph):
             strip = {"room": (x, y + h, w, layout.PREVIEW_FLOOR)}
             assert overlapping({**{k: v for k, v in b.items() if k != n["id"]}, **strip}) == [], n["title"]
     zoom = fit_view_zoom(b)
-    crowded = max(len(n["widgets_values"]) for n in wf["nodes"]) > MANY_WIDGETS
+    crowded = max(len(n["widgets_values"]) for n in wf["nodes"] if not n["flags"].get("collapsed")) > MANY_WIDGETS
     if zoom < LEGIBLE and crowded:
         pytest.xfail(f"zoom {zoom:.2f}: nodes with more than {MANY_WIDGETS} widgets do not fit the canvas")
     assert zoom >= LEGIBLE, f"fit view zoom {zoom:.3f} < {LEGIBLE:.3f}: titles are not drawn"
@@ -150,7 +150,7 @@ def test_settings_nodes_sit_right_above_the_node_they_feed():
     assert overlapping(b) == []
     for i in range(4):
         (sx, sy, _, sh), (tx, ty, _, _) = b[200 + i], b[2 + i]
-        assert sx == tx and 0 <= ty - (sy + sh) <= 10
+        assert sx == tx and 0 <= ty - (sy + sh) <= 20
     assert fit_view_zoom(b) >= LEGIBLE
 
 
