@@ -45,7 +45,7 @@ TITLE_ZOOM = 8 / 14
 # ROW_GAP and ATTACHED_GAP leave room for the node-source badge the frontend draws above a node's title bar.
 COLUMN_GAP, SUB_COLUMN_GAP, ROW_GAP, ATTACHED_GAP, MARGIN = 50, 24, 20, 18, 40
 PREVIEW_ROOM, PREVIEW_FLOOR = 220, 70  # free height below a node that shows images after a run
-MINIMAP = 180  # the frontend's minimap covers the canvas's bottom-right corner: the last column keeps clear of it
+MINIMAP = 230  # the frontend's minimap covers the canvas's bottom-right corner: the last column keeps clear of it
 
 
 def text_width(text: str, font: int) -> float:
