@@ -57,10 +57,9 @@ def node_size(
     wires: Sequence[str],
     outputs: Sequence[str],
     widgets: Sequence[tuple[str, bool]],
-    collapsed: bool = False,
 ) -> list[int]:
     """``[width, body height]`` of a node: ``wires`` and ``outputs`` are slot labels, ``widgets`` are
-    ``(label, multiline)`` pairs. A collapsed node keeps its full size (it opens to it); :func:`box_size` gives
+    ``(label, multiline)`` pairs. A collapsed node keeps this size (it opens to it); :func:`box_size` gives
     the box it takes on the canvas."""
     title_width = TITLE_HEIGHT + text_width(title, TITLE_FONT) + TITLE_HEIGHT * 0.33
     in_width = max((text_width(w, LABEL_FONT) for w in wires), default=0)
@@ -139,12 +138,14 @@ def _units(items: dict[object, Item], edges: list[tuple[object, object]]) -> lis
     for src, dst in edges:
         consumers[src].add(dst)
         fed.add(dst)
+    def hostable(node_id: object) -> bool:  # a settings node: collapsed, no inputs, one consumer
+        return items[node_id].collapsed and node_id not in fed and len(consumers[node_id]) == 1
+
     attached: dict[object, list[object]] = {}
-    for node_id, item in items.items():
-        targets = consumers[node_id]
-        if item.collapsed and node_id not in fed and len(targets) == 1:
-            (target,) = targets
-            if not items[target].collapsed or target in fed:
+    for node_id in items:
+        if hostable(node_id):
+            (target,) = consumers[node_id]
+            if not hostable(target):
                 attached.setdefault(target, []).append(node_id)
     hosted = {a for group in attached.values() for a in group}
     units = []
