@@ -7,7 +7,7 @@
   inputs then widget inputs, each in ``INPUT_TYPES`` order, as ComfyUI's frontend writes them;
   ``widgets_values`` in widget order) and ``links`` ``[link id, src, src slot, dst, dst slot, type]``. Our node
   ids are kept in each node's ``properties.flowopd_id``, name and description in ``extra.flowopd``. Nodes are
-  laid out in columns by topological depth, each column ordered to follow its inputs.
+  placed by :mod:`flowopd_nodes.comfy.layout` (columns by depth, readable at fit-to-view).
 
 Export writes every widget value resolved (defaults filled in; paths inside the repository relative to its root,
 where ComfyUI and import resolve them, other paths absolute) so the JSON runs on another checkout too. Import
@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flowopd_nodes.comfy import layout
 from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError, shown
 from flowopd_nodes.engine.graph import (
     MAX_DEPTH,
@@ -42,8 +43,6 @@ from flowopd_nodes.nodes.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]  # relative paths in ComfyUI JSON are relative to the repository root
 WORKFLOW_VERSION = 0.4
-COLUMN_WIDTH, COLUMN_GAP, ROW_GAP, MARGIN = 320, 90, 40, 40
-PREVIEW_ROOM = 240  # height kept free under a node that shows images after a run
 NOTE_TYPES = {"Note", "MarkdownNote"}
 MODE_MUTED, MODE_BYPASS = 2, 4
 
@@ -101,39 +100,19 @@ def _widget_ports(cls: type[Node]) -> list[In]:
     return [p for p in ordered if p.is_widget]
 
 
-def _node_size(cls: type[Node]) -> list[int]:
-    """About the size ComfyUI's frontend gives the node (title, slot rows, widget rows), plus room for the
-    preview images a node that writes files shows once it has run (so previews do not cover the next node)."""
-    wires = sum(1 for p in cls.INPUTS if not p.is_widget)
-    widgets = _widget_ports(cls)
-    rows = max(wires, len(cls.OUTPUTS))
-    height = 30 + rows * 22 + sum(80 if p.multiline else 24 for p in widgets) + 10
-    if cls.OUTPUT_NODE or any(o.type == "FLOWOPD_FILE" for o in cls.OUTPUTS):
-        height += PREVIEW_ROOM
-    return [COLUMN_WIDTH, height]
+def _node_size(cls: type[Node], title: str) -> list[int]:
+    """About the size ComfyUI's frontend gives the node (see :func:`layout.node_size`)."""
+    return layout.node_size(
+        title,
+        [p.name for p in _wire_ports(cls) if not p.is_widget],
+        [o.name for o in cls.OUTPUTS],
+        [(p.name, p.multiline) for p in _widget_ports(cls)],
+    )
 
 
-def _layout(valid: ValidGraph) -> dict[str, list[float]]:
-    """Positions: one column per topological depth; in a column, nodes follow the mean height of their inputs."""
-    ids = list(valid.nodes)
-    depth: dict[str, int] = {}
-    for node_id in _topological(valid):
-        sources = [link.node for link in valid.nodes[node_id].links.values()]
-        depth[node_id] = 1 + max((depth[s] for s in sources), default=-1)
-    pos: dict[str, list[float]] = {}
-    for column in range(max(depth.values(), default=-1) + 1):
-        members = [n for n in ids if depth[n] == column]
-
-        def anchor(node_id: str) -> tuple[float, int]:
-            ys = [pos[link.node][1] for link in valid.nodes[node_id].links.values()]
-            return (sum(ys) / len(ys) if ys else 0.0, ids.index(node_id))
-
-        y = MARGIN
-        for node_id in sorted(members, key=anchor):
-            y = max(y, anchor(node_id)[0]) if column else y
-            pos[node_id] = [MARGIN + column * (COLUMN_WIDTH + COLUMN_GAP), y]
-            y += _node_size(valid.nodes[node_id].cls)[1] + ROW_GAP
-    return pos
+def _shows_images(cls: type[Node]) -> bool:
+    """A node that writes files shows its PNGs on the canvas once it has run (the layout keeps room below)."""
+    return cls.OUTPUT_NODE or any(o.type == "FLOWOPD_FILE" for o in cls.OUTPUTS)
 
 
 def _topological(valid: ValidGraph) -> list[str]:
@@ -144,10 +123,9 @@ def _topological(valid: ValidGraph) -> list[str]:
 
 
 def to_workflow(valid: ValidGraph) -> dict[str, Any]:
-    """The graph as a ComfyUI UI workflow (version 0.4), laid out in columns by topological depth."""
+    """The graph as a ComfyUI UI workflow (version 0.4), laid out by :func:`layout.arrange`."""
     number = {node_id: i for i, node_id in enumerate(valid.nodes, start=1)}
     order = {node_id: i for i, node_id in enumerate(_topological(valid))}
-    positions = _layout(valid)
     links: list[list[Any]] = []
     out_links: dict[tuple[str, int], list[int]] = {}
     in_links: dict[tuple[str, str], int] = {}
@@ -185,8 +163,8 @@ def to_workflow(valid: ValidGraph) -> dict[str, Any]:
             {
                 "id": number[node_id],
                 "type": cls.NODE_ID,
-                "pos": positions[node_id],
-                "size": _node_size(cls),
+                "pos": [0.0, 0.0],  # set by layout.arrange below
+                "size": _node_size(cls, node.title or node_id),
                 "flags": {},
                 "order": order[node_id],
                 "mode": 0,
@@ -197,6 +175,7 @@ def to_workflow(valid: ValidGraph) -> dict[str, Any]:
                 "widgets_values": widgets,
             }
         )
+    layout.arrange(nodes, links, previews={number[n] for n, node in valid.nodes.items() if _shows_images(node.cls)})
     return {
         "last_node_id": len(nodes),
         "last_link_id": len(links),

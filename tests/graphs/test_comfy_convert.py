@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import runner
-from flowopd_nodes.comfy.format import COLUMN_WIDTH, graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
+from flowopd_nodes.comfy.format import graph_from_comfy, load_comfy_file, to_api_prompt, to_workflow
 from flowopd_nodes.engine.graph import load_graph_file
 from flowopd_nodes.engine.validate import ValidGraph, validate
 from flowopd_nodes.nodes.registry import REGISTRY
@@ -74,7 +74,10 @@ def test_workflow_is_what_the_canvas_expects(graph):
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
         out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
         assert out["type"] == inp["type"] == kind and inp["link"] == link_id and link_id in out["links"]
-        assert nodes[src]["pos"][0] + COLUMN_WIDTH < nodes[dst]["pos"][0]  # links run left to right
+        # links run left to right, or down to a node right below in the same column (a settings node above
+        # the node it feeds, a chain of small nodes stacked to fit the canvas)
+        (sx, sy), (dx, dy) = nodes[src]["pos"], nodes[dst]["pos"]
+        assert sx + nodes[src]["size"][0] < dx or (sx == dx and sy < dy)
     linked = sum(1 for n in wf["nodes"] for i in n["inputs"] if i["link"] is not None)
     assert linked == len(wf["links"]) == sum(len(n.links) for n in valid.nodes.values())
     for n in wf["nodes"]:
@@ -87,7 +90,11 @@ def test_workflow_is_what_the_canvas_expects(graph):
         # wire inputs first, then one input socket per widget, each in INPUT_TYPES order (as the frontend writes)
         assert [i["name"] for i in n["inputs"] if "widget" in i] == widget_names
         assert all("widget" not in i for i in n["inputs"][: len(n["inputs"]) - len(widgets)])
-    boxes = [(n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30) for n in wf["nodes"]]
+    boxes = [  # title bar included; a collapsed node is its title bar only (see test_comfy_layout.py)
+        (n["pos"][0], n["pos"][1] - 30, min(n["size"][0], 7.2 * len(n["title"]) + 60), 30)
+        if n["flags"].get("collapsed") else (n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30)
+        for n in wf["nodes"]
+    ]
     for i, (ax, ay, aw, ah) in enumerate(boxes):  # tidy: no two nodes overlap
         for bx, by, bw, bh in boxes[i + 1 :]:
             assert not (ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah)
