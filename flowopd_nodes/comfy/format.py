@@ -36,7 +36,8 @@ from flowopd_nodes.engine.graph import (
     read_graph_text,
     safe_name,
 )
-from flowopd_nodes.engine.ports import In, Node
+from flowopd_nodes.engine.ports import In, Node, SettingsNode
+from flowopd_nodes.engine.settings import fold_settings
 from flowopd_nodes.engine.validate import ValidGraph
 from flowopd_nodes.nodes.registry import REGISTRY
 
@@ -187,7 +188,7 @@ def to_workflow(valid: ValidGraph) -> dict[str, Any]:
                 "type": cls.NODE_ID,
                 "pos": positions[node_id],
                 "size": _node_size(cls),
-                "flags": {},
+                "flags": {"collapsed": True} if issubclass(cls, SettingsNode) else {},  # settings: one title row
                 "order": order[node_id],
                 "mode": 0,
                 "inputs": inputs,
@@ -298,7 +299,8 @@ def graph_from_comfy(data: Any, *, default_name: str, source: str = "<memory>", 
         _tidy_params(node, yaml_dir)
     doc.setdefault("name", default_name)
     base = yaml_dir if yaml_dir is not None else ROOT
-    return graph_from_data(doc, base_dir=base.resolve(), default_name=default_name, source=source)
+    graph = graph_from_data(doc, base_dir=base.resolve(), default_name=default_name, source=source)
+    return fold_settings(graph)  # a settings node feeding one node: that node's flat params again
 
 
 def _is_id(value: Any) -> bool:
@@ -483,6 +485,8 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
             widgets = _widget_ports(cls)
             if isinstance(values, dict):
                 given = {p.name: values[p.name] for p in widgets if p.name in values}
+            elif isinstance(values, list) and len(values) == len(cls.LEGACY_WIDGETS) != len(widgets):
+                given = dict(zip(cls.LEGACY_WIDGETS, values))  # saved before the settings moved: flat settings
             elif isinstance(values, list):
                 given = dict(zip([p.name for p in widgets], values))
             else:
@@ -530,7 +534,7 @@ def _tidy_params(node: dict[str, Any], yaml_dir: Path | None) -> None:
         return
     params = node["params"]
     for name in list(params):
-        port = cls.input(name)
+        port = cls.port(name)
         if port is None or not port.is_widget:
             continue
         value = params[name]

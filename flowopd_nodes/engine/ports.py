@@ -118,6 +118,9 @@ class Node:
     """The node's settings companion: a :class:`SettingsNode` whose widgets are the node's advanced inputs. Its
     value arrives on the optional input ``settings``; a graph file may also set those fields as the node's own
     params (validation moves them into a settings node: :mod:`flowopd_nodes.engine.settings`)."""
+    LEGACY_WIDGETS: ClassVar[tuple[str, ...]] = ()
+    """The node's widget order before its settings moved to a companion: a UI workflow saved then (its
+    ``widgets_values`` by position) still imports (:mod:`flowopd_nodes.comfy.format`)."""
     PURE: ClassVar[bool] = False
     """True: the outputs are a pure function of the params (a settings node), so the scheduler fingerprints them
     by the cache key alone and the same values give the same downstream keys wherever they come from."""

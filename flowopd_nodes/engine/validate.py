@@ -20,7 +20,8 @@ import networkx as nx
 
 from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError, shown
 from flowopd_nodes.engine.graph import Graph, did_you_mean, parse_link
-from flowopd_nodes.engine.ports import REQUIRED, In, Node
+from flowopd_nodes.engine.ports import REQUIRED, SETTINGS_INPUT, In, Node, all_ports, merge_settings
+from flowopd_nodes.engine.settings import as_owner, expand_settings
 from flowopd_nodes.nodes.registry import REGISTRY
 
 
@@ -171,6 +172,8 @@ def check_inputs(
             params[port.name] = value
         elif port.default is not REQUIRED:
             value = port.default
+            if port.type == "FLOAT" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # as a value written in the file: the same cache key either way
             if port.path and value:
                 value, problems = check_value(port, value, node_id, ct, base_dir, check_files)
                 issues.extend(problems)
@@ -218,7 +221,10 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
 
     def unknown(name: str) -> None:
         names = [p.name for p in cls.INPUTS]
-        add("unknown_input", name, f"{ct} has no input {shown(name)}{did_you_mean(name, names)} (inputs: {names})")
+        known = [p.name for p in all_ports(cls)]
+        more = f"; settings: {known[len(names):]}" if cls.SETTINGS is not None else ""
+        add("unknown_input", name, f"{ct} has no input {shown(name)}{did_you_mean(name, known)} (inputs: {names}"
+            f"{more})")
 
     values: dict[str, Any] = {}
     linked: dict[str, str | None] = {}  # input -> the type linked to it; None: not known (or reported already)
@@ -263,7 +269,7 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
             links[name] = Link(name, src_id, out_name)
     params, problems = check_inputs(cls, node_id, values, linked, graph.base_dir, check_files)
     issues.extend(problems)
-    if not issues:
+    if not issues and cls.SETTINGS is None:  # with a settings companion: once its values are known (validate)
         for field, message in node_problems(cls, params, frozenset(links)):
             add("custom_validation_failed", field, message)
     return ResolvedNode(node_id, cls, params, links, spec.title), issues
@@ -311,18 +317,46 @@ def _fact_issues(dag: nx.DiGraph, resolved: dict[str, ResolvedNode], skip: set[s
     return issues
 
 
+def _settings_owner_issues(resolved: dict[str, ResolvedNode], owners: dict[str, str], bad: set[str]) -> list[GraphIssue]:
+    """The own checks of nodes with a settings companion, on their values merged with their settings: the
+    companion's defaults when ``settings`` is unlinked, else the values of the settings node linked to it (a
+    widget of it fed by a link is unknown: a check that needs it waits for the node's start)."""
+    issues = []
+    for node in resolved.values():
+        if node.cls.SETTINGS is None or node.id in bad:
+            continue
+        link = node.links.get(SETTINGS_INPUT)
+        source = resolved.get(link.node) if link is not None else None
+        if link is not None and (source is None or link.node in bad):
+            continue
+        values = {**node.params, SETTINGS_INPUT: source.params} if source is not None else node.params
+        params = merge_settings(node.cls, values, fill=source is None)
+        explicit = source is not None and source.id not in owners
+        for field, message in node_problems(node.cls, params, frozenset(node.links)):
+            if explicit and node.cls.SETTINGS.input(field) is not None:
+                message += f" (set on the settings node {source.id!r})"
+            issues.append(GraphIssue("custom_validation_failed", message, node=node.id, field=field,
+                                     class_type=node.cls.NODE_ID))
+    return issues
+
+
 def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
     """Check everything; return the runnable graph or raise one :class:`GraphValidationError`.
 
     ``check_files=False`` checks a graph written for another machine (a cluster's model folders, prompt
     files): everything but the existence of the files it names."""
-    issues: list[GraphIssue] = list(graph.load_issues)
+    written = graph
+    graph, owners, issues = expand_settings(graph)  # flat settings -> settings nodes of their own
+    issues = list(graph.load_issues) + issues
     resolved: dict[str, ResolvedNode] = {}
     for node_id in graph.nodes:
         node, problems = _check_node(graph, node_id, check_files)
+        if node_id in owners:  # a made settings node: its problems are those of the node whose file set them
+            problems = [as_owner(issue, owners[node_id], graph) for issue in problems]
         issues.extend(problems)
         if node is not None:
             resolved[node_id] = node
+    issues.extend(_settings_owner_issues(resolved, owners, {i.node for i in issues}))
 
     dag = nx.DiGraph()
     dag.add_nodes_from(graph.nodes)
@@ -348,4 +382,4 @@ def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
         needed |= nx.ancestors(dag, node_id)
     position = {node_id: i for i, node_id in enumerate(graph.nodes)}
     order = list(nx.lexicographical_topological_sort(dag.subgraph(needed), key=lambda n: position[n]))
-    return ValidGraph(graph=graph, nodes=resolved, dag=dag, order=order)
+    return ValidGraph(graph=written, nodes=resolved, dag=dag, order=order)

@@ -69,6 +69,7 @@ class GRPOTrainerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = GRPOSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
     INPUTS = (
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),

@@ -206,6 +206,7 @@ class ColdStartNode(Node):
         "with the flow-matching loss. none: a fresh adapter (= the base). The paper finds merge init better."
     )
     SETTINGS = ColdStartSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _COLD_WIDGETS)
     INPUTS = (
         In("teachers", "FLOWOPD_TEACHERS", help="the teacher pool (its routing is used by sft)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (needed by sft)", optional=True),
@@ -311,6 +312,7 @@ class DistillerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = DistillerSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _OPD_WIDGETS)
     INPUTS = (
         In("student", "FLOWOPD_MODEL", help="the cold-started student (no adapter = start from the base)"),
         In("teachers", "FLOWOPD_TEACHERS", help="teacher pool with routing"),

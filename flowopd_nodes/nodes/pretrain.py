@@ -101,6 +101,7 @@ class PretrainMiniWorld(Node):
         "must then be left at their defaults)."
     )
     SETTINGS = PretrainSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
