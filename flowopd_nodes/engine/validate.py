@@ -333,8 +333,8 @@ def _settings_owner_issues(resolved: dict[str, ResolvedNode], owners: dict[str, 
         params = merge_settings(node.cls, values, fill=source is None)
         explicit = source is not None and source.id not in owners
         for field, message in node_problems(node.cls, params, frozenset(node.links)):
-            if explicit and node.cls.SETTINGS.input(field) is not None:
-                message += f" (set on the settings node {source.id!r})"
+            if explicit and (not field or node.cls.SETTINGS.input(field) is not None):
+                message += f" (settings from node {source.id!r})"
             issues.append(GraphIssue("custom_validation_failed", message, node=node.id, field=field,
                                      class_type=node.cls.NODE_ID))
     return issues
