@@ -132,7 +132,13 @@ def _check_path(port: In, value: str, base_dir: Path, check_files: bool, issue: 
         path = Path(value).expanduser()
     except RuntimeError as exc:  # ~user of an unknown user
         return issue("invalid_input_type", f"{shown(value)}: {exc}")
+    # made canonical (no "..", links followed): the same file gives the same value, and so the same cache key,
+    # whether a graph file names it relative to its folder or a ComfyUI JSON file relative to the repository
     resolved = path if path.is_absolute() else (base_dir / path)
+    try:
+        resolved = resolved.resolve()
+    except (OSError, RuntimeError):  # a loop of links: kept as written, the existence check reports it
+        pass
     if check_files and resolved.exists():
         if port.folder and not resolved.is_dir():
             return issue("invalid_input_type", f"{shown(value)} is a file; a folder is expected (looked at {resolved})")
@@ -317,7 +323,9 @@ def _fact_issues(dag: nx.DiGraph, resolved: dict[str, ResolvedNode], skip: set[s
     return issues
 
 
-def _settings_owner_issues(resolved: dict[str, ResolvedNode], owners: dict[str, str], bad: set[str]) -> list[GraphIssue]:
+def _settings_owner_issues(
+    resolved: dict[str, ResolvedNode], owners: dict[str, str], bad: set[str]
+) -> list[GraphIssue]:
     """The own checks of nodes with a settings companion, on their values merged with their settings: the
     companion's defaults when ``settings`` is unlinked, else the values of the settings node linked to it (a
     widget of it fed by a link is unknown: a check that needs it waits for the node's start)."""

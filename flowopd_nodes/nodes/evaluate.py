@@ -9,7 +9,16 @@ from flowopd_core.eval.config import EvalConfig
 from flowopd_core.rewards.names import REWARD_NAMES
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes.engine import context
-from flowopd_nodes.engine.ports import In, Node, Out, SettingsNode, build_config, config_inputs, settings_input, split_ports
+from flowopd_nodes.engine.ports import (
+    In,
+    Node,
+    Out,
+    SettingsNode,
+    build_config,
+    config_inputs,
+    settings_input,
+    split_ports,
+)
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 
 if TYPE_CHECKING:

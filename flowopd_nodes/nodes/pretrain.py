@@ -11,7 +11,16 @@ from flowopd_core.miniworld.tasks import QUALITY_DEGRADED_FRACTION, TASKS
 from flowopd_core.miniworld.tiny_config import TinyConfig
 from flowopd_core.training.pretrain_config import PretrainConfig
 from flowopd_nodes.engine import context
-from flowopd_nodes.engine.ports import In, Node, Out, SettingsNode, build_config, config_inputs, settings_input, split_ports
+from flowopd_nodes.engine.ports import (
+    In,
+    Node,
+    Out,
+    SettingsNode,
+    build_config,
+    config_inputs,
+    settings_input,
+    split_ports,
+)
 
 if TYPE_CHECKING:
     from flowopd_core.models.modelref import ModelRef
