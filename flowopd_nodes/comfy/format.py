@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]  # relative paths in ComfyUI JSON are
 WORKFLOW_VERSION = 0.4
 COLUMN_WIDTH, COLUMN_GAP, ROW_GAP, MARGIN = 320, 90, 40, 40
 PREVIEW_ROOM = 240  # height kept free under a node that shows images after a run
+COLLAPSED_HEIGHT = 0  # a collapsed node (settings) shows its title bar only, drawn above its position
 NOTE_TYPES = {"Note", "MarkdownNote"}
 MODE_MUTED, MODE_BYPASS = 2, 4
 
@@ -133,7 +134,8 @@ def _layout(valid: ValidGraph) -> dict[str, list[float]]:
         for node_id in sorted(members, key=anchor):
             y = max(y, anchor(node_id)[0]) if column else y
             pos[node_id] = [MARGIN + column * (COLUMN_WIDTH + COLUMN_GAP), y]
-            y += _node_size(valid.nodes[node_id].cls)[1] + ROW_GAP
+            cls = valid.nodes[node_id].cls
+            y += (COLLAPSED_HEIGHT if issubclass(cls, SettingsNode) else _node_size(cls)[1]) + ROW_GAP
     return pos
 
 

@@ -87,7 +87,9 @@ def test_workflow_is_what_the_canvas_expects(graph):
         # wire inputs first, then one input socket per widget, each in INPUT_TYPES order (as the frontend writes)
         assert [i["name"] for i in n["inputs"] if "widget" in i] == widget_names
         assert all("widget" not in i for i in n["inputs"][: len(n["inputs"]) - len(widgets)])
-    boxes = [(n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30) for n in wf["nodes"]]
+    # a collapsed node (a settings node) is its title bar on the canvas
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["size"][0], 30 if n["flags"].get("collapsed") else n["size"][1] + 30)
+             for n in wf["nodes"]]
     for i, (ax, ay, aw, ah) in enumerate(boxes):  # tidy: no two nodes overlap
         for bx, by, bw, bh in boxes[i + 1 :]:
             assert not (ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah)
