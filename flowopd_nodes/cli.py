@@ -221,6 +221,8 @@ def _list_nodes(as_json: bool) -> int:
             print(f"    in  {port.name:<18} {', '.join(bits)}: {port.help}")
         for out in cls.OUTPUTS:
             print(f"    out {out.name:<18} {out.type}: {out.help}")
+        if cls.SETTINGS is not None:
+            print(f"    settings: the fields of {cls.SETTINGS.NODE_ID}, which a graph file may also set as params here")
         print()
     return 0
 

@@ -16,6 +16,10 @@ meaning when a default changes), relative paths in a JSON file are taken relativ
 ComfyUI adapter resolves them) and written relative to the YAML file's folder when they share a parent below
 ``/``. Nodes of other packs are kept (validation names them); notes, muted nodes and reroutes are not graph
 nodes, and a primitive node's value becomes a param of the nodes it feeds.
+
+Settings: export writes the settings nodes validation made for flat settings (collapsed on the canvas); import
+folds a settings node that feeds one node back into its flat params (:mod:`flowopd_nodes.engine.settings`) and
+reads a workflow saved before a node's settings moved by the node's former widget order (``LEGACY_WIDGETS``).
 """
 
 from __future__ import annotations
