@@ -221,6 +221,8 @@ def _list_nodes(as_json: bool) -> int:
             print(f"    in  {port.name:<18} {', '.join(bits)}: {port.help}")
         for out in cls.OUTPUTS:
             print(f"    out {out.name:<18} {out.type}: {out.help}")
+        if cls.SETTINGS is not None:
+            print(f"    settings: the fields of {cls.SETTINGS.NODE_ID}, which a graph file may also set as params here")
         print()
     return 0
 
@@ -257,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "validate":
+        written = valid.graph.nodes  # the nodes of the file (not the settings nodes made for flat settings)
+        nodes, to_run = len(written), sum(1 for n in valid.order if n in written)
         if args.json:
-            print(json.dumps({"valid": True, "graph": str(args.graph), "name": valid.name, "nodes": len(valid.nodes),
-                              "to_run": len(valid.order), "node_errors": {}}, indent=2))
+            print(json.dumps({"valid": True, "graph": str(args.graph), "name": valid.name, "nodes": nodes,
+                              "to_run": to_run, "node_errors": {}}, indent=2))
         else:
-            print(f"{args.graph}: valid ({len(valid.nodes)} nodes, {len(valid.order)} to run)")
+            print(f"{args.graph}: valid ({nodes} nodes, {to_run} to run)")
         return 0
     if args.command == "export":
         from flowopd_nodes.comfy.format import to_api_prompt, to_workflow

@@ -16,6 +16,10 @@ meaning when a default changes), relative paths in a JSON file are taken relativ
 ComfyUI adapter resolves them) and written relative to the YAML file's folder when they share a parent below
 ``/``. Nodes of other packs are kept (validation names them); notes, muted nodes and reroutes are not graph
 nodes, and a primitive node's value becomes a param of the nodes it feeds.
+
+Settings: export writes the settings nodes validation made for flat settings (collapsed on the canvas); import
+folds a settings node that feeds one node back into its flat params (:mod:`flowopd_nodes.engine.settings`) and
+reads a workflow saved before a node's settings moved by the node's former widget order (``LEGACY_WIDGETS``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from flowopd_nodes.engine.graph import (
     read_graph_text,
     safe_name,
 )
-from flowopd_nodes.engine.ports import In, Node
+from flowopd_nodes.engine.ports import In, Node, SettingsNode
+from flowopd_nodes.engine.settings import fold_settings
 from flowopd_nodes.engine.validate import ValidGraph
 from flowopd_nodes.nodes.registry import REGISTRY
 
@@ -165,7 +170,7 @@ def to_workflow(valid: ValidGraph) -> dict[str, Any]:
                 "type": cls.NODE_ID,
                 "pos": [0.0, 0.0],  # set by layout.arrange below
                 "size": _node_size(cls, node.title or node_id),
-                "flags": {},
+                "flags": {"collapsed": True} if issubclass(cls, SettingsNode) else {},  # settings: one title row
                 "order": order[node_id],
                 "mode": 0,
                 "inputs": inputs,
@@ -277,7 +282,8 @@ def graph_from_comfy(data: Any, *, default_name: str, source: str = "<memory>", 
         _tidy_params(node, yaml_dir)
     doc.setdefault("name", default_name)
     base = yaml_dir if yaml_dir is not None else ROOT
-    return graph_from_data(doc, base_dir=base.resolve(), default_name=default_name, source=source)
+    graph = graph_from_data(doc, base_dir=base.resolve(), default_name=default_name, source=source)
+    return fold_settings(graph)  # a settings node feeding one node: that node's flat params again
 
 
 def _is_id(value: Any) -> bool:
@@ -462,6 +468,8 @@ def _from_workflow(data: dict[str, Any], source: str) -> dict[str, Any]:
             widgets = _widget_ports(cls)
             if isinstance(values, dict):
                 given = {p.name: values[p.name] for p in widgets if p.name in values}
+            elif isinstance(values, list) and len(values) == len(cls.LEGACY_WIDGETS) != len(widgets):
+                given = dict(zip(cls.LEGACY_WIDGETS, values))  # saved before the settings moved: flat settings
             elif isinstance(values, list):
                 given = dict(zip([p.name for p in widgets], values))
             else:
@@ -509,7 +517,7 @@ def _tidy_params(node: dict[str, Any], yaml_dir: Path | None) -> None:
         return
     params = node["params"]
     for name in list(params):
-        port = cls.input(name)
+        port = cls.port(name)
         if port is None or not port.is_widget:
             continue
         value = params[name]

@@ -43,7 +43,7 @@ from flowopd_core.prompts import PromptSet
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import GraphIssue
 from flowopd_nodes.engine.graph import inside
-from flowopd_nodes.engine.ports import REQUIRED, Node
+from flowopd_nodes.engine.ports import REQUIRED, SETTINGS_INPUT, Node, SettingsNode, all_ports, merge_settings
 from flowopd_nodes.engine.validate import check_inputs, node_problems
 from flowopd_nodes.nodes.registry import NODES
 
@@ -120,6 +120,8 @@ def _fingerprint(value: Any) -> Any:
         return {type(value).__name__: value.to_json()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):  # a settings node's values
+        return {"dict": {k: _fingerprint(v) for k, v in sorted(value.items())}}
     return {"object": type(value).__qualname__, "id": id(value)}  # unknown objects: never shared by mistake
 
 
@@ -184,7 +186,9 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
     """Run one node the way ComfyUI calls it; returns ``{"ui": {...}, "result": (...)}``."""
     cls = type(node).RUNNER_CLASS
     node_id = str(unique_id) if unique_id is not None else cls.NODE_ID
-    inputs = complete_inputs(cls, given)
+    inputs = merge_settings(cls, complete_inputs(cls, given))  # a linked settings value spread over the inputs
+    if issubclass(cls, SettingsNode):  # its values, passed on: no folders, nothing to show
+        return {"ui": {}, "result": cls.run(node, **inputs)}
     problems = run_checks(cls, inputs)
     if problems:  # before any work or folder: what the runner reports at validation
         raise ValueError(f"{cls.NODE_ID} (node {node_id}): " + "; ".join(problems))
@@ -243,6 +247,9 @@ def validation_issues(cls: type[Node], node_id: str, given: dict[str, Any],
     values = {name: value for name, value in given.items() if value is not None and name not in linked}
     params, issues = check_inputs(cls, node_id, values, linked, ROOT)
     issues = [i for i in issues if i.type != "required_input_missing"]  # ComfyUI reports those itself
+    if cls.SETTINGS is not None and input_types is not None and SETTINGS_INPUT not in linked:
+        # no settings node linked: its defaults apply (linked: its values arrive when the node starts)
+        params = merge_settings(cls, params)
     if not issues:
         connected = frozenset(linked) if input_types is not None else None  # None: not told, link checks wait
         issues = [GraphIssue("custom_validation_failed", message, node=node_id, field=field, class_type=cls.NODE_ID)
@@ -252,7 +259,7 @@ def validation_issues(cls: type[Node], node_id: str, given: dict[str, Any],
 
 def run_checks(cls: type[Node], inputs: dict[str, Any]) -> list[str]:
     """The node's cross-field and link checks on the values of one call (as the runner runs them at validation)."""
-    params = {p.name: inputs.get(p.name) for p in cls.INPUTS if p.is_widget}
+    params = {p.name: inputs.get(p.name) for p in all_ports(cls) if p.is_widget}  # settings spread (execute)
     linked = frozenset(p.name for p in cls.INPUTS if not p.is_widget and inputs.get(p.name) is not None)
     return [f"{field or 'node'}: {message}" for field, message in node_problems(cls, params, linked)]
 

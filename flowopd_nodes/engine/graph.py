@@ -345,7 +345,7 @@ def apply_overrides(graph: Graph, overrides: list[str]) -> None:
             ))
             continue
         cls = REGISTRY.get(node.type)
-        port = cls.input(param) if cls is not None else None
+        port = cls.port(param) if cls is not None else None  # its own input, or a field of its settings
         if port is not None and port.type in TEXT_TYPES:
             node.params[param] = raw_value
             continue

@@ -21,6 +21,9 @@ PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CUSTOM_PREFIX = "FLOWOPD_"
 NODE_PREFIX = "FlowOPD"
 ROOT_CATEGORY = "FlowOPD"
+SETTINGS_CATEGORY = "FlowOPD/settings"
+SETTINGS_INPUT = "settings"
+"""The input through which a node with a settings companion (``SETTINGS``) takes its advanced values."""
 
 
 class _Required:
@@ -111,6 +114,16 @@ class Node:
     """True: under a multi-process launch every process runs the node together (data-parallel training);
     False: process 0 runs it alone and the others read its outputs."""
     VERSION: ClassVar[int] = 1
+    SETTINGS: ClassVar[type[SettingsNode] | None] = None
+    """The node's settings companion: a :class:`SettingsNode` whose widgets are the node's advanced inputs. Its
+    value arrives on the optional input ``settings``; a graph file may also set those fields as the node's own
+    params (validation moves them into a settings node: :mod:`flowopd_nodes.engine.settings`)."""
+    LEGACY_WIDGETS: ClassVar[tuple[str, ...]] = ()
+    """The node's widget order before its settings moved to a companion: a UI workflow saved then (its
+    ``widgets_values`` by position) still imports (:mod:`flowopd_nodes.comfy.format`)."""
+    PURE: ClassVar[bool] = False
+    """True: the outputs are a pure function of the params (a settings node), so the scheduler fingerprints them
+    by the cache key alone and the same values give the same downstream keys wherever they come from."""
     FUNCTION: ClassVar[str] = "run"
     RETURN_TYPES: ClassVar[tuple[str, ...]] = ()
     RETURN_NAMES: ClassVar[tuple[str, ...]] = ()
@@ -138,6 +151,14 @@ class Node:
             if port.name == name:
                 return port
         return None
+
+    @classmethod
+    def port(cls, name: str) -> In | None:
+        """The input ``name`` of this node, else the field ``name`` of its settings companion."""
+        port = cls.input(name)
+        if port is None and cls.SETTINGS is not None:
+            port = cls.SETTINGS.input(name)
+        return port
 
     @classmethod
     def output_index(cls, name: str) -> int | None:
@@ -186,6 +207,65 @@ class Node:
 
     def run(self, **inputs: Any) -> tuple:
         raise NotImplementedError
+
+
+class SettingsNode(Node):
+    """A settings companion: the advanced inputs of one node (its ``SETTINGS``), as widgets of their own, so the
+    node itself stays small on the canvas. Subclasses set ``NODE_ID``, ``DISPLAY_NAME``, ``DESCRIPTION``,
+    ``INPUTS`` (the very ``In`` objects the owner had: same ranges, choices and help) and one output of a
+    ``FLOWOPD_*_SETTINGS`` type. The output is the values by name, which the owner's host spreads over its own
+    inputs (:func:`merge_settings`)."""
+
+    CATEGORY: ClassVar[str] = SETTINGS_CATEGORY
+    PURE: ClassVar[bool] = True
+
+    def run(self, **values: Any) -> tuple[dict[str, Any]]:
+        return (dict(values),)
+
+
+def settings_input(companion: type[SettingsNode]) -> In:
+    """The optional ``settings`` input of a node whose companion is ``companion``."""
+    return In(SETTINGS_INPUT, companion.OUTPUTS[0].type, optional=True,
+              help=f"advanced settings from a '{companion.DISPLAY_NAME}' node; unlinked: its defaults")
+
+
+def split_ports(ports: tuple[In, ...], keep: tuple[str, ...]) -> tuple[tuple[In, ...], tuple[In, ...]]:
+    """``ports`` split into those named in ``keep`` and the rest (for a settings companion), order kept."""
+    unknown = set(keep) - {p.name for p in ports}
+    if unknown:
+        raise ValueError(f"no ports {sorted(unknown)} to keep")
+    return tuple(p for p in ports if p.name in keep), tuple(p for p in ports if p.name not in keep)
+
+
+def all_ports(cls: type[Node]) -> tuple[In, ...]:
+    """The node's inputs, then its settings companion's (the fields a graph file may set on the node)."""
+    return cls.INPUTS + (cls.SETTINGS.INPUTS if cls.SETTINGS is not None else ())
+
+
+def merge_settings(cls: type[Node], values: dict[str, Any], *, fill: bool = True) -> dict[str, Any]:
+    """A call's inputs with the ``settings`` value spread over them: the companion's defaults (``fill``), then
+    the settings value (name -> value), then the node's own inputs. ``settings`` itself is left out, so ``run``
+    and the node's checks see every field by name, as if the node had them all."""
+    companion = cls.SETTINGS
+    if companion is None:
+        return dict(values)
+    merged: dict[str, Any] = {}
+    if fill:
+        merged.update((p.name, p.default) for p in companion.INPUTS if p.default is not REQUIRED)
+    given = values.get(SETTINGS_INPUT)
+    if isinstance(given, dict):
+        merged.update((k, v) for k, v in given.items() if companion.input(k) is not None)
+    merged.update((k, v) for k, v in values.items() if k != SETTINGS_INPUT)
+    return merged
+
+
+def require(params: dict[str, Any], names: Any) -> None:
+    """KeyError for the first of ``names`` absent from ``params``: a value that comes by link (a linked widget, a
+    linked settings node on the canvas) is not known at validation, so a check that needs it waits for the node's
+    start (see :func:`flowopd_nodes.engine.validate.node_problems`)."""
+    for name in names:
+        if name not in params:
+            raise KeyError(name)
 
 
 @functools.cache
@@ -256,8 +336,9 @@ def contract_problems(cls: type[Node]) -> list[str]:
     out_names = [o.name for o in cls.OUTPUTS]
     if len(set(out_names)) != len(out_names):
         problems.append(f"duplicate output names {out_names}")
-    if cls.FUNCTION != "run" or "run" not in vars(cls):
+    if cls.FUNCTION != "run" or cls.run is Node.run:
         problems.append("must implement run()")
+    problems += _settings_problems(cls)
     for port in cls.INPUTS:
         where = f"input {port.name!r}"
         if not port.help:
@@ -290,6 +371,37 @@ def contract_problems(cls: type[Node]) -> list[str]:
         missing = set(names) - {p.name for p in params}
         if missing:
             problems.append(f"run() lacks parameters for inputs {sorted(missing)}")
+    return problems
+
+
+def _settings_problems(cls: type[Node]) -> list[str]:
+    """The rules of settings companions: a settings node has widgets only and one ``FLOWOPD_*_SETTINGS`` output;
+    a node with ``SETTINGS`` takes it on an optional input ``settings`` and shares no field name with it."""
+    problems: list[str] = []
+    if issubclass(cls, SettingsNode):
+        if cls.CATEGORY != SETTINGS_CATEGORY:
+            problems.append(f"a settings node belongs in {SETTINGS_CATEGORY!r}")
+        if len(cls.OUTPUTS) != 1 or not cls.OUTPUTS[0].type.endswith("_SETTINGS"):
+            problems.append("a settings node has one output, of a FLOWOPD_*_SETTINGS type")
+        if any(not p.is_widget for p in cls.INPUTS):
+            problems.append("a settings node takes widgets only")
+        if cls.SETTINGS is not None:
+            problems.append("a settings node has no settings companion itself")
+    companion = cls.SETTINGS
+    if companion is None:
+        if cls.input(SETTINGS_INPUT) is not None and not issubclass(cls, SettingsNode):
+            problems.append(f"input {SETTINGS_INPUT!r} is reserved for nodes with a SETTINGS companion")
+        return problems
+    if not (isinstance(companion, type) and issubclass(companion, SettingsNode)):
+        problems.append("SETTINGS must be a SettingsNode subclass")
+        return problems
+    port = cls.input(SETTINGS_INPUT)
+    if port is None or not port.optional or port.type != companion.OUTPUTS[0].type:
+        problems.append(f"SETTINGS needs an optional input {SETTINGS_INPUT!r} of type {companion.OUTPUTS[0].type} "
+                        "(settings_input)")
+    shared = {p.name for p in cls.INPUTS} & {p.name for p in companion.INPUTS}
+    if shared:
+        problems.append(f"inputs {sorted(shared)} are also fields of {companion.NODE_ID}")
     return problems
 
 

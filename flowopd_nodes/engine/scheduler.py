@@ -50,6 +50,7 @@ from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import NodeExecutionError, TrainingInterrupted
 from flowopd_nodes.engine.eta import EtaTracker
 from flowopd_nodes.engine.graph import inside
+from flowopd_nodes.engine.ports import all_ports, merge_settings
 from flowopd_nodes.engine.types import WIRE_TYPES, decode_outputs, encode_outputs
 from flowopd_nodes.engine.validate import ResolvedNode, ValidGraph, node_problems
 
@@ -359,7 +360,8 @@ def run_graph(
                         if world.size > 1 and not node.cls.DISTRIBUTED:
                             world.broadcast_int(0)  # the others wait for this node: tell them it failed
                         raise
-                    fingerprints[node_id] = f"{status.key}-{secrets.token_hex(8)}"
+                    # a pure node (a settings node): its key says all; else a nonce drawn per execution
+                    fingerprints[node_id] = status.key if node.cls.PURE else f"{status.key}-{secrets.token_hex(8)}"
                     _write_json(
                         entry / OUTPUTS_FILE,
                         {
@@ -429,7 +431,8 @@ def _execute(node: ResolvedNode, result: RunResult, entry: Path, run_dir: Path, 
 
     try:
         # The node's own checks again, now with the values of widgets fed by links (unknown at validation).
-        params = {p.name: inputs.get(p.name) for p in node.cls.INPUTS if p.is_widget}
+        inputs = merge_settings(node.cls, inputs)  # a settings value spread over the node's own inputs
+        params = {p.name: inputs.get(p.name) for p in all_ports(node.cls) if p.is_widget}
         problems = node_problems(node.cls, params, frozenset(node.links))
         if problems:
             raise ValueError("; ".join(f"{field or 'node'}: {message}" for field, message in problems))

@@ -129,6 +129,20 @@ def _is_teachers(value: Any) -> bool:
     return isinstance(value, TeacherRefs)
 
 
+SETTINGS_TYPES = {
+    "FLOWOPD_GRPO_SETTINGS": "the Flow-GRPO trainer's advanced settings (name -> value)",
+    "FLOWOPD_DISTILL_SETTINGS": "the Flow-OPD distiller's advanced settings (name -> value)",
+    "FLOWOPD_COLDSTART_SETTINGS": "the cold start's SFT settings (name -> value)",
+    "FLOWOPD_PRETRAIN_SETTINGS": "the mini-world pretraining's architecture and optimiser settings (name -> value)",
+    "FLOWOPD_EVAL_SETTINGS": "the Evaluator's advanced settings (name -> value)",
+}
+"""The values of settings nodes (:class:`~flowopd_nodes.engine.ports.SettingsNode`): plain JSON data."""
+
+
+def _is_settings(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
 WIRE_TYPES: dict[str, WireType] = {
     t.name: t
     for t in [
@@ -177,6 +191,7 @@ WIRE_TYPES: dict[str, WireType] = {
             _encode_path,
             _decode_path,
         ),
+        *(WireType(name, help, _is_settings, _plain, _plain_decode) for name, help in SETTINGS_TYPES.items()),
     ]
 }
 

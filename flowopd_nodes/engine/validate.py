@@ -20,7 +20,8 @@ import networkx as nx
 
 from flowopd_nodes.engine.errors import GraphIssue, GraphValidationError, shown
 from flowopd_nodes.engine.graph import Graph, did_you_mean, parse_link
-from flowopd_nodes.engine.ports import REQUIRED, In, Node
+from flowopd_nodes.engine.ports import REQUIRED, SETTINGS_INPUT, In, Node, all_ports, merge_settings
+from flowopd_nodes.engine.settings import as_owner, expand_settings
 from flowopd_nodes.nodes.registry import REGISTRY
 
 
@@ -131,7 +132,13 @@ def _check_path(port: In, value: str, base_dir: Path, check_files: bool, issue: 
         path = Path(value).expanduser()
     except RuntimeError as exc:  # ~user of an unknown user
         return issue("invalid_input_type", f"{shown(value)}: {exc}")
+    # made canonical (no "..", links followed): the same file gives the same value, and so the same cache key,
+    # whether a graph file names it relative to its folder or a ComfyUI JSON file relative to the repository
     resolved = path if path.is_absolute() else (base_dir / path)
+    try:
+        resolved = resolved.resolve()
+    except (OSError, RuntimeError):  # a loop of links: kept as written, the existence check reports it
+        pass
     if check_files and resolved.exists():
         if port.folder and not resolved.is_dir():
             return issue("invalid_input_type", f"{shown(value)} is a file; a folder is expected (looked at {resolved})")
@@ -171,6 +178,8 @@ def check_inputs(
             params[port.name] = value
         elif port.default is not REQUIRED:
             value = port.default
+            if port.type == "FLOAT" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # as a value written in the file: the same cache key either way
             if port.path and value:
                 value, problems = check_value(port, value, node_id, ct, base_dir, check_files)
                 issues.extend(problems)
@@ -218,7 +227,10 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
 
     def unknown(name: str) -> None:
         names = [p.name for p in cls.INPUTS]
-        add("unknown_input", name, f"{ct} has no input {shown(name)}{did_you_mean(name, names)} (inputs: {names})")
+        known = [p.name for p in all_ports(cls)]
+        more = f"; settings: {known[len(names):]}" if cls.SETTINGS is not None else ""
+        add("unknown_input", name, f"{ct} has no input {shown(name)}{did_you_mean(name, known)} (inputs: {names}"
+            f"{more})")
 
     values: dict[str, Any] = {}
     linked: dict[str, str | None] = {}  # input -> the type linked to it; None: not known (or reported already)
@@ -263,7 +275,7 @@ def _check_node(graph: Graph, node_id: str, check_files: bool) -> tuple[Resolved
             links[name] = Link(name, src_id, out_name)
     params, problems = check_inputs(cls, node_id, values, linked, graph.base_dir, check_files)
     issues.extend(problems)
-    if not issues:
+    if not issues and cls.SETTINGS is None:  # with a settings companion: once its values are known (validate)
         for field, message in node_problems(cls, params, frozenset(links)):
             add("custom_validation_failed", field, message)
     return ResolvedNode(node_id, cls, params, links, spec.title), issues
@@ -304,10 +316,50 @@ def _fact_issues(dag: nx.DiGraph, resolved: dict[str, ResolvedNode], skip: set[s
             continue
         # every linked input: its source's facts, {} when the source's params tell nothing
         known = {name: facts.get(link.node, {}).get(link.output, {}) for name, link in node.links.items()}
-        for field, message in node.cls.check_facts(dict(node.params), known):
+        params = _with_settings(node, resolved)
+        for field, message in node.cls.check_facts(params, known):
             issues.append(GraphIssue("custom_validation_failed", message, node=node_id, field=field,
                                      class_type=node.cls.NODE_ID))
-        facts[node_id] = node.cls.output_facts(dict(node.params), known)
+        facts[node_id] = node.cls.output_facts(params, known)
+    return issues
+
+
+def _with_settings(node: ResolvedNode, resolved: dict[str, ResolvedNode]) -> dict[str, Any]:
+    """A node's params with the values of the settings node linked to its ``settings`` input (the settings'
+    defaults when none is linked); a settings value that comes from elsewhere stays unknown (absent)."""
+    if node.cls.SETTINGS is None:
+        return dict(node.params)
+    link = node.links.get(SETTINGS_INPUT)
+    if link is None:
+        return merge_settings(node.cls, dict(node.params), fill=True)
+    source = resolved.get(link.node)
+    if source is None:
+        return dict(node.params)
+    return merge_settings(node.cls, {**node.params, SETTINGS_INPUT: source.params}, fill=False)
+
+
+def _settings_owner_issues(
+    resolved: dict[str, ResolvedNode], owners: dict[str, str], bad: set[str]
+) -> list[GraphIssue]:
+    """The own checks of nodes with a settings companion, on their values merged with their settings: the
+    companion's defaults when ``settings`` is unlinked, else the values of the settings node linked to it (a
+    widget of it fed by a link is unknown: a check that needs it waits for the node's start)."""
+    issues = []
+    for node in resolved.values():
+        if node.cls.SETTINGS is None or node.id in bad:
+            continue
+        link = node.links.get(SETTINGS_INPUT)
+        source = resolved.get(link.node) if link is not None else None
+        if link is not None and (source is None or link.node in bad):
+            continue
+        values = {**node.params, SETTINGS_INPUT: source.params} if source is not None else node.params
+        params = merge_settings(node.cls, values, fill=source is None)
+        explicit = source is not None and source.id not in owners
+        for field, message in node_problems(node.cls, params, frozenset(node.links)):
+            if explicit and (not field or node.cls.SETTINGS.input(field) is not None):
+                message += f" (settings from node {source.id!r})"
+            issues.append(GraphIssue("custom_validation_failed", message, node=node.id, field=field,
+                                     class_type=node.cls.NODE_ID))
     return issues
 
 
@@ -316,13 +368,18 @@ def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
 
     ``check_files=False`` checks a graph written for another machine (a cluster's model folders, prompt
     files): everything but the existence of the files it names."""
-    issues: list[GraphIssue] = list(graph.load_issues)
+    written = graph
+    graph, owners, issues = expand_settings(graph)  # flat settings -> settings nodes of their own
+    issues = list(graph.load_issues) + issues
     resolved: dict[str, ResolvedNode] = {}
     for node_id in graph.nodes:
         node, problems = _check_node(graph, node_id, check_files)
+        if node_id in owners:  # a made settings node: its problems are those of the node whose file set them
+            problems = [as_owner(issue, owners[node_id], graph) for issue in problems]
         issues.extend(problems)
         if node is not None:
             resolved[node_id] = node
+    issues.extend(_settings_owner_issues(resolved, owners, {i.node for i in issues}))
 
     dag = nx.DiGraph()
     dag.add_nodes_from(graph.nodes)
@@ -348,4 +405,4 @@ def validate(graph: Graph, *, check_files: bool = True) -> ValidGraph:
         needed |= nx.ancestors(dag, node_id)
     position = {node_id: i for i, node_id in enumerate(graph.nodes)}
     order = list(nx.lexicographical_topological_sort(dag.subgraph(needed), key=lambda n: position[n]))
-    return ValidGraph(graph=graph, nodes=resolved, dag=dag, order=order)
+    return ValidGraph(graph=written, nodes=resolved, dag=dag, order=order)

@@ -9,7 +9,16 @@ from flowopd_core.eval.config import EvalConfig, comparison_problems, parse_comp
 from flowopd_core.rewards.names import REWARD_NAMES
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes.engine import context
-from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.engine.ports import (
+    In,
+    Node,
+    Out,
+    SettingsNode,
+    build_config,
+    config_inputs,
+    settings_input,
+    split_ports,
+)
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 
 if TYPE_CHECKING:
@@ -33,6 +42,28 @@ _EVAL_INPUTS = config_inputs(
 )
 
 
+_WIDGETS = (
+    In("task_rewards", "STRING", "", "task -> its own metric over the mini-world's (compose=compose, "
+       "text=ocr, quality=quality), e.g. 'compose=geneval, text=ocr, pick=pickscore'"),
+    REWARD_SERVERS,
+    *_EVAL_INPUTS,
+)
+_ON_NODE, _ADVANCED = split_ports(_WIDGETS, ("task_rewards", "reward_servers", "steps", "resolution",
+                                             "guidance_scale", "seed", "batch_size", "images_per_prompt", "metrics",
+                                             "keep_images", "comparisons"))
+
+
+class EvaluatorSettings(SettingsNode):
+    NODE_ID = "FlowOPDEvaluatorSettings"
+    DISPLAY_NAME = "Evaluator settings"
+    DESCRIPTION = (
+        "The Evaluator's advanced settings (precision, confidence level, concurrent scoring): link to the "
+        "Evaluator's `settings` input. Nothing linked: these defaults."
+    )
+    INPUTS = _ADVANCED
+    OUTPUTS = (Out("settings", "FLOWOPD_EVAL_SETTINGS", "the settings, for an Evaluator's `settings`"),)
+
+
 class Evaluator(Node):
     NODE_ID = "FlowOPDEvaluator"
     DISPLAY_NAME = "Evaluator"
@@ -43,15 +74,15 @@ class Evaluator(Node):
         "results.md (a Markdown table), image grids per model and task, and a comparison chart."
     )
     OUTPUT_NODE = True
+    SETTINGS = EvaluatorSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
     INPUTS = (
         In("prompts", "FLOWOPD_PROMPTS", help="held-out evaluation prompts (with task tags)"),
         In("model_1", "FLOWOPD_MODEL", help="first model (e.g. the base)"),
         *(In(f"model_{i}", "FLOWOPD_MODEL", help=f"model {i} (optional)", optional=True)
           for i in range(2, MAX_MODELS + 1)),
-        In("task_rewards", "STRING", "", "task -> its own metric over the mini-world's (compose=compose, "
-           "text=ocr, quality=quality), e.g. 'compose=geneval, text=ocr, pick=pickscore'"),
-        REWARD_SERVERS,
-        *_EVAL_INPUTS,
+        settings_input(EvaluatorSettings),
+        *_ON_NODE,
     )
     OUTPUTS = (
         Out("table", "FLOWOPD_FILE", "results.md: the Markdown results table"),

@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING
 from flowopd_core.grpo.config import GRPOConfig, parse_window_range
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes.engine import context
-from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.engine.ports import (
+    In,
+    Node,
+    Out,
+    SettingsNode,
+    all_ports,
+    build_config,
+    config_inputs,
+    require,
+    settings_input,
+    split_ports,
+)
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
 from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
 
@@ -18,8 +29,33 @@ if TYPE_CHECKING:
     from flowopd_core.prompts import PromptSet
 
 _GRPO_INPUTS = config_inputs(GRPOConfig, skip=("window_range", "reward_weights"))
+_WIDGETS = (
+    In("rewards", "STRING", "compose", "reward names with optional weights: 'compose' or 'compose:1, ocr:1'"),
+    REWARD_SERVERS,
+    In("label", "STRING", "teacher", "name of the adapter in reports"),
+    *CHECKPOINT_INPUTS,
+    *_GRPO_INPUTS,
+    In("window_range", "STRING", "0, 0",
+       "Flow-GRPO-Fast: 'lo, hi' = the steps [lo, hi) a window may cover; hi 0 = T // 2 (the authors' range)"),
+)
+ON_NODE = ("rewards", "reward_servers", "label", "epochs", "group_size", "prompts_per_epoch", "steps",
+           "guidance_scale", "lr", "beta", "lora_rank", "seed")
+"""The widgets the trainer shows itself (what graphs set most); the rest are its settings companion's."""
+_ON_NODE, _ADVANCED = split_ports(_WIDGETS, ON_NODE)
 CURVE_KEYS = ("reward", "reward_best_of_group", "loss", "kl", "clip_fraction", "approx_kl", "grad_norm",
               "zero_std_groups")
+
+
+class GRPOSettings(SettingsNode):
+    NODE_ID = "FlowOPDGRPOSettings"
+    DISPLAY_NAME = "Flow-GRPO settings"
+    DESCRIPTION = (
+        "The Flow-GRPO trainer's advanced settings (sampling, PPO clip, optimiser, EMA, LoRA alpha, precision, "
+        "checkpoints, GRPO-Fast windows): link to the trainer's `settings` input; one settings node may feed "
+        "several trainers. A trainer with nothing linked uses these defaults."
+    )
+    INPUTS = _ADVANCED
+    OUTPUTS = (Out("settings", "FLOWOPD_GRPO_SETTINGS", "the settings, for a Flow-GRPO trainer's `settings`"),)
 
 
 class GRPOTrainerNode(Node):
@@ -32,16 +68,13 @@ class GRPOTrainerNode(Node):
         "teacher; several weighted rewards = the GRPO-Mix baseline. Output: the adapter (EMA weights) on the base."
     )
     DISTRIBUTED = True
+    SETTINGS = GRPOSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
     INPUTS = (
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),
-        In("rewards", "STRING", "compose", "reward names with optional weights: 'compose' or 'compose:1, ocr:1'"),
-        REWARD_SERVERS,
-        In("label", "STRING", "teacher", "name of the adapter in reports"),
-        *CHECKPOINT_INPUTS,
-        *_GRPO_INPUTS,
-        In("window_range", "STRING", "0, 0",
-           "Flow-GRPO-Fast: 'lo, hi' = the steps [lo, hi) a window may cover; hi 0 = T // 2 (the authors' range)"),
+        settings_input(GRPOSettings),
+        *_ON_NODE,
     )
     OUTPUTS = (
         Out("model", "FLOWOPD_MODEL", "the base with the trained adapter"),
@@ -51,12 +84,15 @@ class GRPOTrainerNode(Node):
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         errors = reward_param_errors(params, rewards=parse_reward_weights)
-        try:
-            window = parse_window_range(params["window_range"])
-        except ValueError as exc:
-            errors.append(("window_range", str(exc)))
+        if "window_range" in params:  # a setting: known once the settings are (see require)
+            try:
+                parse_window_range(params["window_range"])
+            except ValueError as exc:
+                errors.append(("window_range", str(exc)))
         if errors:
             return errors
+        require(params, [p.name for p in all_ports(cls) if p.is_widget])
+        window = parse_window_range(params["window_range"])
         try:
             weights = parse_reward_weights(params["rewards"], parse_servers(params["reward_servers"]))
             build_config(GRPOConfig, {**params, "reward_weights": weights, "window_range": window})

@@ -13,7 +13,18 @@ from flowopd_core.prompts import UNTAGGED
 from flowopd_core.rewards.names import TASK_REWARDS
 from flowopd_core.rewards.spec import build_reward, parse_servers
 from flowopd_nodes.engine import context
-from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.engine.ports import (
+    In,
+    Node,
+    Out,
+    SettingsNode,
+    all_ports,
+    build_config,
+    config_inputs,
+    require,
+    settings_input,
+    split_ports,
+)
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, optional_weights, reward_param_errors
 from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
 
@@ -161,6 +172,30 @@ _SFT_INPUTS = config_inputs(
 )
 
 
+_COLD_WIDGETS = (
+    In("method", "COMBO", "factor_mean", "none | a merge | sft", choices=COLD_STARTS),
+    In("label", "STRING", "student", "name of the student in reports"),
+    In("rank", "INT", 0, "student LoRA rank; 0 = the teachers' (factor_mean keeps theirs)", min=0, max=1024),
+    In("alpha", "FLOAT", 0.0, "student LoRA alpha; 0 = the teachers'", min=0.0, max=4096.0),
+    In("density", "FLOAT", 0.2, "ties: fraction of each delta kept", min=0.01, max=1.0),
+    In("seed", "INT", 0, "seed of sft", min=0, max=2**31 - 1),
+    *_SFT_INPUTS,
+)
+COLD_ON_NODE = ("method", "label", "rank", "alpha", "density", "seed", "samples_per_prompt", "train_steps", "lr")
+_COLD_ON_NODE, _COLD_ADVANCED = split_ports(_COLD_WIDGETS, COLD_ON_NODE)
+
+
+class ColdStartSettings(SettingsNode):
+    NODE_ID = "FlowOPDColdStartSettings"
+    DISPLAY_NAME = "Cold start SFT settings"
+    DESCRIPTION = (
+        "The cold start's SFT details (sampling steps, resolution, guidance, batch size, CFG dropout, precision): "
+        "link to the cold start's `settings` input. A cold start with nothing linked uses these defaults."
+    )
+    INPUTS = _COLD_ADVANCED
+    OUTPUTS = (Out("settings", "FLOWOPD_COLDSTART_SETTINGS", "the settings, for a cold start's `settings`"),)
+
+
 class ColdStartNode(Node):
     NODE_ID = "FlowOPDColdStart"
     DISPLAY_NAME = "Cold start (merge / SFT)"
@@ -171,16 +206,13 @@ class ColdStartNode(Node):
         "task_arithmetic, ties. sft: the routed teachers sample the training prompts and the student learns them "
         "with the flow-matching loss. none: a fresh adapter (= the base). The paper finds merge init better."
     )
+    SETTINGS = ColdStartSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _COLD_WIDGETS)
     INPUTS = (
         In("teachers", "FLOWOPD_TEACHERS", help="the teacher pool (its routing is used by sft)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (needed by sft)", optional=True),
-        In("method", "COMBO", "factor_mean", "none | a merge | sft", choices=COLD_STARTS),
-        In("label", "STRING", "student", "name of the student in reports"),
-        In("rank", "INT", 0, "student LoRA rank; 0 = the teachers' (factor_mean keeps theirs)", min=0, max=1024),
-        In("alpha", "FLOAT", 0.0, "student LoRA alpha; 0 = the teachers'", min=0.0, max=4096.0),
-        In("density", "FLOAT", 0.2, "ties: fraction of each delta kept", min=0.01, max=1.0),
-        In("seed", "INT", 0, "seed of sft", min=0, max=2**31 - 1),
-        *_SFT_INPUTS,
+        settings_input(ColdStartSettings),
+        *_COLD_ON_NODE,
     )
     OUTPUTS = (
         Out("model", "FLOWOPD_MODEL", "the student (base + adapter; no adapter for 'none')"),
@@ -242,7 +274,29 @@ class ColdStartNode(Node):
 
 
 _OPD_INPUTS = config_inputs(OPDConfig, skip=("route", "task_weights"))
+_OPD_WIDGETS = (
+    In("log_rewards", "STRING", "", "rewards logged per epoch, e.g. 'compose, ocr, quality' (not trained on)"),
+    REWARD_SERVERS,
+    In("label", "STRING", "flow-opd", "name of the student in reports"),
+    *CHECKPOINT_INPUTS,
+    *_OPD_INPUTS,
+)
+OPD_ON_NODE = ("log_rewards", "reward_servers", "label", "mode", "anchor_weight", "epochs", "group_size",
+               "prompts_per_epoch", "steps", "guidance_scale", "lr", "seed")
+_OPD_ON_NODE, _OPD_ADVANCED = split_ports(_OPD_WIDGETS, OPD_ON_NODE)
 OPD_CURVE_KEYS = ("kl", "anchor_kl", "loss", "grad_norm", "clip_fraction")
+
+
+class DistillerSettings(SettingsNode):
+    NODE_ID = "FlowOPDDistillerSettings"
+    DISPLAY_NAME = "Flow-OPD distiller settings"
+    DESCRIPTION = (
+        "The distiller's advanced settings (sampling, KL form, PPO clip, optimiser, EMA, LoRA, precision, "
+        "checkpoints): link to the distiller's `settings` input; one settings node may feed several distillers. "
+        "A distiller with nothing linked uses these defaults."
+    )
+    INPUTS = _OPD_ADVANCED
+    OUTPUTS = (Out("settings", "FLOWOPD_DISTILL_SETTINGS", "the settings, for a Flow-OPD distiller's `settings`"),)
 
 
 class DistillerNode(Node):
@@ -258,16 +312,15 @@ class DistillerNode(Node):
         "linked. No task reward is needed; rewards named here are logged."
     )
     DISTRIBUTED = True
+    SETTINGS = DistillerSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _OPD_WIDGETS)
     INPUTS = (
         In("student", "FLOWOPD_MODEL", help="the cold-started student (no adapter = start from the base)"),
         In("teachers", "FLOWOPD_TEACHERS", help="teacher pool with routing"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts of all tasks (task tags route them)"),
         In("anchor", "FLOWOPD_MODEL", help="MAR anchor: a model on the same base (default: the base)", optional=True),
-        In("log_rewards", "STRING", "", "rewards logged per epoch, e.g. 'compose, ocr, quality' (not trained on)"),
-        REWARD_SERVERS,
-        In("label", "STRING", "flow-opd", "name of the student in reports"),
-        *CHECKPOINT_INPUTS,
-        *_OPD_INPUTS,
+        settings_input(DistillerSettings),
+        *_OPD_ON_NODE,
     )
     OUTPUTS = (
         Out("model", "FLOWOPD_MODEL", "the distilled student (base + adapter)"),
@@ -279,6 +332,7 @@ class DistillerNode(Node):
         errors = reward_param_errors(params, log_rewards=optional_weights)
         if errors:
             return errors
+        require(params, [p.name for p in all_ports(cls) if p.is_widget])
         try:
             build_config(OPDConfig, params)
         except ValueError as exc:

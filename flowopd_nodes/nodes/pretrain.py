@@ -11,7 +11,16 @@ from flowopd_core.miniworld.tasks import QUALITY_DEGRADED_FRACTION, TASKS
 from flowopd_core.miniworld.tiny_config import TinyConfig
 from flowopd_core.training.pretrain_config import PretrainConfig
 from flowopd_nodes.engine import context
-from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
+from flowopd_nodes.engine.ports import (
+    In,
+    Node,
+    Out,
+    SettingsNode,
+    build_config,
+    config_inputs,
+    settings_input,
+    split_ports,
+)
 
 if TYPE_CHECKING:
     from flowopd_core.models.modelref import ModelRef
@@ -53,6 +62,41 @@ _PRETRAIN_INPUTS = config_inputs(
 )
 
 
+_WIDGETS = (
+    In("quality_degraded_fraction", "FLOAT", QUALITY_DEGRADED_FRACTION,
+       "share of the quality task's training images that are degraded (sets where a fully trained base's "
+       "quality score lands: the data score 0.72 at 0.5, 0.655 at 0.65)", min=0.0, max=1.0, step=0.05),
+    In("task_weights", "STRING", "",
+       "share of each task in the training batches, e.g. 'compose:1, text:2, quality:1' (tasks not named get "
+       "none); empty = the three tasks equally"),
+    In("text_jitter", "STRING", "",
+       "largest random (x, y) offset of the text task's words, 'x, y' in px at 32 px (scaled with the size); "
+       f"empty = the default {TEXT_JITTER[0]:g}, {TEXT_JITTER[1]:g}. Larger offsets make the text task harder "
+       "to learn"),
+    In("device", "COMBO", "auto",
+       "where to train: auto = cuda when a GPU is visible, else cpu (the data are drawn on the CPU either way, "
+       "so the random streams do not depend on the device)", choices=DEVICES),
+    *_TINY_INPUTS,
+    *_PRETRAIN_INPUTS,
+)
+ON_NODE = ("quality_degraded_fraction", "task_weights", "text_jitter", "device", "steps", "minutes", "batch_size",
+           "lr", "warmup_steps", "ema_decay", "seed", "snapshot_every")
+"""The widgets the node shows itself; the architecture and the optimiser's details are its settings companion's."""
+_ON_NODE, _ADVANCED = split_ports(_WIDGETS, ON_NODE)
+
+
+class PretrainSettings(SettingsNode):
+    NODE_ID = "FlowOPDPretrainSettings"
+    DISPLAY_NAME = "Mini-world pretraining settings"
+    DESCRIPTION = (
+        "The mini-world pretraining's architecture (sizes of the tiny SD3 transformer and text encoders) and "
+        "optimiser details (schedule, weight decay, clipping, CFG dropout, timestep sampling, logging): link to "
+        "the pretraining node's `settings` input. Nothing linked: these defaults."
+    )
+    INPUTS = _ADVANCED
+    OUTPUTS = (Out("settings", "FLOWOPD_PRETRAIN_SETTINGS", "the settings, for a pretraining node's `settings`"),)
+
+
 class PretrainMiniWorld(Node):
     NODE_ID = "FlowOPDPretrainMiniWorld"
     DISPLAY_NAME = "Pretrain mini-world base"
@@ -65,24 +109,13 @@ class PretrainMiniWorld(Node):
         "linked it continues training that pipeline instead (its architecture is kept; the architecture fields "
         "must then be left at their defaults)."
     )
+    SETTINGS = PretrainSettings
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
-        In("quality_degraded_fraction", "FLOAT", QUALITY_DEGRADED_FRACTION,
-           "share of the quality task's training images that are degraded (sets where a fully trained base's "
-           "quality score lands: the data score 0.72 at 0.5, 0.655 at 0.65)", min=0.0, max=1.0, step=0.05),
-        In("task_weights", "STRING", "",
-           "share of each task in the training batches, e.g. 'compose:1, text:2, quality:1' (tasks not named get "
-           "none); empty = the three tasks equally"),
-        In("text_jitter", "STRING", "",
-           "largest random (x, y) offset of the text task's words, 'x, y' in px at 32 px (scaled with the size); "
-           f"empty = the default {TEXT_JITTER[0]:g}, {TEXT_JITTER[1]:g}. Larger offsets make the text task harder "
-           "to learn"),
-        In("device", "COMBO", "auto",
-           "where to train: auto = cuda when a GPU is visible, else cpu (the data are drawn on the CPU either way, "
-           "so the random streams do not depend on the device)", choices=DEVICES),
-        *_TINY_INPUTS,
-        *_PRETRAIN_INPUTS,
+        settings_input(PretrainSettings),
+        *_ON_NODE,
     )
     OUTPUTS = (
         Out("model", "FLOWOPD_MODEL", "the pretrained pipeline folder"),

@@ -24,6 +24,12 @@ NODES: list[type[Node]] = [
     opd.ColdStartNode,
     opd.DistillerNode,
     evaluate.Evaluator,
+    # settings companions (a node's SETTINGS): the advanced widgets of the node above, under FlowOPD/settings
+    pretrain.PretrainSettings,
+    grpo.GRPOSettings,
+    opd.ColdStartSettings,
+    opd.DistillerSettings,
+    evaluate.EvaluatorSettings,
 ]
 
 REGISTRY: dict[str, type[Node]] = {cls.NODE_ID: cls for cls in NODES}

@@ -20,6 +20,7 @@ from typing import Any
 from flowopd_nodes.comfy.plugin import NODE_CLASS_MAPPINGS
 from flowopd_nodes.engine.graph import Graph, parse_link
 from flowopd_nodes.engine.ports import REQUIRED
+from flowopd_nodes.engine.settings import expand_settings
 from flowopd_nodes.nodes.registry import REGISTRY
 
 CONVERT = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
@@ -27,8 +28,9 @@ CONVERT = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 
 def api_prompt(graph: Graph) -> dict[str, dict[str, Any]]:
     """A loaded (not validated) graph as an API prompt, as the exporter writes it: values as written, defaults
-    filled in, paths made absolute."""
+    filled in, paths made absolute, flat settings on a settings node of their own."""
     prompt = {}
+    graph = expand_settings(graph)[0]
     for node in graph.nodes.values():
         cls = REGISTRY.get(node.type)
         defaults = {p.name: p.default for p in cls.INPUTS if p.is_widget and p.default not in (REQUIRED, None)}

@@ -58,7 +58,7 @@ def test_yaml_json_yaml_keeps_the_meaning(graph, fmt, tmp_path):
     assert meaning(validate(beside, check_files=local(graph))) == meaning(original)
     for node in beside.nodes.values():
         for name, value in node.params.items():
-            if REGISTRY[node.type].input(name).path:
+            if REGISTRY[node.type].port(name).path:  # its own input or a field of its settings
                 assert value == load_graph_file(graph).nodes[node.id].params[name]
     # The JSON runs as it is: validating the JSON file itself gives the same graph.
     assert meaning(validate(load_comfy_file(exported), check_files=local(graph))) == meaning(original)

@@ -39,14 +39,15 @@ def test_two_processes_train_one_adapter_and_process_0_writes_the_run(tmp_path):
     assert "(2 processes)" in done.stdout and done.stdout.count("grpo_teacher:") == 1  # process 0 reports
 
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["executed"] == 5 and status["failed"] == 0
+    assert status["executed"] == 6 and status["failed"] == 0  # 5 nodes and teacher_settings (flat settings)
     log = (run_dir / "run.log").read_text()
     assert "(process 0 of 2)" in log and "the 2 processes hold identical LoRA weights" in log
     # Process 1 trained alongside (its own log and files under ranks/rank1) and ran nothing else.
     rank1 = run_dir / "ranks" / "rank1"
     assert "node base (FlowOPDLoadModel): runs in process 0" in (rank1 / "run.log").read_text()
     assert sorted(p.name for p in rank1.iterdir()) == ["run.log", "teacher"]
-    assert sorted(p.name for p in (run_dir / "cache").iterdir()) == ["base", "eval", "teacher", "test", "train"]
+    assert sorted(p.name for p in (run_dir / "cache").iterdir()) == [
+        "base", "eval", "teacher", "teacher_settings", "test", "train"]
 
     a = load_file(str(run_dir / "nodes" / "teacher" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(rank1 / "teacher" / "adapter" / "adapter_model.safetensors"))
@@ -63,7 +64,7 @@ def test_two_processes_train_one_adapter_and_process_0_writes_the_run(tmp_path):
 
     again = _torchrun(run_dir)  # process 0 finds every node cached; process 1 follows it
     assert again.returncode == 0, again.stderr[-4000:]
-    assert json.loads((run_dir / "status.json").read_text())["cached"] == 5
+    assert json.loads((run_dir / "status.json").read_text())["cached"] == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl needs CUDA GPUs; this machine has none (the gloo "

@@ -171,9 +171,14 @@ def fake_comfyui(tmp_path, monkeypatch):
 
 def test_training_node_in_inference_mode_stops_on_stop_inside_an_epoch_and_resumes(fake_comfyui):
     node_cls = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOTrainer"]
+    # checkpoint_every is an advanced setting: it comes from a settings node, as on the canvas
+    (settings,) = comfy.NODE_CLASS_MAPPINGS["FlowOPDGRPOSettings"]().execute(unique_id="11", checkpoint_every=5)[
+        "result"]
+    assert settings["checkpoint_every"] == 5 and settings["keep_checkpoints"] == 2  # every value, defaults filled
+    assert not (fake_comfyui.output / "flowopd").exists()  # a settings node writes nothing
     inputs = dict(
         model=ModelRef(str(ROOT / "models" / "miniworld")), prompts=prompt_set("compose", "train", 2, 0),
-        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, checkpoint_every=5,
+        rewards="compose", label="t", epochs=3, group_size=2, prompts_per_epoch=2, steps=3, settings=settings,
         lora_rank=4, lr=0.01,
     )
     units = 1 + 2  # per epoch: one sampling batch (4 samples) and updates_per_epoch = 2 optimizer steps
@@ -197,6 +202,7 @@ def test_training_node_in_inference_mode_stops_on_stop_inside_an_epoch_and_resum
     }
 
     fake_comfyui.stop_after = None  # queue the same graph again: the same folder, resumed from epoch 1
+    inputs["settings"] = dict(settings)  # a new dict with the same values (ComfyUI re-ran the settings node)
     with torch.inference_mode():
         out = node_cls().execute(unique_id="12", **inputs)
     model, curves = out["result"]
