@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowopd_core.choices import LORA_FILE_FORMATS
 from flowopd_core.models.merge import LoraFactors
 from flowopd_core.models.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -212,3 +213,34 @@ def save_diffusers_lora(factors: Mapping[str, LoraFactors], path: str | Path) ->
         transformer_lora_adapter_metadata=diffusers_lora_config(factors),
     )
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One call for a saver
+# ----------------------------------------------------------------------------------------------------------
+
+DIFFUSERS_SUBFOLDER = "diffusers"
+"""The diffusers file goes to ``<out>/diffusers/<filename>`` (``pipe.load_lora_weights(<out>/diffusers,
+weight_name=<filename>)``), so that both layouts can keep the one file name."""
+
+
+def export_adapter(adapter_dir: str | Path, out_dir: str | Path, filename: str, file_format: str,
+                   metadata: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Write the peft adapter ``adapter_dir`` as LoRA file(s) named ``filename`` under ``out_dir``.
+
+    ``file_format``: one of :data:`LORA_FILE_FORMATS`. Returns ``{"comfyui": path, "diffusers": path}`` for the
+    files written. ``metadata`` goes into the safetensors header of each file.
+    """
+    if file_format not in LORA_FILE_FORMATS:
+        raise ValueError(f"file_format must be one of {LORA_FILE_FORMATS}, got {file_format!r}")
+    if Path(filename).name != filename or not filename.endswith(".safetensors"):
+        raise ValueError(f"filename must be a plain .safetensors file name, got {filename!r}")
+    factors = read_peft_adapter(adapter_dir)
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    if file_format in ("comfyui", "both"):
+        written["comfyui"] = save_comfyui_lora(factors, out_dir / filename, metadata)
+    if file_format in ("diffusers", "both"):
+        (out_dir / DIFFUSERS_SUBFOLDER).mkdir(parents=True, exist_ok=True)
+        written["diffusers"] = save_diffusers_lora(factors, out_dir / DIFFUSERS_SUBFOLDER / filename)
+    return written

@@ -4,7 +4,7 @@ from a name read from a graph file."""
 from __future__ import annotations
 
 from flowopd_nodes.engine.ports import Node
-from flowopd_nodes.nodes import basic, evaluate, grpo, miniworld, model, opd, pretrain
+from flowopd_nodes.nodes import basic, evaluate, grpo, lora_export, miniworld, model, opd, pretrain
 
 NODES: list[type[Node]] = [
     basic.Seed,
@@ -23,6 +23,7 @@ NODES: list[type[Node]] = [
     opd.ColdStartNode,
     opd.DistillerNode,
     evaluate.Evaluator,
+    lora_export.SaveLoRA,
 ]
 
 REGISTRY: dict[str, type[Node]] = {cls.NODE_ID: cls for cls in NODES}
