@@ -23,6 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from flowopd_core.choices import MAX_T5_LENGTH, PRECISIONS
+from flowopd_core.models.files import SD3_SINGLE_FILE_MARKER, is_sd3_single_file, safetensors_keys
 
 NUM_TRAIN_TIMESTEPS = 1000
 """SD3 timestep = sigma * 1000 (``FlowMatchEulerDiscreteScheduler.num_train_timesteps``)."""
@@ -102,25 +103,6 @@ def _pixel_space(folder: Path) -> dict:
     return {"vae": None} if index.get("vae", [None])[0] is None else {}
 
 
-SINGLE_FILE_MARKER = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
-"""A key every original-layout SD3 / SD3.5 single file holds (Stability's MMDiT, as ComfyUI loads it)."""
-
-
-def is_sd3_single_file(path: str | Path) -> bool:
-    """Whether ``path`` is a ``.safetensors`` file holding an SD3-family MMDiT in the original layout (reads the
-    header only)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            return SINGLE_FILE_MARKER in f.keys()
-    except Exception:  # not a readable safetensors file: not a checkpoint we can load
-        return False
-
-
 def load_single_file_pipeline(path: str | Path, config: str | Path, *,
                               dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """An SD3 / SD3.5 single-file checkpoint loaded with diffusers' ``from_single_file`` against the local
@@ -137,13 +119,13 @@ def load_single_file_pipeline(path: str | Path, config: str | Path, *,
         raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
     if not is_sd3_single_file(path):
         raise ValueError(f"{str(path)!r} is not an SD3 / SD3.5 single-file checkpoint (.safetensors with "
-                         f"{SINGLE_FILE_MARKER!r})")
+                         f"{SD3_SINGLE_FILE_MARKER!r})")
     if not str(config):
         raise FileNotFoundError(f"{str(path)!r} is a single file: name a local diffusers folder of the same "
                                 "architecture as its config")
     folder = require_pipeline_folder(config)
-    with safe_open_keys(path) as keys:
-        held = {name for name, prefix in SINGLE_FILE_COMPONENTS.items() if any(k.startswith(prefix) for k in keys)}
+    keys = safetensors_keys(path)
+    held = {name for name, prefix in SINGLE_FILE_COMPONENTS.items() if any(k.startswith(prefix) for k in keys)}
     index = json.loads((folder / "model_index.json").read_text())
     # Components the file lacks are loaded here from the config folder and passed in: diffusers' own fallback
     # looks for diffusers weight names only (diffusion_pytorch_model.*), not transformers' model.safetensors.
@@ -176,15 +158,6 @@ SINGLE_FILE_COMPONENTS = {
 }
 """Where an SD3 single file holds each optional component (key prefix); a file without one takes it from the
 config folder (SD3.5's files hold no text encoders)."""
-
-
-@contextlib.contextmanager
-def safe_open_keys(path: str | Path):
-    """The tensor names of a ``.safetensors`` file (header only)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        yield list(f.keys())
 
 
 def _meta_tensors(module: torch.nn.Module) -> list[str]:

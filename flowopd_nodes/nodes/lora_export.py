@@ -36,9 +36,12 @@ class SaveLoRA(Node):
             "ComfyUI, the copy in models/loras"),
         Out("folder", "FLOWOPD_FILE", "the node's folder holding every file written"),
     )
-    COMFY_FOLDER_OUTPUTS = {"lora": "loras"}
-    """In ComfyUI the adapter (flowopd_nodes.comfy.plugin) copies the file of output ``lora`` into the first
-    ``folder_paths`` folder of type "loras" (when it is the ComfyUI file) and passes that path on."""
+
+    @classmethod
+    def comfy_folder_outputs(cls, inputs: dict) -> dict[str, str]:
+        """In ComfyUI the adapter (flowopd_nodes.comfy.plugin) copies the file of output ``lora`` into the first
+        ``folder_paths`` folder of type "loras" when it is the ComfyUI file, and passes that path on."""
+        return {"lora": "loras"} if inputs.get("format") != "diffusers" else {}
 
     def run(self, model: ModelRef, filename: str, format: str) -> tuple[str, str]:
         from flowopd_core.models.lora_format import export_adapter
