@@ -61,10 +61,21 @@ def original_layout(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, t
             out[f"{o}context_block.adaLN_modulation.1.{end}"] = _swap(ctx_mod) if last else ctx_mod
             out[f"{o}x_block.mlp.fc1.{end}"] = sd.pop(f"{d}ff.net.0.proj.{end}")
             out[f"{o}x_block.mlp.fc2.{end}"] = sd.pop(f"{d}ff.net.2.{end}")
+            if f"{d}attn2.to_q.{end}" in sd:  # SD3.5's dual attention (x_block self-attention)
+                out[f"{o}x_block.attn2.qkv.{end}"] = torch.cat([sd.pop(f"{d}attn2.to_{c}.{end}") for c in "qkv"])
+                out[f"{o}x_block.attn2.proj.{end}"] = sd.pop(f"{d}attn2.to_out.0.{end}")
             if not last:
                 out[f"{o}context_block.attn.proj.{end}"] = sd.pop(f"{d}attn.to_add_out.{end}")
                 out[f"{o}context_block.mlp.fc1.{end}"] = sd.pop(f"{d}ff_context.net.0.proj.{end}")
                 out[f"{o}context_block.mlp.fc2.{end}"] = sd.pop(f"{d}ff_context.net.2.{end}")
+        for name, (block, attn, which) in {"norm_q": ("x_block", "attn", "ln_q"), "norm_k": ("x_block", "attn", "ln_k"),
+                                           "norm_added_q": ("context_block", "attn", "ln_q"),
+                                           "norm_added_k": ("context_block", "attn", "ln_k")}.items():
+            if f"{d}attn.{name}.weight" in sd:  # SD3.5's RMS qk-norm
+                out[f"{o}{block}.{attn}.{which}.weight"] = sd.pop(f"{d}attn.{name}.weight")
+        for name in ("norm_q", "norm_k"):
+            if f"{d}attn2.{name}.weight" in sd:
+                out[f"{o}x_block.attn2.ln_{name[-1]}.weight"] = sd.pop(f"{d}attn2.{name}.weight")
     assert not sd, f"keys the fixture does not map: {sorted(sd)[:5]}"
     return out
 
