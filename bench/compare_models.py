@@ -3,7 +3,8 @@
     python bench/compare_models.py runs/full_opd/nodes/eval/results.json \
         "flow-opd - grpo-mix" "flow-opd - flow-opd-no-mar" "flow-opd - grpo-quality:quality"
 
-The Evaluator's results.md pairs every model with the first one (the base). This script pairs any two: per
+The Evaluator's results.md pairs every model with the first one (the base), and the rows its ``comparisons``
+param names (the same statistics, computed in the run). This script pairs any two of a finished run: per
 sample d_i = value_A,i - value_B,i (same prompt, same noise), then the mean over prompts with the Student-t
 interval, stratified by category like the Evaluator's headline (:func:`flowopd_core.eval.report.mean_ci`), for
 each task's headline metric (compose strict, text ocr, quality). "A - B:task" limits a row to one task. The "average of

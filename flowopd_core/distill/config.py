@@ -41,7 +41,8 @@ class OPDConfig(TrainerConfig):
     anchor_weight: float = setting(
         0.0, "MAR lambda (paper 0.02, authors' code 0.04); 0 = no anchor term", min=0.0, max=100.0)
     drop_equal_reward_groups: bool = setting(
-        False, "authors' code: skip groups whose task rewards are all equal (needs rewards)")
+        False, "authors' code: skip groups whose prompt's own task reward (compose=compose, text=ocr, "
+               "quality=quality) is equal on every sample; each task's reward must be logged")
 
     def extra_errors(self) -> list[str]:
         return ["task_weights are for route='soft'"] if self.route == "hard" and self.task_weights else []

@@ -5,7 +5,7 @@ graph validator checks a router's weights against its teacher pool with :func:`r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from flowopd_core.choices import ROUTE_MODES
 from flowopd_core.prompts import UNTAGGED
@@ -48,3 +48,17 @@ def route_rows(
         raise ValueError(f"no teacher for task(s) {missing} (teachers: {list(teachers)}); untagged prompts "
                          f"use a uniform blend")
     return rows
+
+
+def own_reward_problems(tasks: Iterable[str], task_rewards: Mapping[str, str], rewards: Iterable[str]) -> str:
+    """Why prompts of some of ``tasks`` cannot be judged by their task's own reward (``task_rewards``: task ->
+    reward name; ``rewards``: the names of the rewards scored), or '' when every task can."""
+    problems, rewards = [], sorted(rewards)
+    for task in sorted(set(tasks)):
+        own = task_rewards.get(task)
+        if own is None:
+            what = f"task {task!r} has" if task else "untagged prompts have"
+            problems.append(f"{what} no own reward (tasks with one: {sorted(task_rewards)})")
+        elif own not in rewards:
+            problems.append(f"task {task!r} needs reward {own!r}, which is not among the rewards {rewards}")
+    return "; ".join(problems)

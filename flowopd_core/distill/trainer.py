@@ -32,11 +32,13 @@ from diffusers import StableDiffusion3Pipeline
 
 from flowopd_core.distill.config import OPDConfig as OPDConfig
 from flowopd_core.distill.loss import ROUTE_MODES, DistillLoss, RoutePlan, distill_loss, route
+from flowopd_core.distill.routing import own_reward_problems
 from flowopd_core.grpo.loss import group_advantages
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.models.pipeline import TextEmbeddings, velocity
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
+from flowopd_core.rewards.names import TASK_REWARDS
 from flowopd_core.sampling.samplers import Rollout, transition_logprob
 from flowopd_core.training.base import LoraTrainer, RewardFn, TrainerMetrics, mean_or_nan, nan_stats
 
@@ -229,12 +231,30 @@ class TeacherPool:
         return target, anchor
 
 
+def own_task_scores(
+    prompts: list[PromptSpec], scores: Mapping[str, torch.Tensor], task_rewards: Mapping[str, str]
+) -> torch.Tensor:
+    """Each sample's score by its own task's reward ``(N,)`` (NaN where that reward did not score it).
+
+    prompts: the N samples' prompts; scores: reward name -> ``(N,)``. Other rewards never mix in: a reward that
+    cannot score a task gives NaN there, and a sum over rewards would make every sample NaN."""
+    if not prompts:
+        return torch.empty(0)
+    first = next(iter(scores.values()))
+    out = torch.full((len(prompts),), float("nan"), dtype=torch.float64, device=first.device)
+    for i, spec in enumerate(prompts):
+        out[i] = scores[task_rewards[spec.task]][i]
+    return out
+
+
 class OPDTrainer(LoraTrainer):
     """On-policy distillation of the student adapter ``student`` of ``pool.policy`` (module doc).
 
     The student is created from the config's rank/alpha (zero B: starts as the base) unless it exists, e.g.
     from a cold start (merge or SFT). rewards: optional name -> reward for logging (or for
     ``drop_equal_reward_groups``). prompts: the training prompts of all tasks (their tags route them).
+    task_rewards: task -> the name of its own reward, over :data:`TASK_REWARDS` (``drop_equal_reward_groups``
+    judges each group by its prompt's own task reward only, as the authors' code does).
     """
 
     STATE_FORMAT = STATE_FORMAT
@@ -248,6 +268,7 @@ class OPDTrainer(LoraTrainer):
         config: OPDConfig = OPDConfig(),
         prompts: PromptSet | None = None,
         rewards: Mapping[str, RewardFn] | None = None,
+        task_rewards: Mapping[str, str] | None = None,
     ) -> None:
         if prompts is None or len(prompts) == 0:
             raise ValueError("OPDTrainer needs a non-empty PromptSet")
@@ -255,8 +276,11 @@ class OPDTrainer(LoraTrainer):
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the {len(prompts)} prompts")
         if student in pool.teachers.values() or student == pool.anchor:
             raise ValueError(f"the student {student!r} cannot also be a teacher or the anchor")
-        if config.drop_equal_reward_groups and not rewards:
-            raise ValueError("drop_equal_reward_groups needs task rewards")
+        self.task_rewards = {**TASK_REWARDS, **(task_rewards or {})}
+        if config.drop_equal_reward_groups:
+            missing = own_reward_problems((p.task for p in prompts), self.task_rewards, rewards or {})
+            if missing:
+                raise ValueError(f"drop_equal_reward_groups judges each group by its task's own reward: {missing}")
         route(list(prompts), pool.tasks, config.route, config.task_weights)  # every prompt has a route: fail now
         super().__init__(pipe, pool.policy, student, config)
         self.pool, self.prompts, self.rewards = pool, prompts, dict(rewards or {})
@@ -275,8 +299,8 @@ class OPDTrainer(LoraTrainer):
         scores, specs = out.scores, out.prompts
         keep = torch.ones(len(specs), dtype=torch.bool)
         if cfg.drop_equal_reward_groups:
-            total = sum(scores.values())
-            keep = group_advantages(total, out.group_ids) != 0
+            own = own_task_scores(specs, scores, self.task_rewards)
+            keep = group_advantages(own, out.group_ids) != 0
         plan = route(specs, self.pool.tasks, cfg.route, cfg.task_weights)
         train_steps = self.draw_train_steps(len(specs), out.rollout.sde_steps, generator)
         targets, anchors = self._targets(out.rollout, specs, plan, train_steps)

@@ -3,9 +3,58 @@ from it. :mod:`flowopd_core.eval.evaluate` re-exports it."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flowopd_core.choices import METRIC_MODES, PRECISIONS
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One method-vs-method row: the paired difference ``a - b`` (model labels) on every task, or on ``task``."""
+
+    a: str
+    b: str
+    task: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.a} vs {self.b}" + (f" @ {self.task}" if self.task else "")
+
+
+def parse_comparisons(spec: str) -> tuple[Comparison, ...]:
+    """``'flow-opd vs grpo-mix; flow-opd vs grpo-text @ text'`` -> comparisons (``;`` or new lines separate rows;
+    ``@ task`` limits a row to one task). Labels may contain ``-`` but not ``@``; ``vs`` needs spaces around it."""
+    out = []
+    for part in re.split(r"[;\n]", spec):
+        part = part.strip()
+        if not part:
+            continue
+        pair, at, task = (x.strip() for x in part.partition("@"))
+        a, sep, b = (x.strip() for x in f" {pair} ".partition(" vs "))
+        if not sep or not a or not b or " vs " in f" {b} " or (at and not task):
+            raise ValueError(f"comparison {part!r} is not 'A vs B' or 'A vs B @ task' (model labels)")
+        if a == b:
+            raise ValueError(f"comparison {part!r} compares a model with itself")
+        out.append(Comparison(a, b, task))
+    if len(set(out)) != len(out):
+        raise ValueError(f"comparisons repeat a row: {spec!r}")
+    return tuple(out)
+
+
+def comparison_problems(
+    comparisons: Sequence[Comparison], models: Sequence[str], tasks: Sequence[str] | None = None
+) -> list[str]:
+    """Labels and tasks that ``comparisons`` name but the evaluation does not have (``models``: the labels;
+    ``tasks`` None: not checked)."""
+    problems = []
+    for c in comparisons:
+        missing = [name for name in (c.a, c.b) if name not in models]
+        if missing:
+            problems.append(f"'{c}': no model labelled {', '.join(map(repr, missing))} (models: {list(models)})")
+        if c.task and tasks is not None and c.task not in tasks:
+            problems.append(f"'{c}': no task {c.task!r} among the prompts' tasks {list(tasks)}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -33,6 +82,10 @@ class EvalConfig:
     task_rewards: dict[str, str] = field(
         default_factory=dict, metadata={"help": "task -> its own metric, over TASK_REWARDS (e.g. compose -> geneval)"}
     )
+    comparisons: str = field(
+        default="", metadata={"help": "method-vs-method rows of paired differences in results.md, by model label: "
+                                      "'flow-opd vs grpo-mix; flow-opd vs grpo-text @ text' (@ task: one task only)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "images_per_prompt"):
@@ -48,3 +101,4 @@ class EvalConfig:
             raise ValueError(f"keep_images must be >= 0, got {self.keep_images}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        parse_comparisons(self.comparisons)

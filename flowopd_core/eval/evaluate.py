@@ -39,6 +39,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from flowopd_core.choices import METRIC_MODES
 from flowopd_core.eval.config import EvalConfig as EvalConfig
+from flowopd_core.eval.config import comparison_problems, parse_comparisons
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.models.pipeline import TextEmbeddingCache
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
@@ -307,6 +308,9 @@ def evaluate_targets(
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
+    problems = comparison_problems(parse_comparisons(config.comparisons), names, prompts.tasks)
+    if problems:  # before any sampling
+        raise ValueError(f"comparisons: {'; '.join(problems)}")
     if rewards is None:
         rewards = default_rewards(metric_plan(prompts.tasks, config.metrics, list(REWARDS), config.task_rewards))
     caches: dict[int, TextEmbeddingCache] = {}

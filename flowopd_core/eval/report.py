@@ -31,6 +31,7 @@ import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
+from flowopd_core.eval.config import Comparison, comparison_problems, parse_comparisons
 from flowopd_core.eval.evaluate import EvalConfig, ModelEval
 from flowopd_core.images import save_grid
 from flowopd_core.rewards import TASK_REWARDS
@@ -189,31 +190,55 @@ def summarise(evals: Sequence[ModelEval]) -> Results:
                    tuple(rows), tuple(evals))
 
 
+def paired_difference(results: Results, a: str, b: str, task: str) -> Stat:
+    """The paired difference ``a - b`` of ``task``'s headline metric: per sample d_i = value_a,i - value_b,i (same
+    prompt, same noise), then :func:`mean_ci` over prompts (stratified by category like the headline). Far
+    narrower than comparing two intervals, because the prompt-to-prompt spread cancels; an interval that excludes
+    0 is a difference at that confidence."""
+    ea, eb = (results.evals[results.models.index(name)] for name in (a, b))
+    k = ea.config.images_per_prompt
+    metric = results.task_metric(task)
+    strict = results.get(a, task, metric).headline is results.get(a, task, metric).strict
+    idx = ea.sample_rows(task)
+    table_a, table_b = (e.table.strict if strict else e.table.scores for e in (ea, eb))
+    diff = np.asarray(table_a[metric][idx], dtype=np.float64) - np.asarray(table_b[metric][idx], dtype=np.float64)
+    strata = [ea.samples[i].category for i in idx]
+    return mean_ci(diff, [i // k for i in idx], ea.config.confidence, strata)
+
+
 def paired_differences(results: Results) -> dict[str, dict[str, Stat]]:
-    """model -> task -> the paired difference of the task's headline metric to the FIRST model (the reference,
-    e.g. the base): per sample d_i = value_model,i - value_ref,i (same prompt, same noise), then :func:`mean_ci`
-    over prompts (stratified by category like the headline). Far narrower than comparing two intervals, because
-    the prompt-to-prompt spread cancels; an interval that excludes 0 is a difference at that confidence."""
-    ref = results.evals[0]
-    k = ref.config.images_per_prompt
-    out: dict[str, dict[str, Stat]] = {}
-    for e in results.evals[1:]:
-        out[e.name] = {}
-        for task in results.tasks:
-            metric = results.task_metric(task)
-            strict = results.get(e.name, task, metric).headline is results.get(e.name, task, metric).strict
-            idx = e.sample_rows(task)
-            table_e, table_r = (
-                (e.table.strict if strict else e.table.scores),
-                (ref.table.strict if strict else ref.table.scores),
-            )
-            diff = (
-                np.asarray(table_e[metric][idx], dtype=np.float64)
-                - np.asarray(table_r[metric][idx], dtype=np.float64)
-            )
-            strata = [e.samples[i].category for i in idx]
-            out[e.name][task] = mean_ci(diff, [i // k for i in idx], e.config.confidence, strata)
-    return out
+    """model -> task -> :func:`paired_difference` to the FIRST model (the reference, e.g. the base)."""
+    ref = results.models[0]
+    return {m: {t: paired_difference(results, m, ref, t) for t in results.tasks} for m in results.models[1:]}
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """A method-vs-method row: per task the paired difference ``a - b`` (:func:`paired_difference`), and over the
+    tasks compared their mean with half-width sqrt(sum h_t^2) / T (tasks have disjoint prompts, so the T task
+    differences are independent; NaN half-width when a task's is)."""
+
+    comparison: Comparison
+    by_task: dict[str, Stat]
+    average: Stat | None
+
+
+def compare(results: Results, comparisons: Sequence[Comparison]) -> list[ComparisonRow]:
+    """One :class:`ComparisonRow` per comparison (labels and tasks must be among the results')."""
+    problems = comparison_problems(comparisons, results.models, results.tasks)
+    if problems:
+        raise ValueError("; ".join(problems))
+    rows = []
+    for c in comparisons:
+        by_task = {t: paired_difference(results, c.a, c.b, t) for t in results.tasks if not c.task or t == c.task}
+        average = None
+        if len(by_task) > 1:
+            parts = list(by_task.values())
+            mean = float(np.mean([p.mean for p in parts]))
+            half = math.sqrt(sum(p.half_width**2 for p in parts)) / len(parts)
+            average = Stat(mean, half, sum(p.n for p in parts), sum(p.n_prompts for p in parts))
+        rows.append(ComparisonRow(c, by_task, average))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
@@ -261,6 +286,12 @@ def results_json(results: Results) -> dict[str, Any]:
         ],
         "paired_to_first": {m: {t: stat.to_json() for t, stat in tasks.items()}
                             for m, tasks in paired_differences(results).items()},
+        "comparisons": [
+            {"a": row.comparison.a, "b": row.comparison.b, "task": row.comparison.task,
+             "by_task": {t: stat.to_json() for t, stat in row.by_task.items()},
+             "average": row.average.to_json() if row.average is not None else None}
+            for row in compare(results, parse_comparisons(results.config.comparisons))
+        ],
         "samples": {e.name: _samples_json(e) for e in results.evals},
         "seconds": {e.name: e.seconds for e in results.evals},
     }
@@ -336,7 +367,35 @@ def markdown_table(results: Results, digits: int = 2) -> str:
         f"seed {c.seed}, {c.images_per_prompt} image(s) per prompt, prompts '{results.prompt_set}', "
         f"metrics '{c.metrics}'."
     )
-    return "\n".join(lines) + "\n\n" + caption + "\n" + _paired_markdown(results, digits)
+    return ("\n".join(lines) + "\n\n" + caption + "\n" + _paired_markdown(results, digits)
+            + comparisons_markdown(results, digits))
+
+
+def _diff_cell(stat: Stat | None, digits: int) -> str:
+    if stat is None or stat.n == 0:
+        return "–"
+    if not math.isfinite(stat.half_width):
+        return f"{stat.mean:+.{digits}f}"
+    sig = abs(stat.mean) > stat.half_width
+    return f"{stat.mean:+.{digits}f} ± {stat.half_width:.{digits}f}" + (" *" if sig else "")
+
+
+def comparisons_markdown(results: Results, digits: int = 2) -> str:
+    """The config's method-vs-method rows (:func:`compare`) as a Markdown section; '' when none is asked for."""
+    comparisons = parse_comparisons(results.config.comparisons)
+    if not comparisons:
+        return ""
+    head = [f"{_label(t)}: {results.headline_label(t)}" for t in results.tasks] + ["average"]
+    lines = ["", "Method vs method (paired differences A - B, same prompts and noise):", "",
+             "| A vs B | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for row in compare(results, comparisons):
+        cells = [_diff_cell(row.by_task.get(t), digits) for t in results.tasks] + [_diff_cell(row.average, digits)]
+        lines.append(f"| {str(row.comparison).replace('|', '/')} | " + " | ".join(cells) + " |")
+    c = results.config
+    lines += ["", f"Per task as above ({c.confidence:.0%} Student-t, stratified by category); average: the mean of "
+              f"the task differences with half-width sqrt(sum h^2) / T (the tasks' prompts are disjoint); * = the "
+              f"interval excludes 0.", ""]
+    return "\n".join(lines)
 
 
 def _paired_markdown(results: Results, digits: int) -> str:

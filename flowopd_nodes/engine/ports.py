@@ -170,13 +170,19 @@ class Node:
     def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """What validation can tell of this node's outputs from its params alone (output name -> facts, e.g. a
         teacher pool's task names), given the facts of its linked inputs (``inputs``: input name -> facts).
-        Downstream nodes read them in :meth:`check_facts`. A widget that is linked is absent from ``params``."""
-        return {}
+        Downstream nodes read them in :meth:`check_facts`. A widget that is linked is absent from ``params``.
+        Default: a node with a non-empty ``label`` param tells it on its ``FLOWOPD_MODEL`` outputs (the name the
+        model has in reports)."""
+        label = params.get("label")
+        if not isinstance(label, str) or not label:
+            return {}
+        return {out.name: {"label": label} for out in cls.OUTPUTS if out.type == "FLOWOPD_MODEL"}
 
     @classmethod
     def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-        """Checks against the facts of the linked inputs (see :meth:`output_facts`), at validation time, when
-        the upstream nodes' params tell them (in a graph file; ComfyUI shows a node only its own inputs)."""
+        """Checks against the facts of the linked inputs (see :meth:`output_facts`; ``inputs`` has every linked
+        input, ``{}`` when its source tells nothing), at validation time, when the upstream nodes' params tell them
+        (in a graph file; ComfyUI shows a node only its own inputs)."""
         return []
 
     def run(self, **inputs: Any) -> tuple:

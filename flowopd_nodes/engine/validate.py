@@ -302,8 +302,8 @@ def _fact_issues(dag: nx.DiGraph, resolved: dict[str, ResolvedNode], skip: set[s
         node = resolved.get(node_id)
         if node is None or node_id in skip:
             continue
-        known = {name: facts[link.node][link.output] for name, link in node.links.items()
-                 if link.output in facts.get(link.node, {})}
+        # every linked input: its source's facts, {} when the source's params tell nothing
+        known = {name: facts.get(link.node, {}).get(link.output, {}) for name, link in node.links.items()}
         for field, message in node.cls.check_facts(dict(node.params), known):
             issues.append(GraphIssue("custom_validation_failed", message, node=node_id, field=field,
                                      class_type=node.cls.NODE_ID))

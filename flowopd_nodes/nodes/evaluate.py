@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowopd_core.choices import METRIC_MODES
-from flowopd_core.eval.config import EvalConfig
+from flowopd_core.eval.config import EvalConfig, comparison_problems, parse_comparisons
 from flowopd_core.rewards.names import REWARD_NAMES
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes.engine import context
@@ -60,7 +60,28 @@ class Evaluator(Node):
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
-        return reward_param_errors(params, task_rewards=parse_task_rewards)
+        errors = reward_param_errors(params, task_rewards=parse_task_rewards)
+        if isinstance(params.get("comparisons"), str):
+            try:
+                parse_comparisons(params["comparisons"])
+            except ValueError as exc:
+                errors.append(("comparisons", str(exc)))
+        return errors
+
+    @classmethod
+    def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        models = [inputs[f"model_{i}"] for i in range(1, MAX_MODELS + 1) if f"model_{i}" in inputs]
+        labels = [facts.get("label") for facts in models]
+        if not isinstance(params.get("comparisons"), str) or None in labels:
+            return []  # a label that comes from a link or a default name: checked before sampling
+        try:
+            comparisons = parse_comparisons(params["comparisons"])
+        except ValueError:
+            return []  # check_params reports it
+        problems = comparison_problems(comparisons, labels)
+        if not problems:
+            return []
+        return [("comparisons", f"{'; '.join(problems)} (the labels of the models linked to model_1..)")]
 
     def run(self, prompts: PromptSet, model_1: ModelRef, task_rewards: str, reward_servers: str, **values) -> tuple:
         from flowopd_core.eval.evaluate import evaluate_targets, metric_plan, targets_from_refs

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from flowopd_core.choices import COLD_STARTS, MERGE_METHODS, ROUTE_MODES
 from flowopd_core.distill.config import OPDConfig, SFTConfig
-from flowopd_core.distill.routing import route_rows
+from flowopd_core.distill.routing import own_reward_problems, route_rows
 from flowopd_core.prompts import UNTAGGED
+from flowopd_core.rewards.names import TASK_REWARDS
 from flowopd_core.rewards.spec import build_reward, parse_servers
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import In, Node, Out, build_config, config_inputs
@@ -282,6 +283,21 @@ class DistillerNode(Node):
             build_config(OPDConfig, params)
         except ValueError as exc:
             return [("", str(exc))]
+        return []
+
+    @classmethod
+    def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        tasks = inputs.get("teachers", {}).get("tasks")
+        if not tasks or not params.get("drop_equal_reward_groups") or "log_rewards" not in params:
+            return []  # no pool facts (linked values) or no filter: the trainer checks the prompts when it starts
+        try:
+            names = optional_weights(params["log_rewards"], parse_servers(params.get("reward_servers", "")))
+        except ValueError:
+            return []  # check_params reports a malformed reward list
+        problem = own_reward_problems(tasks, TASK_REWARDS, names)
+        if problem:
+            return [("log_rewards", f"drop_equal_reward_groups judges each group by its task's own reward: "
+                                    f"{problem}; checked against the teacher pool linked to 'teachers'")]
         return []
 
     def run(self, student: ModelRef, teachers: TeacherRefs, prompts: PromptSet,

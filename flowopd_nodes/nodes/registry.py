@@ -4,7 +4,7 @@ from a name read from a graph file."""
 from __future__ import annotations
 
 from flowopd_nodes.engine.ports import Node
-from flowopd_nodes.nodes import basic, evaluate, grpo, lora_export, miniworld, model, opd, pretrain
+from flowopd_nodes.nodes import adapters, basic, evaluate, grpo, lora_export, miniworld, model, opd, pretrain
 
 NODES: list[type[Node]] = [
     basic.Seed,
@@ -16,6 +16,7 @@ NODES: list[type[Node]] = [
     miniworld.RenderGroundTruth,
     model.LoadModel,
     model.Sample,
+    adapters.LoadAdapter,
     pretrain.PretrainMiniWorld,
     grpo.GRPOTrainerNode,
     opd.TeacherPoolNode,

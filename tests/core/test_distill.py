@@ -12,6 +12,7 @@ from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.pipeline import TextEmbeddingCache, velocity
 from flowopd_core.models.policy import BASE_ADAPTER, LoraSpec, Policy
 from flowopd_core.prompts import UNTAGGED, PromptSet, PromptSpec
+from flowopd_core.rewards.base import RewardResult
 from flowopd_core.sampling.samplers import flow_sigmas, kl_weight
 from flowopd_core.training.base import load_trainer_state, save_trainer_state
 
@@ -124,6 +125,21 @@ def test_student_equal_to_its_teacher_has_zero_kl_and_takes_no_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.params.items())
 
 
+def test_mar_alone_moves_a_student_that_equals_its_teacher_toward_the_anchor(tmp_path):
+    """No distillation signal (student = its teacher), MAR on: every step comes from the anchor term, and the
+    anchor KL falls. A student velocity detached in the MAR term would leave the adapter unchanged."""
+    pipe, pool = _pool(anchor=BASE_ADAPTER)
+    pool.policy.load_adapter("student", pool.policy.save_adapter("t_compose", tmp_path / "copy"))
+    one_task = PromptSet(tuple(p for p in PROMPTS if p.task == "compose"))
+    config = _config(prompts_per_epoch=2, weight_decay=0.0, batch_size=1, anchor_weight=1.0, lr=1e-2, epochs=4)
+    trainer = OPDTrainer(pipe, pool, "student", config, one_task)
+    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    history = trainer.train()
+    assert history[0].kl == 0.0 and history[0].anchor_kl > 0 and history[0].grad_norm > 0
+    assert any(not torch.equal(before[k], v) for k, v in trainer.params.items())
+    assert history[-1].anchor_kl < history[0].anchor_kl, [m.anchor_kl for m in history]
+
+
 def test_mar_pulls_the_student_toward_the_anchor():
     pipe, pool = _pool(anchor=BASE_ADAPTER, scale=0.5)
     trainer = OPDTrainer(pipe, pool, "student", _config(anchor_weight=1.0, epochs=2), PROMPTS)
@@ -181,3 +197,44 @@ def test_cps_distillation_leaves_out_the_step_onto_sigma_min():
     assert set(loose.collect().train_steps.unique().tolist()) == {0, 1, 2}
     with pytest.raises(ValueError, match="no step to train"):
         OPDTrainer(pipe, pool, "student3", _config(kind="cps", noise_level=0.8, steps=2), PROMPTS)
+
+
+class OneTaskBrightness:
+    """Mean pixel value on the prompts of one task, NaN on the others (as a task reward that cannot score them);
+    ``flat``: the same score for every image it scores."""
+
+    def __init__(self, task: str, flat: bool = False) -> None:
+        self.task, self.flat = task, flat
+
+    def __call__(self, images, prompts):
+        scores = torch.full((len(prompts),), 0.5) if self.flat else images.float().mean((1, 2, 3))
+        own = torch.tensor([p.task == self.task for p in prompts])
+        return RewardResult(scores=torch.where(own, scores, torch.full_like(scores, float("nan"))),
+                            details=[{} for _ in prompts])
+
+
+def test_drop_equal_reward_groups_judges_each_group_by_its_own_task_reward():
+    """With two task rewards logged, each NaN on the other task's prompts, a sum over rewards is NaN everywhere and
+    dropped every group; each group is judged by its own task's reward instead (the authors' filter)."""
+    pipe, pool = _pool()
+    rewards = {"compose": OneTaskBrightness("compose"), "ocr": OneTaskBrightness("text", flat=True)}
+    trainer = OPDTrainer(pipe, pool, "student", _config(drop_equal_reward_groups=True), PROMPTS, rewards)
+    batch = trainer.collect()
+    tasks = [p.task for p in batch.prompts]
+    assert batch.keep.tolist() == [task == "compose" for task in tasks]  # flat text groups dropped, compose kept
+    metrics = trainer.epoch()
+    assert metrics.grad_norm > 0
+
+
+def test_drop_equal_reward_groups_refuses_a_task_without_its_own_reward():
+    pipe, pool = _pool()
+    only_compose = {"compose": OneTaskBrightness("compose")}
+    with pytest.raises(ValueError, match=r"task 'text' needs reward 'ocr', which is not among the rewards \['compose"):
+        OPDTrainer(pipe, pool, "student", _config(drop_equal_reward_groups=True), PROMPTS, only_compose)
+    untagged = PromptSet((PromptSpec("a red circle"),) * 4)
+    with pytest.raises(ValueError, match="untagged prompts have no own reward"):
+        OPDTrainer(pipe, pool, "student", _config(drop_equal_reward_groups=True), untagged, only_compose)
+    renamed = {"geneval": OneTaskBrightness("compose"), "ocr": OneTaskBrightness("text")}
+    trainer = OPDTrainer(pipe, pool, "student", _config(drop_equal_reward_groups=True), PROMPTS, renamed,
+                         task_rewards={"compose": "geneval"})
+    assert trainer.collect().keep.all()

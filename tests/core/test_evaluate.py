@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from flowopd_core.eval.config import Comparison, parse_comparisons
 from flowopd_core.eval.evaluate import (
     EvalConfig,
     EvalTarget,
@@ -20,7 +21,7 @@ from flowopd_core.eval.evaluate import (
     metric_plan,
     target_sampler,
 )
-from flowopd_core.eval.report import format_stat, mean_ci, paired_differences, summarise, write_results
+from flowopd_core.eval.report import compare, format_stat, mean_ci, paired_differences, summarise, write_results
 from flowopd_core.miniworld.sets import prompt_set, render_set
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.policy import LoraSpec, Policy
@@ -271,3 +272,65 @@ def test_grids_keep_images_of_every_category():
     assert sorted(i for i in kept if specs[i].task == "quality") == [16, 17, 18, 19]
     assert kept_samples(specs, 0) == set(range(len(specs)))
     assert len([i for i in kept_samples(specs, 100) if specs[i].task == "compose"]) == 16
+
+
+def test_parse_comparisons_reads_labels_with_dashes_and_refuses_malformed_rows():
+    got = parse_comparisons("flow-opd vs grpo-mix; flow-opd vs flow-opd-no-mar\n flow-opd vs grpo-text @ text ;")
+    assert got == (Comparison("flow-opd", "grpo-mix"), Comparison("flow-opd", "flow-opd-no-mar"),
+                   Comparison("flow-opd", "grpo-text", "text"))
+    assert str(got[2]) == "flow-opd vs grpo-text @ text" and parse_comparisons("  ") == ()
+    for bad, why in (("flow-opd - grpo-mix", "not 'A vs B'"), ("a vs b vs c", "not 'A vs B'"),
+                     ("a vs b @", "not 'A vs B'"), ("a vs a", "itself"), ("a vs b; a vs b", "repeat")):
+        with pytest.raises(ValueError, match=why):
+            parse_comparisons(bad)
+    with pytest.raises(ValueError, match="itself"):
+        EvalConfig(comparisons="x vs x")
+
+
+def test_comparisons_are_paired_differences_between_any_two_models(tmp_path):
+    """Method-vs-method rows from code: per task the paired difference A - B (what results.md pairs with the first
+    model, for any two), the average over the tasks with half-width sqrt(sum h^2) / T, in results.md and .json."""
+    prompts = prompt_set("all", "test", per_task=8, seed=0)  # enough prompts per category for finite intervals
+    truth = render_set(prompts, seed=0, size=32)
+    blank = torch.ones_like(truth)
+    noisy = (truth + 0.3 * torch.rand(truth.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    config = EvalConfig(batch_size=4, keep_images=2,
+                        comparisons="ground truth vs blank; noisy vs blank @ text; blank vs noisy")
+    evals = [evaluate_model(name, lambda texts, idx, images=images: images[list(idx)], prompts, config)
+             for name, images in (("blank", blank), ("ground truth", truth), ("noisy", noisy))]
+    results = summarise(evals)
+    rows = compare(results, parse_comparisons(config.comparisons))
+    to_blank = paired_differences(results)  # every model - blank (the first)
+    for task in results.tasks:
+        assert rows[0].by_task[task].mean == pytest.approx(to_blank["ground truth"][task].mean)
+        assert rows[0].by_task[task].half_width == pytest.approx(to_blank["ground truth"][task].half_width)
+        assert rows[2].by_task[task].mean == pytest.approx(-to_blank["noisy"][task].mean)  # B - A = -(A - B)
+    assert set(rows[1].by_task) == {"text"} and rows[1].average is None
+    assert rows[1].by_task["text"].mean == pytest.approx(to_blank["noisy"]["text"].mean)
+    parts = list(rows[0].by_task.values())
+    assert rows[0].average.mean == pytest.approx(sum(p.mean for p in parts) / 3) and rows[0].average.mean > 0.7
+    assert rows[0].average.half_width == pytest.approx(math.sqrt(sum(p.half_width**2 for p in parts)) / 3)
+
+    files = write_results(results, tmp_path)
+    table = files.markdown.read_text()
+    assert "Method vs method" in table and "| ground truth vs blank | +" in table
+    assert "| noisy vs blank @ text | – | +" in table
+    data = json.loads(files.json.read_text())
+    assert [(c["a"], c["b"], c["task"]) for c in data["comparisons"]] == [
+        ("ground truth", "blank", ""), ("noisy", "blank", "text"), ("blank", "noisy", "")]
+    assert data["comparisons"][0]["average"]["mean"] == pytest.approx(rows[0].average.mean)
+    with pytest.raises(ValueError, match="no model labelled 'flow-opd'"):
+        compare(results, parse_comparisons("flow-opd vs blank"))
+
+
+def test_a_comparison_naming_no_model_is_refused_before_any_sampling(prompts):
+    class NeverSampled:
+        name = "base"
+
+        @property
+        def pipeline(self):
+            raise AssertionError("sampled before the comparisons were checked")
+
+    config = EvalConfig(comparisons="flow-opd vs base @ compose; base vs nope")
+    with pytest.raises(ValueError, match=r"no model labelled 'flow-opd'.*no model labelled 'nope'"):
+        evaluate_targets([NeverSampled()], prompts, config)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.distributions import Normal, kl_divergence
 
 from flowopd_core.grpo.loss import (
     combine_rewards,
@@ -17,11 +18,12 @@ from flowopd_core.grpo.loss import (
 )
 from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, balanced_draw, template_strata
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
+from flowopd_core.models.pipeline import velocity
 from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.base import RewardResult
 from flowopd_core.sampling.generate import SampleConfig, generate
-from flowopd_core.sampling.samplers import gaussian_kl, noisy_steps, sde_noise_std
+from flowopd_core.sampling.samplers import gaussian_kl, noisy_steps, sde_noise_std, transition_logprob
 from flowopd_core.training.base import load_trainer_state, save_trainer_state
 
 TEXTS = ("a red circle", "two blue squares", "a green triangle")
@@ -240,12 +242,29 @@ def test_kl_to_reference_is_zero_at_start_and_positive_after_training():
     batch = trainer.collect()
     assert torch.equal(trainer.reference_kl(batch), torch.zeros(batch.train_steps.shape))
     first = trainer.epoch()
-    assert first.kl >= 0 and first.first_update_ratio_dev < 1e-6  # micro-batches differ from sampling batches
+    # the first optimizer step starts at the base (KL 0); the second one's micro-batches have moved away from it
+    assert first.kl > 0 and first.first_update_ratio_dev < 1e-6  # micro-batches differ from sampling batches
     trainer.epoch()
-    kl = trainer.reference_kl(trainer.collect())
+    batch = trainer.collect()
+    kl = trainer.reference_kl(batch)
     assert (kl > 0).all() and torch.isfinite(kl).all()
-    with trainer.policy.disable():  # sanity: the reference itself has no KL to itself
-        assert torch.equal(trainer.reference_kl(batch), torch.zeros(batch.train_steps.shape))
+    # The value, computed independently: the adapter ON for the policy's transition, OFF for the reference's,
+    # and the exact KL of the two Gaussians (torch.distributions) turned into Flow-GRPO's form (x |dt| / D).
+    i, k = 1, 0
+    step = int(batch.train_steps[i, k])
+    sub = batch.rollout.subset(torch.tensor([i]))
+    x, t, t_next = sub.latents[:, step], trainer.sigmas[step], trainer.sigmas[step + 1]
+    cond, uncond = trainer._conditioning([batch.prompts[i]])
+    cfg_w = trainer.config.guidance_scale
+    with torch.no_grad():
+        trainer.policy.set_active(trainer.adapter)
+        on = transition_logprob(sub, step, velocity(trainer.policy, x, t, cond, uncond, cfg_w))
+        with trainer.policy.disable():
+            off = transition_logprob(sub, step, velocity(trainer.policy, x, t, cond, uncond, cfg_w))
+    exact = kl_divergence(Normal(on.mean.double(), on.std.double()), Normal(off.mean.double(), on.std.double()))
+    want = exact.sum() * abs(float(t_next - t)) / x[0].numel()
+    assert float(want) > 0
+    torch.testing.assert_close(kl[i, k].double(), want, rtol=1e-4, atol=0.0)
 
 
 def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from flowopd_core.distill.loss import DISTILL_MODES, blend_velocities, distill_loss, route, step_kl
+from flowopd_core.distill.loss import DEFAULT_KL_FORM, DISTILL_MODES, blend_velocities, distill_loss, route, step_kl
 from flowopd_core.prompts import UNTAGGED, PromptSpec
 from flowopd_core.sampling.samplers import sde_step
 
@@ -153,6 +153,23 @@ def test_paper_and_authors_modes_differ_in_detaching_scale_and_clamp():
     assert not torch.allclose(grad_authors, score_only)
     with pytest.raises(ValueError, match="needs logp_new"):
         distill_loss("paper", v_student=inputs["v_student"], v_target=inputs["v_target"], t=0.7, t_next=0.6)
+
+
+@pytest.mark.parametrize("mode", DISTILL_MODES)
+def test_mar_term_carries_the_gradient_of_lambda_times_the_anchor_kl(mode):
+    """MAR (docs/method.md §5) trains the student: with the student equal to its teacher (no distillation signal),
+    the whole gradient is lambda * d mean KL(student || anchor) / d theta, computed here independently."""
+    student = LinearStudent(seed=0)
+    inputs = _step_inputs(student, student.weight.detach().clone())
+    anchor_v = torch.einsum("oc,bchw->bohw", LinearStudent(seed=2).weight.detach(), inputs["v_student"].detach())
+    loss = distill_loss(mode, **inputs, v_anchor=anchor_v, anchor_weight=0.5)
+    (got,) = torch.autograd.grad(loss.total, student.weight)
+    g = torch.Generator().manual_seed(0)  # the same x as _step_inputs(seed=0) draws first
+    x = torch.randn(4, 2, 4, 4, generator=g, dtype=D64)
+    kl = step_kl(student(x), anchor_v, 0.7, 0.6, form=DEFAULT_KL_FORM[mode])  # the mode's KL form
+    (want,) = torch.autograd.grad(0.5 * kl.mean(), student.weight)
+    assert float(want.abs().max()) > 1e-6  # the anchor pulls: a detached student velocity would give 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_direct_distillation_moves_the_student_toward_the_teacher():
