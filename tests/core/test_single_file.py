@@ -144,3 +144,32 @@ def test_model_ref_carries_the_config(tmp_path):
     assert ModelRef.from_json(ref.to_json()) == ref
     assert ref.base_key != ModelRef(str(path)).base_key
     assert ref.load().transformer.config.num_layers == 4
+
+
+def test_sd35_layout_with_qk_norm_and_dual_attention(tmp_path):
+    """An SD3.5-Medium-like transformer (RMS qk-norm, x_block self-attention 'attn2' in block 0), transformer only:
+    the text encoders, tokenizers and scheduler come from the config folder."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.normal_()  # no two weights alike: a swapped or misplaced key shows
+    config = tmp_path / "config"
+    config.mkdir()
+    for entry in MINIWORLD.iterdir():
+        if entry.name != "transformer":
+            (config / entry.name).symlink_to(entry)
+    transformer.save_pretrained(config / "transformer")
+    source = {k: v.clone() for k, v in transformer.state_dict().items()}
+    path = tmp_path / "sd35_like.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in original_layout(source, 3).items()}, str(path))
+    pipe = load_pipeline(path, config=config)
+    assert set(pipe.transformer.state_dict()) == set(source)
+    _assert_same(pipe.transformer, source, "transformer")
+    assert list(pipe.transformer.config.dual_attention_layers) == [0]
