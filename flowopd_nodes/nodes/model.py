@@ -58,7 +58,7 @@ class LoadModel(Node):
             if not is_sd3_single_file(path):
                 problems.append(("path", f"{params['path']!r} is not an SD3 / SD3.5 single-file checkpoint "
                                  f"(.safetensors holding {SD3_SINGLE_FILE_MARKER!r})"))
-            if not config:
+            elif not config:
                 problems.append(("config", "a single-file checkpoint needs a config: a local diffusers folder of "
                                  "the same architecture (e.g. the SD3.5-Medium diffusers folder); nothing is "
                                  "downloaded"))
