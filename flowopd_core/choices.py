@@ -40,3 +40,7 @@ METRIC_MODES: dict[str, str] = {
     "all": "every given reward on every task (NaN where a reward cannot score a prompt)",
 }
 """Which rewards the evaluator scores per task (:mod:`flowopd_core.eval.evaluate`)."""
+
+LORA_FILE_FORMATS = ("comfyui", "diffusers", "both")
+"""What the LoRA saver writes (:func:`flowopd_core.models.lora_format.export_adapter`): ComfyUI's LoRA file, diffusers'
+SD3 LoRA file, or both."""

@@ -40,6 +40,9 @@ class ModelRef:
     ``label``: the name shown in reports (default: the adapter's or the folder's name).
     ``max_sequence_length``: T5 tokens of every prompt encoding (0 = 128, or the tokenizer's shorter limit;
     see :func:`~flowopd_core.models.pipeline.set_text_length`).
+    ``config``: when ``path`` is a single-file SD3 / SD3.5 checkpoint, the local diffusers folder of the same
+    architecture it loads against (:func:`~flowopd_core.models.pipeline.load_single_file_pipeline`); "" for a
+    pipeline folder.
     """
 
     path: str
@@ -48,6 +51,7 @@ class ModelRef:
     adapter: str = ""
     label: str = ""
     max_sequence_length: int = 0
+    config: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -71,9 +75,9 @@ class ModelRef:
         return replace(self, adapter=adapter, label=label)
 
     @property
-    def base_key(self) -> tuple[str, str, str, int]:
-        """What makes two references share one loaded base: (folder, dtype, device, text length)."""
-        return (str(self.path), self.dtype, self.device, self.max_sequence_length)
+    def base_key(self) -> tuple[str, str, str, int, str]:
+        """What makes two references share one loaded base: (folder, dtype, device, text length, config)."""
+        return (str(self.path), self.dtype, self.device, self.max_sequence_length, str(self.config))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,10 +89,11 @@ class ModelRef:
     def load(self, *, fresh: bool = False) -> StableDiffusion3Pipeline:
         """The loaded base pipeline (the adapter is not applied): shared (read-only use) unless ``fresh``."""
         options = dict(dtype=DTYPES[self.dtype], device=resolve_device(self.device),
-                       max_sequence_length=self.max_sequence_length)
+                       max_sequence_length=self.max_sequence_length, config=self.config)
         if fresh:
             return load_pipeline(self.path, **options)
-        key = (str(Path(self.path).resolve()), self.dtype, options["device"], self.max_sequence_length)
+        key = (str(Path(self.path).resolve()), self.dtype, options["device"], self.max_sequence_length,
+               str(Path(self.config).resolve()) if self.config else "")
         with _LOCK:
             if key not in _SHARED:
                 if len(_SHARED) >= _MAX_SHARED:
@@ -98,6 +103,6 @@ class ModelRef:
 
 
 _MAX_SHARED = 2
-_SHARED: dict[tuple[str, str, str, int], StableDiffusion3Pipeline] = {}
+_SHARED: dict[tuple[str, str, str, int, str], StableDiffusion3Pipeline] = {}
 _LOCK = threading.Lock()
 

@@ -11,6 +11,7 @@ The same calls serve the tiny mini-world pipeline and SD3.5-Medium: only the fol
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from flowopd_core.choices import MAX_T5_LENGTH, PRECISIONS
+from flowopd_core.models.files import SD3_SINGLE_FILE_MARKER, is_sd3_single_file, safetensors_keys
 
 NUM_TRAIN_TIMESTEPS = 1000
 """SD3 timestep = sigma * 1000 (``FlowMatchEulerDiscreteScheduler.num_train_timesteps``)."""
@@ -53,6 +55,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     max_sequence_length: int = 0,
+    config: str | Path = "",
 ) -> StableDiffusion3Pipeline:
     """Load a ``StableDiffusion3Pipeline`` from a local diffusers folder (never from a hub).
 
@@ -60,20 +63,19 @@ def load_pipeline(
     :func:`configure_pixel_space`). All modules are put in eval mode. ``max_sequence_length``: T5 tokens of
     every prompt encoding (:func:`set_text_length`; 0 = the default). Raises ``FileNotFoundError`` naming
     ``path`` when it is not a pipeline folder.
+
+    ``path`` may also be a single-file SD3 / SD3.5 checkpoint (``.safetensors`` in the original layout); then
+    ``config`` names a local diffusers folder of the same architecture, whose configs (and whatever the file
+    lacks: text encoders, tokenizers, scheduler, VAE) are used (:func:`load_single_file_pipeline`).
     """
-    folder = Path(path).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"no diffusers pipeline folder at {str(folder)!r} (expected {str(folder / 'model_index.json')!r}); "
-            "flowopd loads models from local folders only"
+    if Path(path).expanduser().is_file():
+        pipe = load_single_file_pipeline(path, config, dtype=dtype)
+    else:
+        folder = require_pipeline_folder(path)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            # safetensors only, no .bin fallback
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True, **_pixel_space(folder)
         )
-    # diffusers refuses a `null` vae entry unless vae=None is passed (pixel-space folders).
-    index = json.loads((folder / "model_index.json").read_text())
-    pixel_space = {"vae": None} if index.get("vae", [None])[0] is None else {}
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        # safetensors only, no .bin fallback
-        folder, dtype=dtype, local_files_only=True, use_safetensors=True, **pixel_space
-    )
     if pipe.transformer.dtype != dtype:  # older diffusers releases know only the `torch_dtype` keyword
         raise RuntimeError(f"diffusers loaded {pipe.transformer.dtype}, not {dtype}: this release ignores `dtype`")
     configure_pixel_space(pipe).to(device)
@@ -82,6 +84,86 @@ def load_pipeline(
             module.eval()
     set_text_length(pipe, max_sequence_length)
     return pipe
+
+
+def require_pipeline_folder(path: str | Path) -> Path:
+    """``path`` as a folder holding ``model_index.json``; ``FileNotFoundError`` naming it otherwise."""
+    folder = Path(path).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusers pipeline folder at {str(folder)!r} (expected {str(folder / 'model_index.json')!r}); "
+            "flowopd loads models from local folders only"
+        )
+    return folder
+
+
+def _pixel_space(folder: Path) -> dict:
+    """diffusers refuses a ``null`` vae entry unless ``vae=None`` is passed (pixel-space folders)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {"vae": None} if index.get("vae", [None])[0] is None else {}
+
+
+def load_single_file_pipeline(path: str | Path, config: str | Path, *,
+                              dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
+    """An SD3 / SD3.5 single-file checkpoint loaded with diffusers' ``from_single_file`` against the local
+    diffusers folder ``config`` (same architecture): nothing is downloaded.
+
+    The transformer (and the VAE and text encoders, when the file holds them: ``first_stage_model.*``,
+    ``text_encoders.clip_l / clip_g / t5xxl.*``) come from the file; every component the file lacks (SD3.5
+    files without text encoders, tokenizers, the scheduler) comes from ``config``. Raises
+    ``FileNotFoundError`` naming a missing file or config folder, ``ValueError`` for a file that is not an
+    SD3-family checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
+    if not is_sd3_single_file(path):
+        raise ValueError(f"{str(path)!r} is not an SD3 / SD3.5 single-file checkpoint (.safetensors with "
+                         f"{SD3_SINGLE_FILE_MARKER!r})")
+    if not str(config):
+        raise FileNotFoundError(f"{str(path)!r} is a single file: name a local diffusers folder of the same "
+                                "architecture as its config")
+    folder = require_pipeline_folder(config)
+    keys = safetensors_keys(path)
+    held = {name for name, prefix in SINGLE_FILE_COMPONENTS.items() if any(k.startswith(prefix) for k in keys)}
+    index = json.loads((folder / "model_index.json").read_text())
+    # Components the file lacks are loaded here from the config folder and passed in: diffusers' own fallback
+    # looks for diffusers weight names only (diffusion_pytorch_model.*), not transformers' model.safetensors.
+    given: dict = dict(_pixel_space(folder))
+    for name in SINGLE_FILE_COMPONENTS:
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if name in held or name in given or class_name is None:
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        given[name] = cls.from_pretrained(folder / name, dtype=dtype, local_files_only=True, use_safetensors=True)
+    pipe = StableDiffusion3Pipeline.from_single_file(
+        str(path), config=str(folder), local_files_only=True, dtype=dtype, **given
+    )
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        if _meta_tensors(module) and hasattr(module, "tie_weights"):
+            module.tie_weights()  # T5 in SD3 files: encoder.embed_tokens is tied to `shared`, stored once
+        missing = _meta_tensors(module)
+        if missing:
+            raise ValueError(f"{str(path)!r}: the file's {name} lacks {missing[:3]}")
+    return pipe
+
+
+SINGLE_FILE_COMPONENTS = {
+    "text_encoder": "text_encoders.clip_l.",
+    "text_encoder_2": "text_encoders.clip_g.",
+    "text_encoder_3": "text_encoders.t5xxl.",
+    "vae": "first_stage_model.",
+}
+"""Where an SD3 single file holds each optional component (key prefix); a file without one takes it from the
+config folder (SD3.5's files hold no text encoders)."""
+
+
+def _meta_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers left without data (on the meta device) after loading."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, tensor in tensors if tensor.is_meta]
 
 
 TEXT_LENGTH_ATTR = "flowopd_max_sequence_length"

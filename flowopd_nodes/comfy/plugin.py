@@ -71,6 +71,122 @@ def _output_base() -> Path:
     return output_root().parent
 
 
+# --- ComfyUI's model folders (folder_paths): LoadModel's dropdowns, SaveLoRA's models/loras ---------------------
+# LoadModel's ``path`` and ``config`` (listed in the node's COMFY_MODEL_CHOICES) become COMBOs: the repository's
+# own pipeline folders ("models/miniworld"), every diffusers folder under ComfyUI's "diffusers" folders
+# ("diffusers/<name>": a folder with model_index.json) and, for ``path``, every SD3-family single file under
+# "checkpoints" ("checkpoints/<file>"). Such a value is resolved to its real path before validation and before
+# the node runs; any other value (a plain path from an exported workflow or a YAML graph) is taken as a path,
+# relative to the repository root. ComfyUI checks a COMBO value against the list only for inputs its
+# VALIDATE_INPUTS does not take; ours takes every widget, so a value not in the list reaches our own checks
+# (path exists, pipeline folder or SD3 single file) instead of failing as value_not_in_list.
+
+DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = "diffusers/", "checkpoints/"
+_SD3_FILES: dict[tuple[str, int, int], bool] = {}  # (path, size, mtime) -> is an SD3 single file (header read once)
+
+
+def comfy_folders(kind: str) -> list[Path]:
+    """ComfyUI's folders of type ``kind`` ("diffusers", "checkpoints", "loras"); none without ComfyUI."""
+    try:
+        import folder_paths  # ComfyUI
+
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    except (ImportError, AttributeError, KeyError):
+        return []
+
+
+def _pipeline_folders(base: Path) -> list[str]:
+    found = []
+    if not base.is_dir():
+        return found
+    for folder, dirs, files in os.walk(base, followlinks=True):
+        if "model_index.json" in files:
+            found.append(Path(folder).relative_to(base).as_posix())
+            dirs.clear()  # a pipeline's own subfolders are components
+        dirs.sort()
+    return found
+
+
+def _is_sd3_file(path: Path) -> bool:
+    from flowopd_core.models.files import is_sd3_single_file
+
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SD3_FILES:
+        _SD3_FILES[key] = is_sd3_single_file(path)
+    return _SD3_FILES[key]
+
+
+def model_choices(single_files: bool = True) -> list[str]:
+    """The dropdown of LoadModel: repository pipeline folders, ComfyUI's diffusers folders, SD3 single files."""
+    choices = [f"models/{name}" for name in _pipeline_folders(ROOT / "models") if "/" not in name and name != "."]
+    for base in comfy_folders("diffusers"):
+        choices += [DIFFUSERS_PREFIX + name for name in _pipeline_folders(base) if name != "."]
+    if single_files:
+        for base in comfy_folders("checkpoints"):
+            if base.is_dir():
+                choices += [CHECKPOINTS_PREFIX + f.relative_to(base).as_posix()
+                            for f in sorted(base.rglob("*.safetensors")) if _is_sd3_file(f)]
+    return list(dict.fromkeys(choices))
+
+
+def resolve_model_choice(value: Any) -> Any:
+    """A dropdown entry ("diffusers/<name>", "checkpoints/<file>") -> its absolute path; anything else as is."""
+    if not isinstance(value, str):
+        return value
+    for prefix, kind in ((DIFFUSERS_PREFIX, "diffusers"), (CHECKPOINTS_PREFIX, "checkpoints")):
+        if value.startswith(prefix) and ".." not in Path(value[len(prefix):]).parts:
+            for base in comfy_folders(kind):
+                candidate = base / value[len(prefix):]
+                if candidate.exists():
+                    return str(candidate)
+    return value
+
+
+def _written_by_flowopd(path: Path) -> bool:
+    from flowopd_core.models.files import safetensors_metadata
+
+    try:
+        return "flowopd_lora_format" in safetensors_metadata(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _choice_inputs(cls: type[Node]) -> dict[str, str]:
+    return dict(getattr(cls, "COMFY_MODEL_CHOICES", {}))
+
+
+def export_to_folders(cls: type[Node], inputs: dict[str, Any], values: tuple) -> tuple:
+    """Copy the files of the outputs a node names in ``comfy_folder_outputs(inputs)`` into the first ComfyUI
+    folder of that type (SaveLoRA: the ComfyUI LoRA file into models/loras) and pass the copy on. A file of the
+    same name there is replaced only if FlowOPD wrote it (its header names the layout, ``flowopd_lora_format``);
+    any other file is refused, never overwritten. Without ComfyUI nothing is copied."""
+    wanted = cls.comfy_folder_outputs(inputs) if hasattr(cls, "comfy_folder_outputs") else {}
+    if not wanted:
+        return values
+    names = [o.name for o in cls.OUTPUTS]
+    out = list(values)
+    for output, kind in wanted.items():
+        folders = comfy_folders(kind)
+        if not folders:
+            continue
+        source = Path(out[names.index(output)])
+        target = folders[0] / source.name
+        if target.exists() and not _written_by_flowopd(target):
+            raise FileExistsError(f"{cls.NODE_ID}: {target} exists and was not written by FlowOPD: choose another "
+                                  "filename (such a file is never overwritten)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+        out[names.index(output)] = str(target)
+        log.info("%s: %s copied to %s", cls.NODE_ID, source.name, target)
+    return tuple(out)
+
+
 class _ComfyProgress:
     """``comfy.utils.ProgressBar`` behind our Progress protocol; ``update`` raises ComfyUI's interrupt on Stop."""
 
@@ -144,7 +260,7 @@ def _folder_name(node_id: str, cls: type[Node]) -> str:
 
 
 def _resolve_path(value: str) -> str:
-    path = Path(value).expanduser()
+    path = Path(resolve_model_choice(value)).expanduser()
     return str(path if path.is_absolute() else ROOT / path)
 
 
@@ -224,6 +340,7 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
     if isinstance(values, dict) and "result" in values:
         values = values["result"]
     values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    values = export_to_folders(cls, inputs, values)
     ui: dict[str, Any] = {}
     images = _previews(artifact_dir)
     if images:
@@ -267,6 +384,9 @@ def run_checks(cls: type[Node], inputs: dict[str, Any]) -> list[str]:
 def _validate_inputs(cls: type[Node], unique_id: Any = None, input_types: Any = None, **given: Any) -> bool | str:
     runner_cls = cls.RUNNER_CLASS
     node_id = str(unique_id) if unique_id is not None else runner_cls.NODE_ID
+    for name in _choice_inputs(runner_cls):
+        if name in given:
+            given[name] = resolve_model_choice(given[name])
     issues = validation_issues(runner_cls, node_id, given, input_types if isinstance(input_types, dict) else None)
     return True if not issues else "; ".join(str(issue) for issue in issues)
 
@@ -323,6 +443,19 @@ def comfy_input_types(cls: type[Node]) -> dict[str, dict[str, tuple]]:
                 spec[section][name] = (kind, {**opts, "control_after_generate": False})
             elif kind == "FLOAT" and "step" not in opts:
                 spec[section][name] = (kind, {**opts, "step": float_step(opts)})
+    for name, kind in _choice_inputs(cls).items():
+        section = "required" if name in spec.get("required", {}) else "optional"
+        if name not in spec.get(section, {}):
+            continue
+        opts = dict(spec[section][name][1])
+        choices = model_choices(single_files=kind == "models")
+        if kind == "configs":
+            choices = ["", *choices]
+        default = opts.get("default")
+        if default is not None and default not in choices:
+            choices = [default, *choices]
+        opts.pop("multiline", None)
+        spec[section][name] = (choices, opts)
     spec["hidden"] = {"unique_id": "UNIQUE_ID"}
     return spec
 

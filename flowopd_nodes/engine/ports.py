@@ -55,7 +55,8 @@ class In:
     optional: bool = False
     path: bool = False  # STRING holding a file-system path: resolved against the graph file's folder
     must_exist: bool = False  # with path=True: the path must exist before anything runs
-    folder: bool = False  # with path=True: the path names a folder (else a file); checked when it exists
+    folder: bool | None = False  # with path=True: the path names a folder (else a file; None: either); checked
+    # when it exists
     artifact: str = ""  # STRING naming a file the node writes in its own artifact folder, with this suffix:
     # a plain file name (no folder part) of safe characters ending in e.g. ".png"
 

@@ -84,15 +84,18 @@ def _encode_model(value: ModelRef, entry: Path) -> dict[str, Any]:
     data["path"] = _encode_path(value.path, entry, "")
     if value.adapter:
         data["adapter"] = _encode_path(value.adapter, entry, "")
+    if data.get("config"):
+        data["config"] = _encode_path(value.config, entry, "")
     return data
 
 
 def _decode_model(data: dict[str, Any], entry: Path) -> ModelRef:
     from flowopd_core.models.modelref import ModelRef
 
-    adapter = data.get("adapter", "")
+    adapter, config = data.get("adapter", ""), data.get("config", "")
     return ModelRef.from_json(
-        {**data, "path": _decode_path(data["path"], entry), "adapter": _decode_path(adapter, entry) if adapter else ""}
+        {**data, "path": _decode_path(data["path"], entry), "adapter": _decode_path(adapter, entry) if adapter else "",
+         **({"config": _decode_path(config, entry)} if config else {})}
     )
 
 

@@ -140,9 +140,9 @@ def _check_path(port: In, value: str, base_dir: Path, check_files: bool, issue: 
     except (OSError, RuntimeError):  # a loop of links: kept as written, the existence check reports it
         pass
     if check_files and resolved.exists():
-        if port.folder and not resolved.is_dir():
+        if port.folder is True and not resolved.is_dir():
             return issue("invalid_input_type", f"{shown(value)} is a file; a folder is expected (looked at {resolved})")
-        if not port.folder and resolved.is_dir():
+        if port.folder is False and resolved.is_dir():
             return issue("invalid_input_type", f"{shown(value)} is a folder; a file is expected (looked at {resolved})")
     elif port.must_exist and check_files:
         return issue("file_not_found", f"{shown(value)} does not exist (looked at {resolved})")

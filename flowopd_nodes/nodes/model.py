@@ -19,33 +19,61 @@ class LoadModel(Node):
     DISPLAY_NAME = "Load model"
     CATEGORY = "FlowOPD/model"
     DESCRIPTION = (
-        "A local diffusers StableDiffusion3Pipeline folder (the shipped mini-world, SD3 or SD3.5). Passed on as a "
-        "handle; the weights load where they are used. Never downloads anything."
+        "A local diffusers StableDiffusion3Pipeline folder (the shipped mini-world, SD3 or SD3.5), or a single-file "
+        "SD3 / SD3.5 checkpoint (.safetensors) loaded against a local diffusers folder of the same architecture "
+        "('config'). Passed on as a handle; the weights load where they are used. Never downloads anything. In "
+        "ComfyUI, 'path' lists ComfyUI's diffusers folders and SD3-family checkpoints."
     )
     INPUTS = (
-        In("path", "STRING", help="pipeline folder (with model_index.json), relative to the graph file", path=True,
-           must_exist=True, folder=True),
+        In("path", "STRING", help="pipeline folder (with model_index.json) or single-file SD3 / SD3.5 checkpoint "
+           "(.safetensors), relative to the graph file", path=True, must_exist=True, folder=None),
         In("dtype", "COMBO", "float32", "weights dtype (step arithmetic stays float32)", choices=DTYPE_NAMES),
         In("device", "COMBO", "auto", "auto = cuda when available, else cpu", choices=DEVICES),
         In("label", "STRING", "base", "name shown in reports"),
         In("max_sequence_length", "INT", 0, "T5 text tokens per prompt; 0 = 128 (Flow-GRPO's and the authors' "
            "length), or the tokenizer's shorter limit", min=0, max=MAX_T5_LENGTH),
+        In("config", "STRING", "", "single-file checkpoints only: a local diffusers folder of the same "
+           "architecture (its configs, and the text encoders, tokenizers and scheduler the file lacks)",
+           path=True, folder=True),
     )
     OUTPUTS = (Out("model", "FLOWOPD_MODEL", "the model handle"),)
+    COMFY_MODEL_CHOICES = {"path": "models", "config": "configs"}
+    """In ComfyUI (flowopd_nodes.comfy.plugin) these inputs become dropdowns of ComfyUI's model folders:
+    ``path`` every diffusers folder and SD3-family checkpoint, ``config`` every diffusers folder (or none)."""
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         # Checked before anything runs, without loading weights (loading here would keep a second copy in
-        # memory next to the fresh one a training node loads).
-        path = Path(params["path"])
-        if path.exists() and not (path / "model_index.json").is_file():  # a missing folder: file_not_found
-            return [("path", f"{params['path']!r} is not a diffusers pipeline folder (no model_index.json)")]
-        return []
+        # memory next to the fresh one a training node loads). Reads at most a safetensors header.
+        from flowopd_core.models.files import SD3_SINGLE_FILE_MARKER, is_sd3_single_file
 
-    def run(self, path: str, dtype: str, device: str, label: str, max_sequence_length: int) -> tuple[ModelRef]:
+        path, config = Path(params["path"]), params.get("config", "")
+        problems = []
+        if path.is_dir() and not (path / "model_index.json").is_file():  # a missing path: file_not_found
+            problems.append(("path", f"{params['path']!r} is not a diffusers pipeline folder (no model_index.json)"))
+        if path.is_dir() and config:
+            problems.append(("config", "a config is only for a single-file checkpoint; 'path' is a pipeline folder "
+                             "(leave config empty)"))
+        if path.is_file():
+            if not is_sd3_single_file(path):
+                problems.append(("path", f"{params['path']!r} is not an SD3 / SD3.5 single-file checkpoint "
+                                 f"(.safetensors holding {SD3_SINGLE_FILE_MARKER!r})"))
+            elif not config:
+                problems.append(("config", "a single-file checkpoint needs a config: a local diffusers folder of "
+                                 "the same architecture (e.g. the SD3.5-Medium diffusers folder); nothing is "
+                                 "downloaded"))
+        if config and Path(config).is_dir() and not (Path(config) / "model_index.json").is_file():
+            problems.append(("config", f"{config!r} is not a diffusers pipeline folder (no model_index.json)"))
+        if config and not Path(config).exists():
+            problems.append(("config", f"{config!r} does not exist"))
+        return problems
+
+    def run(self, path: str, dtype: str, device: str, label: str, max_sequence_length: int,
+            config: str = "") -> tuple[ModelRef]:
         from flowopd_core.models.modelref import ModelRef
 
-        return (ModelRef(path, dtype, device, label=label, max_sequence_length=max_sequence_length),)
+        return (ModelRef(path, dtype, device, label=label, max_sequence_length=max_sequence_length,
+                         config=config if Path(path).is_file() else ""),)
 
 
 class Sample(Node):

@@ -4,7 +4,7 @@ from a name read from a graph file."""
 from __future__ import annotations
 
 from flowopd_nodes.engine.ports import Node
-from flowopd_nodes.nodes import adapters, basic, evaluate, grpo, miniworld, model, opd, pretrain
+from flowopd_nodes.nodes import adapters, basic, evaluate, grpo, lora_export, miniworld, model, opd, pretrain
 
 NODES: list[type[Node]] = [
     basic.Seed,
@@ -24,7 +24,8 @@ NODES: list[type[Node]] = [
     opd.ColdStartNode,
     opd.DistillerNode,
     evaluate.Evaluator,
-    # settings companions (a node's SETTINGS): the advanced widgets of the node above, under FlowOPD/settings
+    lora_export.SaveLoRA,
+    # settings companions (a node's SETTINGS): the advanced widgets of their nodes, under FlowOPD/settings
     pretrain.PretrainSettings,
     grpo.GRPOSettings,
     opd.ColdStartSettings,

@@ -58,8 +58,9 @@ def test_yaml_json_yaml_keeps_the_meaning(graph, fmt, tmp_path):
     assert meaning(validate(beside, check_files=local(graph))) == meaning(original)
     for node in beside.nodes.values():
         for name, value in node.params.items():
-            if REGISTRY[node.type].port(name).path:  # its own input or a field of its settings
-                assert value == load_graph_file(graph).nodes[node.id].params[name]
+            port = REGISTRY[node.type].port(name)  # its own input or a field of its settings
+            if port.path:  # as written, or the default where the original left it out (Load model's config "")
+                assert value == load_graph_file(graph).nodes[node.id].params.get(name, port.default)
     # The JSON runs as it is: validating the JSON file itself gives the same graph.
     assert meaning(validate(load_comfy_file(exported), check_files=local(graph))) == meaning(original)
 

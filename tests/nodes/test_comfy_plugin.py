@@ -109,7 +109,8 @@ def test_validate_inputs_runs_the_runners_checks_on_every_widget():
     # ComfyUI reads this signature: with input_types listed, it leaves every value and link-type check to us,
     # so the canvas refuses exactly what the runner refuses, with the runner's messages.
     args = inspect.getfullargspec(load_model.VALIDATE_INPUTS).args
-    assert args == ["cls", "unique_id", "input_types", "path", "dtype", "device", "label", "max_sequence_length"]
+    assert args == ["cls", "unique_id", "input_types", "path", "dtype", "device", "label", "max_sequence_length",
+                    "config"]
     assert load_model.VALIDATE_INPUTS(path="models/miniworld", input_types={}) is True  # relative to the repo root
     assert "file_not_found" in load_model.VALIDATE_INPUTS(path="no/such/folder", input_types={})
     assert "not a diffusers pipeline folder" in load_model.VALIDATE_INPUTS(path="graphs", input_types={})

@@ -77,5 +77,6 @@ def test_contract_refuses_choices_that_are_not_a_dropdown():
 def test_saver_and_path_ports_declare_what_they_name():
     assert REGISTRY["FlowOPDImageGrid"].input("filename").artifact == ".png"
     assert REGISTRY["FlowOPDSavePrompts"].input("filename").artifact == ".jsonl"
-    assert REGISTRY["FlowOPDLoadModel"].input("path").folder
+    assert REGISTRY["FlowOPDLoadModel"].input("path").folder is None  # a pipeline folder or a single file
+    assert REGISTRY["FlowOPDLoadModel"].input("config").folder
     assert not REGISTRY["FlowOPDPromptFile"].input("path").folder
