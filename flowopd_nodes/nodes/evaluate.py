@@ -75,7 +75,7 @@ class Evaluator(Node):
     )
     OUTPUT_NODE = True
     SETTINGS = EvaluatorSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS if p.name != "comparisons")  # comparisons came later
     INPUTS = (
         In("prompts", "FLOWOPD_PROMPTS", help="held-out evaluation prompts (with task tags)"),
         In("model_1", "FLOWOPD_MODEL", help="first model (e.g. the base)"),
