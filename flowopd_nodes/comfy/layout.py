@@ -256,14 +256,18 @@ def place(items: Iterable[Item], edges: Iterable[tuple[object, object]],
         sources[d].append(s)
         targets[s].append(d)
     depth = _depths([u.node for u in units], unit_edges)
-    for node, out in targets.items():  # a node without inputs sits right before its first consumer's column
-        if out and not sources[node]:
-            depth[node] = min(depth[d] for d in out) - 1
-    levels = {level: c for c, level in enumerate(sorted(set(depth.values())))}
-    columns: list[list[_Unit]] = [[] for _ in levels]
-    for unit in units:
-        columns[levels[depth[unit.node]]].append(unit)
-    _order_columns(columns, sources, targets)
+    arrangements = []
+    for early in (False, True):  # a node without inputs right before its first consumer's column, or in the first
+        placed = dict(depth)
+        for node, out in targets.items():
+            if out and not sources[node]:
+                placed[node] = 0 if early else min(depth[d] for d in out) - 1
+        levels = {level: c for c, level in enumerate(sorted(set(placed.values())))}
+        columns: list[list[_Unit]] = [[] for _ in levels]
+        for unit in units:
+            columns[levels[placed[unit.node]]].append(unit)
+        _order_columns(columns, sources, targets)
+        arrangements.append((not early, columns))
 
     tallest = max(u.height for u in units)
     total = sum(u.height + PREVIEW_ROOM + ROW_GAP for u in units)
@@ -271,21 +275,22 @@ def place(items: Iterable[Item], edges: Iterable[tuple[object, object]],
     caps = sorted({tallest, tallest + PREVIEW_ROOM} | {
         tallest + (total - tallest) * k / steps for k in range(steps + 1)})
     # The layout kept: titles drawn at fit view if at all possible, then the most room for previews, then
-    # links left to right (no stacked chain), then the highest zoom.
+    # links left to right (no stacked chain), then sources beside their consumers, then the highest zoom.
     best: tuple | None = None
     room = PREVIEW_ROOM
     while True:
-        for stack in (False, True):
-            for cap in caps:
-                corner, width, height = _pack(columns, max(cap, tallest), room, sources, stack)
-                zoom = fit_zoom(width, height, canvas)
-                score = (min(zoom, TITLE_ZOOM), room, not stack, zoom)
-                if best is None or score > best[:4]:
-                    best = (*score, corner)
+        for late, columns in arrangements:
+            for stack in (False, True):
+                for cap in caps:
+                    corner, width, height = _pack(columns, max(cap, tallest), room, sources, stack)
+                    zoom = fit_zoom(width, height, canvas)
+                    score = (min(zoom, TITLE_ZOOM), room, not stack, late, zoom)
+                    if best is None or score > best[:5]:
+                        best = (*score, corner)
         if best[0] >= TITLE_ZOOM or room <= PREVIEW_FLOOR:
             break
         room = max(PREVIEW_FLOOR, room - 40)
-    corner = best[4]
+    corner = best[5]
     pos: dict[object, list[float]] = {}
     for unit in units:
         x, y = corner[unit.node]

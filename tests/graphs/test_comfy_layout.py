@@ -95,7 +95,7 @@ def size_of(b: dict) -> tuple[float, float]:
 
 # Sizes ComfyUI's frontend (1.27.10, in Chromium) gave these nodes when loaded with size [1, 1]: the export
 # must be at least as big (else the canvas grows them over their neighbours) and not much taller.
-MEASURED = {"FlowOPDMiniWorldPrompts": (210, 130), "FlowOPDLoadModel": (225, 154),
+MEASURED = {"FlowOPDMiniWorldPrompts": (210, 130), "FlowOPDLoadModel": (225, 178),
             "FlowOPDTeacherPool": (210, 198), "FlowOPDTaskRouter": (210, 82)}
 
 

@@ -9,6 +9,7 @@ from flowopd_core.distill.config import OPDConfig
 from flowopd_core.grpo.config import GRPOConfig
 from flowopd_nodes.comfy.plugin import NODE_CLASS_MAPPINGS, comfy_input_types
 from flowopd_nodes.engine.ports import (
+    REQUIRED,
     SETTINGS_CATEGORY,
     In,
     Node,
@@ -58,9 +59,13 @@ def test_node_and_companion_split_the_former_widgets(cls):
     own = [p.name for p in cls.INPUTS if p.is_widget]
     moved = [p.name for p in cls.SETTINGS.INPUTS]
     assert not set(own) & set(moved)
-    assert sorted(own + moved) == sorted(cls.LEGACY_WIDGETS)  # nothing lost, nothing added
+    assert set(cls.LEGACY_WIDGETS) <= set(own + moved)  # nothing lost
+    added = [n for n in own + moved if n not in cls.LEGACY_WIDGETS]  # widgets added since the split
+    assert all(cls.port(n).default is not REQUIRED for n in added)  # have defaults: an old file keeps its meaning
     # each keeps the former relative order (the canvas lists them as before)
-    assert own == [n for n in cls.LEGACY_WIDGETS if n in own] and moved == [n for n in cls.LEGACY_WIDGETS if n in moved]
+    legacy = list(cls.LEGACY_WIDGETS)
+    assert [n for n in own if n in legacy] == [n for n in legacy if n in own]
+    assert [n for n in moved if n in legacy] == [n for n in legacy if n in moved]
     spec = comfy_input_types(cls.SETTINGS)["required"]
     for port in cls.SETTINGS.INPUTS:
         assert cls.port(port.name) is port
