@@ -5,6 +5,7 @@ muted nodes, numeric ids) imports as the graph it means."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,18 @@ def test_canvas_made_files_import_as_the_graph_they_mean():
     wf["nodes"][3]["mode"] = 4  # bypassed: ComfyUI would pass inputs through; refused instead of guessed
     with pytest.raises(Exception, match="bypassed"):
         graph_from_comfy(wf, default_name="wf")
+
+
+@pytest.mark.parametrize("fmt", ["api", "workflow"])
+@pytest.mark.parametrize("graph", sorted((ROOT / "graphs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_no_shipped_graph_exports_an_absolute_path(graph, fmt, tmp_path):
+    """The shipped graphs write no absolute path (graphs/sd35m names cluster folders the user writes there)."""
+    exported = tmp_path / f"g.{fmt}.json"
+    assert runner.main(["export", str(graph), f"--comfy-{fmt}", str(exported)]) == 0
+    text = exported.read_text()
+    assert str(ROOT) not in text and str(tmp_path) not in text
+    strings = re.findall(r'"((?:[^"\\]|\\.)*)"', text)
+    assert not [v for v in strings if v.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", v)]
 
 
 @pytest.mark.parametrize("fmt", ["api", "workflow"])
