@@ -97,7 +97,11 @@ def test_trainers_get_the_values_they_got_before_the_split(graph):
         class Former(Node):  # the node as it was: every widget its own
             INPUTS = tuple(cls.port(name) for name in cls.LEGACY_WIDGETS)
 
-        before, problems = check_inputs(Former, spec.id, spec.params, {}, written.base_dir, check_files=False)
+        params = dict(spec.params)
+        if "settings" in spec.links:  # an explicit settings node in the file: its values, as the big node's
+            source = written.nodes[spec.links["settings"].split(".")[0]]
+            params = {**source.params, **params}
+        before, problems = check_inputs(Former, spec.id, params, {}, written.base_dir, check_files=False)
         assert problems == []
         after = {k: v for k, v in merged(valid, spec.id).items() if cls.port(k).is_widget}
         added = set(after) - set(cls.LEGACY_WIDGETS)  # widgets added since the split get their defaults
