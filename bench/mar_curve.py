@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_models import HEADLINE, categories, paired  # noqa: E402
+from compare_models import HEADLINE, categories, cell, paired  # noqa: E402
 
 from flowopd_core.eval.report import Stat, mean_ci  # noqa: E402
 
@@ -60,11 +60,6 @@ def sweep(run: Path) -> tuple[list[dict], dict]:
     if not students or students[0]["lambda"] != 0.0:
         raise SystemExit(f"{run}: no distiller with anchor_weight 0 to compare with")
     return students, results
-
-
-def cell(stat: Stat) -> str:
-    star = " *" if stat.low > 0 or stat.high < 0 else ""
-    return f"{stat.mean:+.2f} ± {stat.half_width:.2f}{star}"
 
 
 def main() -> None:
