@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --force names no node of the graph: {unknown}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or inside("runs", valid.name)  # a validated name: a folder under runs/
+    if args.no_progress:  # the libraries' own bars too (loading pipelines, weights)
+        _quiet_library_bars()
     world = init_from_env()  # several processes under torchrun / accelerate launch (WORLD_SIZE > 1)
     try:
         result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)
@@ -303,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in result.outputs[node_id].items():
                 print(f"  {node_id}.{name}: {_shown(value, run_dir, node_id)}")
     return 0
+
+
+def _quiet_library_bars() -> None:
+    """No progress bars from diffusers, transformers or huggingface_hub (``--no-progress``)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _shown(value: object, run_dir: Path, node_id: str) -> str:

@@ -278,6 +278,8 @@ def run_graph(
     statuses = {n: NodeStatus(n, valid.nodes[n].cls.NODE_ID) for n in valid.order}
     result = RunResult(run_dir, statuses)
     fingerprints: dict[str, str] = {}
+    if not show_progress:  # no bars at all (the ETA in status.json still follows the nodes' progress)
+        progress = None
     progress = progress or context._null_progress
     status_meta = {"graph": valid.name, "source": valid.graph.source, "started": time.time()}
     memo: dict[str, str] = {}  # path -> fingerprint: each file hashed once per run

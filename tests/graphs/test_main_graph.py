@@ -62,7 +62,9 @@ def test_full_opd_pipeline_runs_end_to_end_small(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_dir = Path("runs") / "full"
     assert runner.main(_tiny_full_opd(run_dir)) == 0
-    summary = capsys.readouterr().out  # outputs shown through the run folder's nodes/<node> links
+    captured = capsys.readouterr()
+    summary = captured.out  # outputs shown through the run folder's nodes/<node> links
+    assert "it/s" not in captured.err and "s/it" not in captured.err  # --no-progress: no node's bar either
     assert f"eval.table: {run_dir / 'nodes' / 'eval' / 'results.md'}" in summary and "/cache/" not in summary
     assert "image(s) of" in summary and "tensor (" not in summary
     table = (run_dir / "nodes" / "eval" / "results.md").read_text()
