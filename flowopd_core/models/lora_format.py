@@ -210,7 +210,7 @@ def save_diffusers_lora(factors: Mapping[str, LoraFactors], path: str | Path) ->
     path = Path(path)
     StableDiffusion3Pipeline.save_lora_weights(
         path.parent, transformer_lora_layers=to_diffusers(factors), weight_name=path.name,
-        transformer_lora_adapter_metadata=diffusers_lora_config(factors),
+        transformer_lora_adapter_metadata=diffusers_lora_config(factors), safe_serialization=True,  # safetensors
     )
     return path
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 NAME_RULE = "1 to 64 characters out of A-Z a-z 0-9 _ -, not starting with '-'"
 """Node ids and graph names (they name folders: no dots, slashes, spaces or control characters)."""
 SAFE_PARSER = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
-"""PyYAML's safe loader (libyaml's C parser when PyYAML has it), used only to parse and compose: values are
-built by PyYAML's SafeConstructor (plain data), never by a loader that can create objects."""
+"""PyYAML's safe loader, the one ``yaml.safe_load`` uses (libyaml's C version when PyYAML has it): it parses,
+composes and builds plain data only (SafeConstructor), never objects."""
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -136,8 +137,8 @@ def read_graph_text(path: str | Path, unreadable: str = "invalid_yaml") -> str:
 
 
 def _refuse_tags(text: str, source: str) -> None:
-    """Raise on the first YAML tag, anchor or alias (read from libyaml's events: nothing is constructed)."""
-    for event in yaml.parse(text, Loader=SAFE_PARSER):
+    """Raise on the first YAML tag, anchor or alias (read from the safe loader's events: nothing is constructed)."""
+    for event in _events(text):
         tag = getattr(event, "tag", None)
         if isinstance(event, yaml.AliasEvent):
             kind, value = "alias", event.anchor
@@ -150,6 +151,30 @@ def _refuse_tags(text: str, source: str) -> None:
         line = event.start_mark.line + 1
         raise _fail("unsafe_yaml", f"line {line}: YAML {kind} {shown(value)} refused: graph files hold plain data "
                     "only", source)
+
+
+def _events(text: str) -> Iterator[yaml.Event]:
+    """The YAML event stream of ``text`` from the safe loader (parsing only)."""
+    loader = SAFE_PARSER(text)
+    try:
+        while loader.check_event():
+            yield loader.get_event()
+    finally:
+        loader.dispose()
+
+
+def _safe_load_checked(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` in its two steps, the same safe loader for both, with the composed node tree
+    checked (:func:`_check_tree`) between composing and building plain values."""
+    loader = SAFE_PARSER(text)
+    try:
+        node = loader.get_single_node()  # the node tree: nothing constructed yet
+        if node is None:
+            return None
+        _check_tree(node, source)
+        return loader.construct_document(node)  # SafeConstructor: plain data only
+    finally:
+        loader.dispose()
 
 
 def _check_tree(root: yaml.Node, source: str) -> None:
@@ -193,11 +218,7 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         if "!" in text or "&" in text or "*" in text:
             _refuse_tags(text, source)
-        node = yaml.compose(text, Loader=SAFE_PARSER)  # the node tree: nothing constructed yet
-        if node is None:
-            return None
-        _check_tree(node, source)
-        return yaml.constructor.SafeConstructor().construct_document(node)  # plain data only
+        return _safe_load_checked(text, source)
     except yaml.YAMLError as exc:
         raise _fail("invalid_yaml", "cannot parse YAML: " + " ".join(str(exc).split()), source) from None
     except RecursionError:

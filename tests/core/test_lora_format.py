@@ -90,7 +90,7 @@ def test_diffusers_file_loads_with_the_same_delta(adapter, tmp_path):
     keys = set(load_file(str(path)))
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys and len(keys) == 2 * len(deltas)
     pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
-    pipe.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="student")
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="student", use_safetensors=True)
     pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
     weights = dict(pipe.transformer.named_parameters())
     for module, delta in deltas.items():

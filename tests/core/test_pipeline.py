@@ -119,7 +119,7 @@ def test_folder_loads_with_plain_diffusers_and_samples_offline(pipe, folder):
     index = json.loads((folder / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"] and index["vae"] == [None, None]
     assert list(folder.glob("transformer/*.safetensors")) and not list(folder.rglob("*.bin"))
-    plain = StableDiffusion3Pipeline.from_pretrained(folder, vae=None, local_files_only=True)
+    plain = StableDiffusion3Pipeline.from_pretrained(folder, vae=None, local_files_only=True, use_safetensors=True)
     kwargs = dict(num_inference_steps=3, guidance_scale=4.5, output_type="latent", max_sequence_length=T5_LEN)
     a = plain(PROMPTS[:2], generator=torch.Generator().manual_seed(1), **kwargs).images
     b = pipe(PROMPTS[:2], generator=torch.Generator().manual_seed(1), height=16, width=16, **kwargs).images
