@@ -35,6 +35,20 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def node_params(run: Path, meta: dict) -> dict:
+    """A node's params from its ``outputs.json`` (``meta``), with the values of the settings node linked to its
+    ``settings`` input (found by its fingerprint among the run's nodes) under them."""
+    link = meta.get("inputs", {}).get("settings")
+    if not link:
+        return dict(meta["params"])
+    fingerprint = link.split(":")[0]
+    for path in (run / "nodes").glob("*/outputs.json"):
+        other = json.loads(path.read_text())
+        if other.get("fingerprint") == fingerprint:
+            return {**other["params"], **meta["params"]}
+    raise SystemExit(f"{run}: no node with the fingerprint {fingerprint} of {meta['node']}'s settings")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the run folder that trained the teachers, e.g. runs/full_opd")
@@ -65,7 +79,7 @@ def main() -> None:
     for task, node in TEACHERS.items():
         folder = args.run / "nodes" / node
         meta = json.loads((folder / "outputs.json").read_text())
-        params = meta["params"]
+        params = node_params(args.run, meta)
         label = meta["outputs"][0]["label"]
         history = json.loads((folder / "metrics.json").read_text())
         target = args.out / task
@@ -76,7 +90,8 @@ def main() -> None:
         samples = params["epochs"] * params["prompts_per_epoch"] * params["group_size"]
         stat = paired(results, label, results["models"][0], task, category)
         star = " *" if stat.low > 0 or stat.high < 0 else ""
-        metric = " ".join(HEADLINE[task][::-1]).replace("scores", "").strip()
+        table, reward = HEADLINE[task]
+        metric = f"{reward} strict" if table == "strict" else reward
         lines.append(
             f"| {task} (`{label}`) | {params['rewards']} | {params['epochs']} x {params['prompts_per_epoch']} x "
             f"{params['group_size']} = {samples} | {params['epochs'] * params['updates_per_epoch']} | {params['lr']} "

@@ -352,8 +352,7 @@ def _settings_owner_issues(
         source = resolved.get(link.node) if link is not None else None
         if link is not None and (source is None or link.node in bad):
             continue
-        values = {**node.params, SETTINGS_INPUT: source.params} if source is not None else node.params
-        params = merge_settings(node.cls, values, fill=source is None)
+        params = _with_settings(node, resolved)
         explicit = source is not None and source.id not in owners
         for field, message in node_problems(node.cls, params, frozenset(node.links)):
             if explicit and (not field or node.cls.SETTINGS.input(field) is not None):
