@@ -43,13 +43,13 @@ def parse_comparisons(spec: str) -> tuple[Comparison, ...]:
 
 
 def comparison_problems(
-    comparisons: Sequence[Comparison], models: Sequence[str], tasks: Sequence[str] | None = None
+    comparisons: Sequence[Comparison], models: Sequence[str] | None, tasks: Sequence[str] | None = None
 ) -> list[str]:
     """Labels and tasks that ``comparisons`` name but the evaluation does not have (``models``: the labels;
-    ``tasks`` None: not checked)."""
+    either None: not checked)."""
     problems = []
     for c in comparisons:
-        missing = [name for name in (c.a, c.b) if name not in models]
+        missing = [name for name in (c.a, c.b) if models is not None and name not in models]
         if missing:
             problems.append(f"'{c}': no model labelled {', '.join(map(repr, missing))} (models: {list(models)})")
         if c.task and tasks is not None and c.task not in tasks:

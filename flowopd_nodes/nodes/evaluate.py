@@ -103,16 +103,18 @@ class Evaluator(Node):
     def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         models = [inputs[f"model_{i}"] for i in range(1, MAX_MODELS + 1) if f"model_{i}" in inputs]
         labels = [facts.get("label") for facts in models]
-        if not isinstance(params.get("comparisons"), str) or None in labels:
-            return []  # a label that comes from a link or a default name: checked before sampling
+        tasks = inputs.get("prompts", {}).get("tasks")
+        if not isinstance(params.get("comparisons"), str):
+            return []
         try:
             comparisons = parse_comparisons(params["comparisons"])
         except ValueError:
             return []  # check_params reports it
-        problems = comparison_problems(comparisons, labels)
+        # a label from a link or a default name, or tasks of a prompt file: checked before sampling
+        problems = comparison_problems(comparisons, None if None in labels else labels, tasks)
         if not problems:
             return []
-        return [("comparisons", f"{'; '.join(problems)} (the labels of the models linked to model_1..)")]
+        return [("comparisons", f"{'; '.join(problems)} (the models linked to model_1.. and the prompts)")]
 
     def run(self, prompts: PromptSet, model_1: ModelRef, task_rewards: str, reward_servers: str, **values) -> tuple:
         from flowopd_core.eval.evaluate import evaluate_targets, metric_plan, targets_from_refs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flowopd_core.miniworld.tasks import SPLITS, TASKS
 from flowopd_core.prompts import PromptSet
 from flowopd_nodes.engine.ports import In, Node, Out
@@ -22,6 +24,13 @@ class MiniWorldPrompts(Node):
         In("seed", "INT", 0, "seed of the subset", min=0, max=2**31 - 1),
     )
     OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
+
+    @classmethod
+    def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        task = params.get("task")
+        if task not in ("all", *TASKS):
+            return {}  # linked or refused: nothing known
+        return {"prompts": {"tasks": TASKS if task == "all" else (task,)}}  # every task keeps prompts (per_task)
 
     def run(self, task: str, split: str, per_task: int, seed: int) -> tuple[PromptSet]:
         from flowopd_core.miniworld.sets import prompt_set
