@@ -249,10 +249,16 @@ def render(
     if size < 16:
         raise ValueError(f"mini-world images need size >= 16, got {size}")
     truth = spec.spec
-    template = truth.get("template")
     if spec.task == "text":
         word = truth["word"]
         return render_word(word, size, word_offset(word, rng, size, text_jitter))
+    return draw_objects(placed_objects(spec, rng, size), size)
+
+
+def placed_objects(spec: PromptSpec, rng: np.random.Generator, size: int = 32) -> list[Placed]:
+    """The objects of a compose or quality prompt's ground truth at random sizes and places (``render``)."""
+    truth = spec.spec
+    template = truth.get("template")
     objs = truth.get("objects") or []
     if spec.task == "compose" and template == "single":
         spots = [layout_single(objs[0].get("size"), rng, size)]
@@ -267,7 +273,22 @@ def render(
         spots = [layout_icon(truth["size"] == "large", rng, size)]
     else:
         raise ValueError(f"not a mini-world prompt (task {spec.task!r}, template {template!r}): {spec.text!r}")
-    return draw_objects([Placed(o["colour"], o["shape"], *xyr) for o, xyr in zip(objs, spots)], size)
+    return [Placed(o["colour"], o["shape"], *xyr) for o, xyr in zip(objs, spots)]
+
+
+def with_extra_copy(placed: Sequence[Placed], rng: np.random.Generator, size: int = 32) -> list[Placed] | None:
+    """``placed`` plus one more copy of one of its objects (same colour, shape and size, picked at random) at a
+    random free place (bounding boxes at least ``GAP`` apart), or ``None`` where none fits in 30 tries: the
+    compose task's "one too many" error (``sample_training_batch``'s ``compose_error_fraction``)."""
+    scale = size / 32
+    source = placed[int(rng.integers(len(placed)))]
+    taken = [(o.cx, o.cy, o.r) for o in placed]
+    lo, hi = source.r + scale, size - source.r - scale
+    for _ in range(30):
+        candidate = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), source.r)
+        if _fits(candidate, taken, GAP * scale):
+            return [*placed, Placed(source.colour, source.shape, *candidate)]
+    return None
 
 
 # ------------------------------------------------------------------------------------------- degradation
@@ -368,6 +389,7 @@ def sample_training_batch(
     quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
     task_weights: Sequence[float] | None = None,
     text_jitter: tuple[float, float] | None = None,
+    compose_error_fraction: float = 0.0,
 ) -> TrainingBatch:
     """Draw ``batch_size`` (prompt, image) pairs from the ``train`` split.
 
@@ -384,6 +406,8 @@ def sample_training_batch(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
     if not 0.0 <= quality_degraded_fraction <= 1.0:
         raise ValueError(f"quality_degraded_fraction must lie in [0, 1], got {quality_degraded_fraction}")
+    if not 0.0 <= compose_error_fraction <= 1.0:
+        raise ValueError(f"compose_error_fraction must lie in [0, 1], got {compose_error_fraction}")
     if text_jitter is not None and not is_text_jitter(text_jitter):
         raise ValueError(f"text_jitter must be two finite numbers >= 0 (x, y px), got {text_jitter!r}")
     p = None
@@ -403,6 +427,12 @@ def sample_training_batch(
         spec = pool[int(rng.integers(len(pool)))]
         image = render(spec, rng, size, text_jitter)
         kind = ""
+        if task == "compose" and compose_error_fraction > 0 and rng.random() < compose_error_fraction:
+            for _ in range(20):  # a fresh layout until the extra copy fits
+                extra = with_extra_copy(placed_objects(spec, rng, size), rng, size)
+                if extra is not None:
+                    kind, image = "extra_copy", draw_objects(extra, size)
+                    break
         if task == "quality" and rng.random() < quality_degraded_fraction:
             kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
             image = degrade(image, kind, rng, severity="mild")

@@ -3,6 +3,7 @@
 Mini-world rewards, all real and offline:
 - ``compose``: a detector for the mini-world's objects (GenEval-style strict correctness + partial score);
 - ``compose_strict``: the same detector's all-or-nothing correctness as the score (GenEval's accuracy);
+- ``compose_dense``: the same constraints each met to a degree (shape IoU margins, soft counts, relation margins);
 - ``ocr``: rapidocr 3.x recognition scored as the paper's OCR reward;
 - ``ocr_likelihood``: the same recogniser's CTC likelihood of the target text (a dense form of ``ocr`` to train on);
 - ``quality``: a documented no-reference quality score of mini-world images;
@@ -25,6 +26,7 @@ _LAZY: dict[str, str] = {
     "CONTROL_REWARDS": "flowopd_core.rewards.registry",
     "make_reward": "flowopd_core.rewards.registry",
     "ComposeConfig": "flowopd_core.rewards.compose",
+    "ComposeDenseReward": "flowopd_core.rewards.compose",
     "ComposeReward": "flowopd_core.rewards.compose",
     "ComposeStrictReward": "flowopd_core.rewards.compose",
     "OCRConfig": "flowopd_core.rewards.ocr",
@@ -57,6 +59,7 @@ __all__ = [
     "ComposeConfig",
     "ComposeReward",
     "ComposeStrictReward",
+    "ComposeDenseReward",
     "OCRConfig",
     "OCRLikelihoodReward",
     "OCRReward",

@@ -85,6 +85,8 @@ class Detection:
     iou: float
     bbox: tuple[int, int, int, int]
     size: str = "small"
+    ious: tuple[tuple[str, float], ...] = ()  # (shape, soft IoU) with every ideal silhouette
+    extent: float = 0.0  # the bounding box's longer side / the image side
 
 
 def classify_pixels(image: np.ndarray, max_distance: float) -> np.ndarray:
@@ -116,18 +118,23 @@ def coverage(image: np.ndarray, colour: str) -> np.ndarray:
     return np.clip((white - image.astype(np.float32)) @ axis / float(axis @ axis), 0.0, 1.0)
 
 
-def shape_of(part: np.ndarray, min_iou: float, soft: np.ndarray | None = None) -> tuple[str, float]:
-    """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU).
+def shape_ious(part: np.ndarray, soft: np.ndarray | None = None) -> dict[str, float]:
+    """``(h, w)`` bool component cropped to its bbox -> shape -> IoU with that shape's ideal silhouette.
 
     ``soft``: optional ``(h, w)`` coverage in [0, 1] of the same crop; the IoU is then the soft (fuzzy) IoU
     sum(min(soft, ideal)) / sum(max(soft, ideal)), which reads anti-aliased edges by how much they are covered.
     """
     ideals = silhouettes(*part.shape)
     if soft is None:
-        ious = {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in ideals.items()}
-    else:
-        ious = {name: float(np.minimum(soft, ideal).sum() / np.maximum(soft, ideal).sum())
-                for name, ideal in ideals.items()}
+        return {name: float((part & ideal).sum() / (part | ideal).sum()) for name, ideal in ideals.items()}
+    return {name: float(np.minimum(soft, ideal).sum() / np.maximum(soft, ideal).sum())
+            for name, ideal in ideals.items()}
+
+
+def shape_of(part: np.ndarray, min_iou: float, soft: np.ndarray | None = None) -> tuple[str, float]:
+    """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU); ``soft`` as
+    :func:`shape_ious`."""
+    ious = shape_ious(part, soft)
     best = max(ious, key=ious.__getitem__)
     return (best if ious[best] >= min_iou else "blob"), ious[best]
 
@@ -149,8 +156,11 @@ def detect_objects(image: np.ndarray, config: ComposeConfig) -> list[Detection]:
             ys, xs = np.nonzero(part)
             own = (components[box] == index) | (labels[box] == 0)  # this object or background, not others
             soft = np.where(own, coverage(image[box], _CLASS_NAMES[cls]), 0.0) * (part | ~(labels[box] == cls))
-            shape, iou = shape_of(part, config.min_shape_iou, soft)
-            large = max(part.shape) >= config.large_extent * max(labels.shape)
+            ious = shape_ious(part, soft)
+            best = max(ious, key=ious.__getitem__)
+            shape, iou = (best if ious[best] >= config.min_shape_iou else "blob"), ious[best]
+            extent = max(part.shape) / max(labels.shape)
+            large = extent >= config.large_extent
             found.append(
                 Detection(
                     colour=_CLASS_NAMES[cls],
@@ -161,6 +171,8 @@ def detect_objects(image: np.ndarray, config: ComposeConfig) -> list[Detection]:
                     iou=round(iou, 3),
                     bbox=(box[0].start, box[1].start, box[0].stop, box[1].stop),
                     size="large" if large else "small",
+                    ious=tuple((name, round(value, 4)) for name, value in ious.items()),
+                    extent=extent,
                 )
             )
     return sorted(found, key=lambda d: -d.area)
@@ -229,3 +241,100 @@ class ComposeStrictReward(ComposeReward):
         return [sample if math.isnan(sample.strict) else  # unscorable: NaN stays NaN
                 dataclasses.replace(sample, score=sample.strict, details={**sample.details, "partial": sample.score})
                 for sample in super().score_batch(images, prompts)]
+
+
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * x))
+
+
+def shape_belief(d: Detection, shape: str, min_iou: float, temperature: float) -> float:
+    """How surely detection ``d`` has ``shape``, in (0, 1): a logistic of the margin between the IoU with that
+    shape's silhouette and the best of the other shapes' IoUs and ``min_iou`` (the detector's "blob" bar); 0.5
+    where the detector's hard call flips."""
+    ious = dict(d.ious)
+    rival = max([v for k, v in ious.items() if k != shape] + [min_iou])
+    return _sigmoid((ious.get(shape, 0.0) - rival) / temperature)
+
+
+def relation_margin(a: Detection, b: Detection, relation: str) -> float:
+    """Signed distance in px by which ``a`` is ``relation`` ``b`` (> 0 iff :func:`relation_holds`, up to ties):
+    the offset along the named side minus the offset across it."""
+    sx, sy = _SIDES[relation]
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    return sx * dx - abs(dy) if sx else sy * dy - abs(dx)
+
+
+@dataclass(frozen=True)
+class ComposeDenseConfig(ComposeConfig):
+    shape_temperature: float = field(
+        default=0.05, metadata={"help": "IoU margin that moves a shape constraint from 0.27 to 0.73"}
+    )
+    relation_temperature: float = field(
+        default=1 / 16, metadata={"help": "relation margin (fraction of the image side) from 0.27 to 0.73"}
+    )
+    size_temperature: float = field(
+        default=0.05, metadata={"help": "extent margin around large_extent (fraction of the side) from 0.27 to 0.73"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("shape_temperature", "relation_temperature", "size_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def judge_dense(detections: Sequence[Detection], truth: dict[str, Any], config: ComposeDenseConfig,
+                image_side: int) -> float:
+    """A dense form of :func:`judge`'s score: the same constraints, each met to a degree in [0, 1].
+
+    Per object: colour present (0 or 1, as :func:`judge`); shape = the best :func:`shape_belief` among the
+    objects of its colour; count = exp(-|soft count - count|), the soft count summing the beliefs of all
+    objects of its colour; size = a logistic of the picked object's extent around ``large_extent``. Relation:
+    a logistic of :func:`relation_margin` between the picked objects (each object's most shape-like detection
+    of its colour). Mean over the constraints, as ``judge``'s score; it equals 1 only in the limit of clear
+    shapes, exact counts and wide margins, and moves with every pixel that sharpens a corner or shifts an object.
+    """
+    terms: list[float] = []
+    picks: list[Detection | None] = []
+    for obj in truth["objects"]:
+        same_colour = [d for d in detections if d.colour == obj["colour"]]
+        beliefs = [shape_belief(d, obj["shape"], config.min_shape_iou, config.shape_temperature)
+                   for d in same_colour]
+        terms.append(float(bool(same_colour)))
+        terms.append(max(beliefs, default=0.0))
+        terms.append(math.exp(-abs(sum(beliefs) - obj["count"])))
+        pick = same_colour[int(np.argmax(beliefs))] if same_colour else None
+        if obj.get("size"):
+            margin = (pick.extent - config.large_extent) if pick is not None else -1.0
+            sign = 1.0 if obj["size"] == "large" else -1.0
+            terms.append(_sigmoid(sign * margin / config.size_temperature) if pick is not None else 0.0)
+        picks.append(pick)
+    relation = truth.get("relation")
+    if relation:
+        a, b = picks[0], picks[1]
+        terms.append(0.0 if a is None or b is None else
+                     _sigmoid(relation_margin(a, b, relation) / (config.relation_temperature * image_side)))
+    return float(np.mean(terms))
+
+
+class ComposeDenseReward(ComposeReward):
+    """The compose detector read densely (:func:`judge_dense`) as a training reward: each constraint scores how
+    far it is met (shape IoU margins, soft counts, relation margins), so the samples of a group that all meet the
+    same number of constraints still differ by how nearly they meet the rest. ``strict`` and ``details`` are
+    :class:`ComposeReward`'s (the partial score under ``partial``)."""
+
+    name = "compose_dense"
+    config_type = ComposeDenseConfig
+
+    def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
+        out = []
+        for image, prompt in zip(images, prompts):
+            truth = prompt.spec
+            if not truth.get("objects"):
+                out.append(cannot_score(f"prompt {prompt.id!r} has no compose spec (objects)"))
+                continue
+            detections = detect_objects(image, self.config)
+            hard = judge(detections, truth)
+            dense = judge_dense(detections, truth, self.config, max(image.shape[:2]))
+            out.append(dataclasses.replace(hard, score=dense, details={**hard.details, "partial": hard.score}))
+        return out

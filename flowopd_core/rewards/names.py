@@ -4,7 +4,7 @@ of the registries in :mod:`flowopd_core.rewards.registry`."""
 
 from __future__ import annotations
 
-REWARD_NAMES: tuple[str, ...] = ("compose", "compose_strict", "ocr", "ocr_likelihood", "quality")
+REWARD_NAMES: tuple[str, ...] = ("compose", "compose_strict", "compose_dense", "ocr", "ocr_likelihood", "quality")
 """The keys of :data:`~flowopd_core.rewards.REWARDS` (mini-world metrics; the Evaluator's "all")."""
 REAL_REWARD_NAMES: tuple[str, ...] = ("pickscore",)
 """The keys of :data:`~flowopd_core.rewards.REAL_REWARDS` (local-weights adapters)."""

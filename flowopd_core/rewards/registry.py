@@ -9,7 +9,7 @@ from typing import Any
 
 from flowopd_core.rewards import names
 from flowopd_core.rewards.base import Reward
-from flowopd_core.rewards.compose import ComposeReward, ComposeStrictReward
+from flowopd_core.rewards.compose import ComposeDenseReward, ComposeReward, ComposeStrictReward
 from flowopd_core.rewards.ocr import OCRLikelihoodReward, OCRReward
 from flowopd_core.rewards.quality import QualityReward
 from flowopd_core.rewards.random_control import RandomReward
@@ -18,6 +18,7 @@ from flowopd_core.rewards.real import REAL_REWARDS
 REWARDS: dict[str, type[Reward]] = {
     "compose": ComposeReward,
     "compose_strict": ComposeStrictReward,
+    "compose_dense": ComposeDenseReward,
     "ocr": OCRReward,
     "ocr_likelihood": OCRLikelihoodReward,
     "quality": QualityReward,

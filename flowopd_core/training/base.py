@@ -41,7 +41,7 @@ from flowopd_core.prompts import PromptSpec
 from flowopd_core.rewards.base import RewardResult
 from flowopd_core.sampling.samplers import Rollout, flow_sigmas, noisy_steps, sample
 from flowopd_core.training.checkpoint import read_checkpoint, write_checkpoint
-from flowopd_core.training.config import TrainerConfig, use_checkpointing
+from flowopd_core.training.config import TrainerConfig, lr_factor, use_checkpointing
 from flowopd_core.training.distributed import World
 from flowopd_core.training.ema import EMA
 
@@ -236,6 +236,10 @@ class LoraTrainer:
         if not torch.isfinite(norm):
             self._skip_step(f"gradient norm {float(norm)}")
             return None
+        factor = lr_factor(self.config.lr_schedule, self.optimizer_steps,
+                           self.config.epochs * self.config.updates_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor
         self.optimizer.step()
         if self.ema is not None:
             self.ema.step(self.params, self.optimizer_steps)
@@ -541,7 +545,10 @@ class LoraTrainer:
             raise ValueError(
                 f"not a {type(self).__name__} state: format {meta.get('format')!r} (want {self.STATE_FORMAT!r})"
             )
-        saved, current = dict(meta["config"]), self.config.to_json()
+        current = self.config.to_json()
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.default is not dataclasses.MISSING}
+        # a setting added since the state was saved compares as its default (the behaviour the run had)
+        saved = {**{k: v for k, v in defaults.items() if k in current and k not in meta["config"]}, **meta["config"]}
         free = self.FREE_CONFIG_KEYS
         diff = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
         if diff:

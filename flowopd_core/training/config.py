@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -12,6 +13,9 @@ from typing import Any
 from flowopd_core.choices import LOGPROB_REDUCES, PRECISIONS, STOCHASTIC_KINDS
 
 CHECKPOINTING_MODES = ("auto", "on", "off")
+LR_SCHEDULES = ("constant", "cosine")
+LR_FINAL_RATIO = 0.1
+"""A ``cosine`` schedule ends at this fraction of ``lr`` (as the mini-world pretraining's)."""
 CHECKPOINTING_PARAMS = 500_000_000
 """``gradient_checkpointing: auto`` turns it on for transformers with more parameters than this: SD3.5-Medium
 (2.5 B) keeps every block's activations for the backward pass otherwise, while the mini-world (2.3 M) and the
@@ -23,6 +27,18 @@ def use_checkpointing(mode: str, parameters: int) -> bool:
     if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
     return mode == "on" or (mode == "auto" and parameters > CHECKPOINTING_PARAMS)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``: 1 for ``constant``; for
+    ``cosine`` 0.1 + 0.9 (1 + cos(pi s / total)) / 2, from 1 at the first step to :data:`LR_FINAL_RATIO` at
+    ``total`` (held there beyond it)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, step / max(total, 1))
+    return LR_FINAL_RATIO + (1.0 - LR_FINAL_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **limits: Any) -> Any:
@@ -81,6 +97,9 @@ class TrainerConfig:
     clip_range: float = setting(1e-4, "PPO clip eps of the ratio", above=0.0, max=10.0)
     adv_clip: float = setting(5.0, "advantages are clamped to +-adv_clip", min=0.0, max=1000.0)
     lr: float = setting(3e-4, "AdamW learning rate (paper 1e-4 to 3e-4)", above=0.0, max=1.0)
+    lr_schedule: str = setting(
+        "constant", "learning rate over the run: constant (Flow-GRPO's), or cosine decay to 10 % of lr at the last "
+                    "of epochs x updates_per_epoch optimizer steps", choices=LR_SCHEDULES)
     weight_decay: float = setting(1e-4, "AdamW weight decay", min=0.0, max=1.0)
     grad_clip: float = setting(1.0, "max gradient norm; 0 = no clipping", min=0.0, max=1000.0)
     updates_per_epoch: int = setting(2, "optimizer steps per sampling epoch", min=1, max=1000)

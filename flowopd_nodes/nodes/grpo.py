@@ -22,7 +22,7 @@ from flowopd_nodes.engine.ports import (
     split_ports,
 )
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, reward_param_errors
-from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
+from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, NEW_TRAINER_SETTINGS, train_resumable
 
 if TYPE_CHECKING:
     from flowopd_core.models.modelref import ModelRef
@@ -69,7 +69,7 @@ class GRPOTrainerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = GRPOSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS if p.name not in NEW_TRAINER_SETTINGS)
     INPUTS = (
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),

@@ -26,7 +26,7 @@ from flowopd_nodes.engine.ports import (
     split_ports,
 )
 from flowopd_nodes.nodes.reward_params import REWARD_SERVERS, optional_weights, reward_param_errors
-from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, train_resumable
+from flowopd_nodes.nodes.train_loop import CHECKPOINT_INPUTS, NEW_TRAINER_SETTINGS, train_resumable
 
 if TYPE_CHECKING:
     from flowopd_core.distill.trainer import TeacherRefs
@@ -313,7 +313,7 @@ class DistillerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = DistillerSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _OPD_WIDGETS)
+    LEGACY_WIDGETS = tuple(p.name for p in _OPD_WIDGETS if p.name not in NEW_TRAINER_SETTINGS)
     INPUTS = (
         In("student", "FLOWOPD_MODEL", help="the cold-started student (no adapter = start from the base)"),
         In("teachers", "FLOWOPD_TEACHERS", help="teacher pool with routing"),

@@ -66,6 +66,10 @@ _WIDGETS = (
     In("quality_degraded_fraction", "FLOAT", QUALITY_DEGRADED_FRACTION,
        "share of the quality task's training images that are degraded (sets where a fully trained base's "
        "quality score lands: the data score 0.72 at 0.5, 0.655 at 0.65)", min=0.0, max=1.0, step=0.05),
+    In("compose_error_fraction", "FLOAT", 0.0,
+       "share of the compose task's training images drawn with one named object too many (caption noise: a "
+       "count error the base then makes at about this rate, for RL to remove); 0 = none (the shipped base)",
+       min=0.0, max=1.0, step=0.05),
     In("task_weights", "STRING", "",
        "share of each task in the training batches, e.g. 'compose:1, text:2, quality:1' (tasks not named get "
        "none); empty = the three tasks equally"),
@@ -110,7 +114,7 @@ class PretrainMiniWorld(Node):
         "must then be left at their defaults)."
     )
     SETTINGS = PretrainSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS)
+    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS if p.name != "compose_error_fraction")  # came later
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
@@ -141,7 +145,8 @@ class PretrainMiniWorld(Node):
                 for port in _TINY_INPUTS if port.name in params and params[port.name] != port.default]
 
     def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
-            task_weights: str = "", text_jitter: str = "", device: str = "auto", **values) -> tuple:
+            compose_error_fraction: float = 0.0, task_weights: str = "", text_jitter: str = "",
+            device: str = "auto", **values) -> tuple:
         from flowopd_core.miniworld.rendering import sample_training_batch
         from flowopd_core.miniworld.tiny import build_tiny_pipeline
         from flowopd_core.models.modelref import ModelRef, resolve_device
@@ -173,7 +178,8 @@ class PretrainMiniWorld(Node):
                 weights = [named.get(task, 0.0) for task in TASKS]
             jitter = parse_text_jitter(text_jitter) if text_jitter.strip() else None
             data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction,
-                                     task_weights=weights, text_jitter=jitter)
+                                     compose_error_fraction=compose_error_fraction, task_weights=weights,
+                                     text_jitter=jitter)
             result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()

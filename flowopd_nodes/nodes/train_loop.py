@@ -13,6 +13,10 @@ from flowopd_nodes.engine.ports import In
 if TYPE_CHECKING:
     from flowopd_core.training.base import LoraTrainer
 
+NEW_TRAINER_SETTINGS = ("lr_schedule",)
+"""Trainer settings added after the settings companions: not among a trainer's ``LEGACY_WIDGETS`` (the flat
+widget order of workflows saved before the settings moved)."""
+
 CHECKPOINT_INPUTS = (
     In("checkpoint_every", "INT", 5, "epochs between resumable checkpoints (0 = none)", min=0, max=10**6),
     In("keep_checkpoints", "INT", 2, "checkpoints kept (the newest); a broken one is skipped on resume",

@@ -366,3 +366,45 @@ def test_same_initial_noise_shares_x_T_within_each_group_only():
     assert not torch.equal(x_T[0], x_T[3])
     default = _trainer(_config(group_size=3, batch_size=4)).collect().rollout.latents[:, 0]
     assert not torch.equal(default[0], default[1])  # off: every sample draws its own
+
+
+def test_cosine_lr_schedule_sets_each_optimizer_step_and_resumes(tmp_path):
+    """lr_schedule: every optimizer step runs at lr * lr_factor(step); the constant schedule is Flow-GRPO's; a
+    cosine run resumed from a checkpoint repeats the uninterrupted one; a state saved before the setting existed
+    loads as the constant schedule it ran with."""
+    from flowopd_core.training.config import LR_FINAL_RATIO, lr_factor
+
+    assert lr_factor("constant", 7, 8) == 1.0
+    assert lr_factor("cosine", 0, 8) == 1.0 and lr_factor("cosine", 4, 8) == pytest.approx(0.55)
+    assert lr_factor("cosine", 8, 8) == pytest.approx(LR_FINAL_RATIO) == lr_factor("cosine", 20, 8)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor("linear", 0, 8)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _config(lr_schedule="step")
+
+    config = _config(lr_schedule="cosine", epochs=2, updates_per_epoch=2, ema_decay=0.0)
+    trainer = _trainer(config)
+    seen = []
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    trainer.epoch()
+    save_trainer_state(trainer.state_dict(), tmp_path / "ckpt")
+    trainer.epoch()
+    assert seen == pytest.approx([config.lr * lr_factor("cosine", k, 4) for k in range(4)])
+    resumed = _trainer(config)
+    resumed.load_state_dict(load_trainer_state(tmp_path / "ckpt"))
+    resumed.epoch()
+    assert all(torch.equal(p, resumed.params[n]) for n, p in trainer.params.items())
+
+    plain = _trainer(_config(epochs=2))
+    plain.epoch()
+    state = plain.state_dict()
+    del state.meta["config"]["lr_schedule"]  # as written before the setting existed
+    _trainer(_config(epochs=2)).load_state_dict(state)
+    with pytest.raises(ValueError, match="different config"):
+        _trainer(_config(epochs=2, lr_schedule="cosine")).load_state_dict(state)

@@ -234,3 +234,25 @@ def test_text_jitter_bounds_the_word_offset():
             mw.parse_text_jitter(bad)
     with pytest.raises(ValueError, match="text_jitter"):
         mw.sample_training_batch(np.random.default_rng(0), 4, text_jitter=(1.0, -1.0))
+
+
+def test_compose_error_fraction_adds_one_copy_of_a_named_object():
+    """compose_error_fraction: that share of compose images (where the copy fits) shows one object too many, so
+    the compose detector fails their count and nothing else; 0 leaves the data stream unchanged."""
+    from flowopd_core.rewards import make_reward
+
+    batch = mw.sample_training_batch(np.random.default_rng(0), 256, tasks=("compose",), compose_error_fraction=0.5)
+    wrong = [k == "extra_copy" for k in batch.degradations]
+    assert 0.3 < np.mean(wrong) < 0.55 and set(batch.degradations) <= {"", "extra_copy"}
+    result = make_reward("compose")(batch.images, batch.specs)
+    assert float(result.strict[torch.tensor(wrong)].max()) == 0.0
+    assert float(result.strict[~torch.tensor(wrong)].mean()) >= 0.95
+    for details, bad in zip(result.details, wrong):
+        if bad:
+            failed = {name for name, ok in details["constraints"].items() if not ok}
+            assert failed and all(name.endswith("_count") or name == "relation" for name in failed)
+    plain = mw.sample_training_batch(np.random.default_rng(3), 32)
+    again = mw.sample_training_batch(np.random.default_rng(3), 32, compose_error_fraction=0.0)
+    assert plain.prompts == again.prompts and torch.equal(plain.images, again.images)
+    with pytest.raises(ValueError, match="compose_error_fraction"):
+        mw.sample_training_batch(np.random.default_rng(0), 4, compose_error_fraction=-0.1)

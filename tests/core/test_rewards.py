@@ -15,6 +15,7 @@ from flowopd_core.rewards import (
     CONTROL_REWARDS,
     REWARDS,
     TASK_REWARDS,
+    ComposeDenseReward,
     ComposeReward,
     ComposeStrictReward,
     OCRLikelihoodReward,
@@ -80,7 +81,8 @@ def ocr():
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_is_explicit_and_builds_configured_rewards():
     assert REWARDS == {
-        "compose": ComposeReward, "compose_strict": ComposeStrictReward, "ocr": OCRReward,
+        "compose": ComposeReward, "compose_strict": ComposeStrictReward, "compose_dense": ComposeDenseReward,
+        "ocr": OCRReward,
         "ocr_likelihood": OCRLikelihoodReward, "quality": QualityReward,
     }
     assert set(TASK_REWARDS) == set(mw.TASKS) and set(TASK_REWARDS.values()) <= set(REWARDS)
@@ -314,3 +316,34 @@ def test_random_control_reward_is_deterministic_uniform_and_blind_to_the_image()
     assert abs(torch.corrcoef(torch.stack([scores, brightness]))[0, 1].item()) < 0.15
     other = make_reward("random", seed=1)(images, prompts).scores
     assert not torch.equal(scores, other)
+
+
+def test_compose_dense_is_a_dense_form_of_the_compose_reward():
+    """compose_dense: ground truth near 1, mismatched prompts low, strict and details are compose's; each
+    constraint moves continuously: a square drawn rounder scores lower before the detector's hard call flips,
+    and a relation scores by its margin."""
+    from flowopd_core.miniworld.rendering import Placed, draw_objects
+    from flowopd_core.rewards.compose import ComposeConfig, detect_objects, relation_margin
+
+    dense, hard = make_reward("compose_dense"), make_reward("compose")
+    specs = sample_specs("compose", 64)
+    clean = as_tensor(renders(specs))
+    got, ref = dense(clean, specs), hard(clean, specs)
+    assert got.mean() >= 0.9 and torch.equal(got.strict, ref.strict)
+    assert [d["partial"] for d in got.details] == pytest.approx(ref.scores.tolist())
+    assert dense(clean, [wrong_prompt(s) for s in specs]).mean() <= 0.35
+    assert dense(as_tensor(blur(renders(specs), 5.0)), specs).mean() <= 0.2
+
+    square = next(p for p in mw.all_prompts("train") + mw.all_prompts("test") if p.text == "a red square")
+    canvas = [draw_objects([Placed("red", "square", 16, 16, 8)], 32)]
+    yy, xx = np.mgrid[:32, :32]
+    for radius in (7.6, 8.4):  # the square (half-side 7.2, corners 10.2 px out) cut by a disc of this radius
+        inside = (np.abs(xx - 15.5) <= 7.2) & (np.abs(yy - 15.5) <= 7.2) & ((xx - 15.5) ** 2 + (yy - 15.5) ** 2
+                                                                            <= radius ** 2)
+        canvas.append(np.where(inside[..., None], np.array(mw.PALETTE["red"], np.uint8), np.uint8(255)))
+    scores = dense(as_tensor(canvas), [square] * 3).scores.tolist()
+    assert scores[0] > scores[2] > scores[1]  # sharp > slightly rounded > nearly a disc
+    assert hard(as_tensor(canvas), [square] * 3).scores.tolist() == [1.0, pytest.approx(1 / 3), 1.0]
+    a, b = (detect_objects(draw_objects([Placed("red", "circle", x, 16, 5)], 32), ComposeConfig())[0]
+            for x in (8, 24))
+    assert relation_margin(a, b, "left of") == pytest.approx(16, abs=0.5) and relation_margin(b, a, "left of") < 0
