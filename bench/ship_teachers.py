@@ -8,7 +8,12 @@ Copies each teacher node's ``adapter/`` (peft safetensors + config, unchanged) f
 (with the sha256 of its transformer weights; an adapter only fits that base), each teacher's settings and sample
 budget (from ``nodes/<node>/outputs.json``), its training curve's first and last epoch, the sha256 of every shipped
 file, and the held-out scores of the run's Evaluator: each teacher against the base on its own task (paired,
-:func:`compare_models.paired`). ``graphs/opd_from_teachers.yaml`` starts stage 2 from the shipped folder.
+:func:`compare_models.paired`) and, where the Evaluator also scored a model labelled ``random-<task>`` (the
+teacher's null control, ``graphs/teachers_vs_controls.yaml``), against that control.
+``graphs/opd_from_teachers.yaml`` starts stage 2 from the shipped folder.
+
+    python bench/ship_teachers.py runs/teachers_vs_controls --out models/teachers \
+        --command "python runner.py graphs/teachers_vs_controls.yaml" --commit <the commit that ran it>
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ def node_params(run: Path, meta: dict) -> dict:
     raise SystemExit(f"{run}: no node with the fingerprint {fingerprint} of {meta['node']}'s settings")
 
 
+def _stat(stat) -> str:
+    return f"{stat.mean:+.2f} ± {stat.half_width:.2f}" + (" *" if stat.low > 0 or stat.high < 0 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the run folder that trained the teachers, e.g. runs/full_opd")
@@ -72,8 +81,9 @@ def main() -> None:
         f"- written by: `python bench/ship_teachers.py {args.run.as_posix()} --out {args.out.as_posix()} ...`",
         "",
         "| teacher | reward | epochs x prompts x group = samples | optimizer steps | lr | clip "
-        "| reward, epoch 1 -> last | held-out: teacher - base on its task (paired, 95 %) | files (sha256) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| reward, epoch 1 -> last | held-out: teacher - base on its task (paired, 95 %) "
+        "| teacher - its random control | files (sha256) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     for task, node in TEACHERS.items():
@@ -89,16 +99,17 @@ def main() -> None:
         files = ", ".join(f"{p.name} `{sha256(p)[:12]}`" for p in sorted(target.iterdir()))
         samples = params["epochs"] * params["prompts_per_epoch"] * params["group_size"]
         stat = paired(results, label, results["models"][0], task, category)
-        star = " *" if stat.low > 0 or stat.high < 0 else ""
+        control = f"random-{task}"
+        versus = paired(results, label, control, task, category) if control in results["models"] else None
         table, reward = HEADLINE[task]
         metric = f"{reward} strict" if table == "strict" else reward
         lines.append(
             f"| {task} (`{label}`) | {params['rewards']} | {params['epochs']} x {params['prompts_per_epoch']} x "
             f"{params['group_size']} = {samples} | {params['epochs'] * params['updates_per_epoch']} | {params['lr']} "
             f"| {params['clip_range']} | {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f} | {metric}: "
-            f"{stat.mean:+.2f} ± {stat.half_width:.2f}{star} | {files} |")
+            f"{_stat(stat)} | {f'{metric}: {_stat(versus)} (`{control}`)' if versus else '-'} | {files} |")
         settings = ", ".join(f"{k} {params[k]}" for k in SETTINGS if k in params)
-        lines.append(f"|  | settings: {settings} | | | | | | | |")
+        lines.append(f"|  | settings: {settings} | | | | | | | | |")
     lines += ["", f"Held-out: the run's Evaluator (`{args.eval_node}`, {results['config']['images_per_prompt']} images "
               f"per prompt, ODE {results['config']['steps']} steps, seed {results['config']['seed']}); * = the "
               f"interval excludes 0. The budget is the main job's short CPU stage 1, not the paper's long-trained "
