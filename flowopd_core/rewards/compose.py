@@ -220,14 +220,13 @@ class ComposeReward(Reward):
     has_strict = True
 
     def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
-        out = []
-        for image, prompt in zip(images, prompts):
-            truth = prompt.spec
-            if not truth.get("objects"):
-                out.append(cannot_score(f"prompt {prompt.id!r} has no compose spec (objects)"))
-                continue
-            out.append(judge(detect_objects(image, self.config), truth))
-        return out
+        return [self.score_one(image, prompt.spec) if prompt.spec.get("objects")
+                else cannot_score(f"prompt {prompt.id!r} has no compose spec (objects)")
+                for image, prompt in zip(images, prompts)]
+
+    def score_one(self, image: np.ndarray, truth: dict[str, Any]) -> SampleScore:
+        """One ``(H, W, 3)`` uint8 image against its compose spec."""
+        return judge(detect_objects(image, self.config), truth)
 
 
 class ComposeStrictReward(ComposeReward):
@@ -326,15 +325,8 @@ class ComposeDenseReward(ComposeReward):
     name = "compose_dense"
     config_type = ComposeDenseConfig
 
-    def score_batch(self, images: np.ndarray, prompts: Sequence[PromptSpec]) -> list[SampleScore]:
-        out = []
-        for image, prompt in zip(images, prompts):
-            truth = prompt.spec
-            if not truth.get("objects"):
-                out.append(cannot_score(f"prompt {prompt.id!r} has no compose spec (objects)"))
-                continue
-            detections = detect_objects(image, self.config)
-            hard = judge(detections, truth)
-            dense = judge_dense(detections, truth, self.config, max(image.shape[:2]))
-            out.append(dataclasses.replace(hard, score=dense, details={**hard.details, "partial": hard.score}))
-        return out
+    def score_one(self, image: np.ndarray, truth: dict[str, Any]) -> SampleScore:
+        detections = detect_objects(image, self.config)
+        hard = judge(detections, truth)
+        dense = judge_dense(detections, truth, self.config, max(image.shape[:2]))
+        return dataclasses.replace(hard, score=dense, details={**hard.details, "partial": hard.score})
