@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
 
 
 def main() -> None:

@@ -14,11 +14,13 @@ a group nothing to reinforce (issue 20), while one with pass@k well above pass@1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
 
 
 def main() -> None:
