@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_models import HEADLINE, categories, paired  # noqa: E402
+from compare_models import HEADLINE, categories, cell, paired  # noqa: E402
 
 TEACHERS = {"compose": "teacher_compose", "text": "teacher_text", "quality": "teacher_quality"}
 SETTINGS = ("rewards", "epochs", "prompts_per_epoch", "group_size", "steps", "updates_per_epoch", "lr", "beta",
@@ -52,10 +52,6 @@ def node_params(run: Path, meta: dict) -> dict:
         if other.get("fingerprint") == fingerprint:
             return {**other["params"], **meta["params"]}
     raise SystemExit(f"{run}: no node with the fingerprint {fingerprint} of {meta['node']}'s settings")
-
-
-def _stat(stat) -> str:
-    return f"{stat.mean:+.2f} ± {stat.half_width:.2f}" + (" *" if stat.low > 0 or stat.high < 0 else "")
 
 
 def main() -> None:
@@ -107,7 +103,7 @@ def main() -> None:
             f"| {task} (`{label}`) | {params['rewards']} | {params['epochs']} x {params['prompts_per_epoch']} x "
             f"{params['group_size']} = {samples} | {params['epochs'] * params['updates_per_epoch']} | {params['lr']} "
             f"| {params['clip_range']} | {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f} | {metric}: "
-            f"{_stat(stat)} | {f'{metric}: {_stat(versus)} (`{control}`)' if versus else '-'} | {files} |")
+            f"{cell(stat)} | {f'{metric}: {cell(versus)} (`{control}`)' if versus else '-'} | {files} |")
         settings = ", ".join(f"{k} {params[k]}" for k in SETTINGS if k in params)
         lines.append(f"|  | settings: {settings} | | | | | | | | |")
     lines += ["", f"Held-out: the run's Evaluator (`{args.eval_node}`, {results['config']['images_per_prompt']} images "

@@ -397,8 +397,11 @@ def sample_training_batch(
     task, not all zero), then template uniform within the task, then prompt uniform within the template; the
     image is ``render(spec, rng, size, text_jitter)`` (``text_jitter``: the text task's largest (x, y) offset
     in px at 32 px, default ``TEXT_JITTER``). For the quality task a fraction ``quality_degraded_fraction``
-    (default 0.5) of the images is degraded by one of ``DEGRADATIONS`` (uniform) at mild severity; compose and
-    text images are always clean. Deterministic given ``rng``.
+    (default 0.5) of the images is degraded by one of ``DEGRADATIONS`` (uniform) at mild severity. For the compose
+    task a fraction ``compose_error_fraction`` (default 0) is drawn with one named object too many
+    (:func:`with_extra_copy`, kind "extra_copy"; an image where no extra copy fits in 20 layouts stays right, so
+    the realised share is lower: 0.43 at 0.5); text images are always clean. Deterministic given ``rng``; with
+    ``compose_error_fraction`` 0 the stream is the one the shipped base was trained on.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

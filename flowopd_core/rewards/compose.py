@@ -131,10 +131,8 @@ def shape_ious(part: np.ndarray, soft: np.ndarray | None = None) -> dict[str, fl
             for name, ideal in ideals.items()}
 
 
-def shape_of(part: np.ndarray, min_iou: float, soft: np.ndarray | None = None) -> tuple[str, float]:
-    """``(h, w)`` bool component cropped to its bbox -> (best-IoU shape or "blob", that IoU); ``soft`` as
-    :func:`shape_ious`."""
-    ious = shape_ious(part, soft)
+def shape_of(ious: dict[str, float], min_iou: float) -> tuple[str, float]:
+    """:func:`shape_ious` -> (the best-IoU shape, or "blob" below ``min_iou``; that IoU)."""
     best = max(ious, key=ious.__getitem__)
     return (best if ious[best] >= min_iou else "blob"), ious[best]
 
@@ -157,8 +155,7 @@ def detect_objects(image: np.ndarray, config: ComposeConfig) -> list[Detection]:
             own = (components[box] == index) | (labels[box] == 0)  # this object or background, not others
             soft = np.where(own, coverage(image[box], _CLASS_NAMES[cls]), 0.0) * (part | ~(labels[box] == cls))
             ious = shape_ious(part, soft)
-            best = max(ious, key=ious.__getitem__)
-            shape, iou = (best if ious[best] >= config.min_shape_iou else "blob"), ious[best]
+            shape, iou = shape_of(ious, config.min_shape_iou)
             extent = max(part.shape) / max(labels.shape)
             large = extent >= config.large_extent
             found.append(

@@ -236,9 +236,9 @@ class LoraTrainer:
         if not torch.isfinite(norm):
             self._skip_step(f"gradient norm {float(norm)}")
             return None
-        schedule = getattr(self.config, "lr_schedule", "constant")
-        if schedule != "constant":
-            factor = lr_factor(schedule, self.optimizer_steps, self.config.epochs * self.config.updates_per_epoch)
+        if self.config.lr_schedule != "constant":  # constant: the optimizer's lr is never touched
+            factor = lr_factor(self.config.lr_schedule, self.optimizer_steps,
+                               self.config.epochs * self.config.updates_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr * factor
         self.optimizer.step()

@@ -30,6 +30,7 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
 
 from flowopd_core.models.pipeline import TextEmbeddingCache, TextEmbeddings, encode_images, velocity
+from flowopd_core.training.config import lr_factor as schedule_factor
 from flowopd_core.training.pretrain_config import PretrainConfig as PretrainConfig
 
 
@@ -75,13 +76,10 @@ def _save_snapshot(pipe: StableDiffusion3Pipeline, params: list[torch.nn.Paramet
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine
-    decay from 1 to 0.1 at ``config.steps``."""
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then the trainers' schedule
+    (:func:`flowopd_core.training.config.lr_factor`: constant, or cosine decay from 1 to 0.1 at ``config.steps``)."""
     warm = min(1.0, (step + 1) / max(config.warmup_steps, 1))
-    if config.lr_schedule == "constant":
-        return warm
-    progress = min(1.0, step / max(config.steps, 1))
-    return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return warm * schedule_factor(config.lr_schedule, step, config.steps)
 
 
 def sample_times(batch_size: int, mean: float, std: float, generator: torch.Generator) -> torch.Tensor:

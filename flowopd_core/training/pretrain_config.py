@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flowopd_core.training.config import LR_SCHEDULES
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -51,5 +53,5 @@ class PretrainConfig:
             raise ValueError("logit_std must be > 0")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")

@@ -238,6 +238,15 @@ def split_ports(ports: tuple[In, ...], keep: tuple[str, ...]) -> tuple[tuple[In,
     return tuple(p for p in ports if p.name in keep), tuple(p for p in ports if p.name not in keep)
 
 
+def legacy_widgets(ports: tuple[In, ...], added_since: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A node's ``LEGACY_WIDGETS``: the names of its widget ports in order, less ``added_since`` (ports added
+    after its settings moved to a companion, absent from workflows saved before)."""
+    unknown = set(added_since) - {p.name for p in ports}
+    if unknown:
+        raise ValueError(f"no ports {sorted(unknown)} among the widgets")
+    return tuple(p.name for p in ports if p.name not in added_since)
+
+
 def all_ports(cls: type[Node]) -> tuple[In, ...]:
     """The node's inputs, then its settings companion's (the fields a graph file may set on the node)."""
     return cls.INPUTS + (cls.SETTINGS.INPUTS if cls.SETTINGS is not None else ())

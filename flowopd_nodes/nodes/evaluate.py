@@ -16,6 +16,7 @@ from flowopd_nodes.engine.ports import (
     SettingsNode,
     build_config,
     config_inputs,
+    legacy_widgets,
     settings_input,
     split_ports,
 )
@@ -75,7 +76,7 @@ class Evaluator(Node):
     )
     OUTPUT_NODE = True
     SETTINGS = EvaluatorSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS if p.name != "comparisons")  # comparisons came later
+    LEGACY_WIDGETS = legacy_widgets(_WIDGETS, added_since=("comparisons",))
     INPUTS = (
         In("prompts", "FLOWOPD_PROMPTS", help="held-out evaluation prompts (with task tags)"),
         In("model_1", "FLOWOPD_MODEL", help="first model (e.g. the base)"),

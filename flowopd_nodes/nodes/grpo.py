@@ -17,6 +17,7 @@ from flowopd_nodes.engine.ports import (
     all_ports,
     build_config,
     config_inputs,
+    legacy_widgets,
     require,
     settings_input,
     split_ports,
@@ -69,7 +70,7 @@ class GRPOTrainerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = GRPOSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS if p.name not in NEW_TRAINER_SETTINGS)
+    LEGACY_WIDGETS = legacy_widgets(_WIDGETS, added_since=NEW_TRAINER_SETTINGS)
     INPUTS = (
         In("model", "FLOWOPD_MODEL", help="the base model (its adapter, if any, is ignored)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (never the evaluation prompts)"),

@@ -21,6 +21,7 @@ from flowopd_nodes.engine.ports import (
     all_ports,
     build_config,
     config_inputs,
+    legacy_widgets,
     require,
     settings_input,
     split_ports,
@@ -207,7 +208,7 @@ class ColdStartNode(Node):
         "with the flow-matching loss. none: a fresh adapter (= the base). The paper finds merge init better."
     )
     SETTINGS = ColdStartSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _COLD_WIDGETS)
+    LEGACY_WIDGETS = legacy_widgets(_COLD_WIDGETS)
     INPUTS = (
         In("teachers", "FLOWOPD_TEACHERS", help="the teacher pool (its routing is used by sft)"),
         In("prompts", "FLOWOPD_PROMPTS", help="training prompts (needed by sft)", optional=True),
@@ -313,7 +314,7 @@ class DistillerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = DistillerSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _OPD_WIDGETS if p.name not in NEW_TRAINER_SETTINGS)
+    LEGACY_WIDGETS = legacy_widgets(_OPD_WIDGETS, added_since=NEW_TRAINER_SETTINGS)
     INPUTS = (
         In("student", "FLOWOPD_MODEL", help="the cold-started student (no adapter = start from the base)"),
         In("teachers", "FLOWOPD_TEACHERS", help="teacher pool with routing"),

@@ -18,6 +18,7 @@ from flowopd_nodes.engine.ports import (
     SettingsNode,
     build_config,
     config_inputs,
+    legacy_widgets,
     settings_input,
     split_ports,
 )
@@ -114,7 +115,7 @@ class PretrainMiniWorld(Node):
         "must then be left at their defaults)."
     )
     SETTINGS = PretrainSettings
-    LEGACY_WIDGETS = tuple(p.name for p in _WIDGETS if p.name != "compose_error_fraction")  # came later
+    LEGACY_WIDGETS = legacy_widgets(_WIDGETS, added_since=("compose_error_fraction",))
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),

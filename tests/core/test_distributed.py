@@ -39,7 +39,7 @@ WORKER = textwrap.dedent(
     trainer = object.__new__(LoraTrainer)  # just the update machinery: one parameter, plain SGD with lr 1
     w = torch.nn.Parameter(torch.zeros(3))
     trainer.params, trainer.world, trainer.ema = {"w": w}, world, None
-    trainer.config = SimpleNamespace(grad_clip=0, max_bad_steps=5)
+    trainer.config = SimpleNamespace(grad_clip=0, max_bad_steps=5, lr_schedule="constant")
     trainer.optimizer = torch.optim.SGD([w], lr=1.0)
     trainer.optimizer_steps = trainer.bad_streak = trainer.skipped_steps = trainer.epoch_index = 0
 
