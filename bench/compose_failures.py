@@ -1,9 +1,10 @@
 """Diagnostic: which compose constraints does a model fail, on held-out and on training prompts?
 
-    python bench/compose_failures.py [--model models/miniworld] [--k 4] [--train-prompts 288]
+    python bench/compose_failures.py [--model models/miniworld] [--k 4] [--train-prompts 288] [--sampler sde]
 
 For every held-out compose prompt and a seeded sample of training prompts, ``k`` SDE samples as a Flow-GRPO
-rollout draws them (8 steps, CFG 4.5, noise level 0.7), judged by the compose detector. Per category it prints
+rollout draws them (8 steps, CFG 4.5, noise level 0.7; ``--sampler ode``: ODE samples as the Evaluator draws them,
+16 steps, CFG 4.5), judged by the compose detector. Per category it prints
 the strict accuracy and how often each constraint fails (``object0_shape``, ``relation``, ...). A constraint that
 fails as often on training prompts as on held-out ones, at the rate of a blind guess (a relation holds by chance
 for about 1 layout in 4), is one the model never learned, not one that fails to generalise (issue 20).
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="pipeline folder")
     parser.add_argument("--k", type=int, default=4, help="SDE samples per prompt")
     parser.add_argument("--train-prompts", type=int, default=288, help="training prompts sampled (seed 0)")
+    parser.add_argument("--sampler", choices=("sde", "ode"), default="sde",
+                        help="sde: as a GRPO rollout (8 steps, noise 0.7); ode: as the Evaluator (16 steps)")
     args = parser.parse_args()
 
     from flowopd_core.miniworld.sets import prompt_set
@@ -37,10 +40,13 @@ def main() -> None:
     from flowopd_core.sampling.generate import SampleConfig, generate
 
     pipe = load_pipeline(args.model)
-    config = SampleConfig(steps=8, guidance_scale=4.5, kind="sde", noise_level=0.7, batch_size=64, seed=0)
+    sde = args.sampler == "sde"
+    config = SampleConfig(steps=8 if sde else 16, guidance_scale=4.5, kind=args.sampler, noise_level=0.7,
+                          batch_size=64, seed=0)
     reward = make_reward("compose")
-    print(f"{args.model}: {args.k} SDE samples per prompt, 8 steps, CFG 4.5, noise 0.7; share of samples failing "
-          "each constraint\n")
+    drawn = ("SDE samples per prompt, 8 steps, CFG 4.5, noise 0.7" if sde
+             else "ODE samples per prompt, 16 steps, CFG 4.5")
+    print(f"{args.model}: {args.k} {drawn}; share of samples failing each constraint\n")
     print("| split | category | samples | strict | failed constraints |\n|---|---|---|---|---|")
     for split in ("test", "train"):
         prompts = list(prompt_set("compose", split))
