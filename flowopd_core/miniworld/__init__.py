@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowopd_core.miniworld.options import TEXT_JITTER, parse_task_weights, parse_text_jitter
+from flowopd_core.miniworld.options import TEXT_JITTER, parse_task_weights, parse_template_weights, parse_text_jitter
 from flowopd_core.miniworld.tasks import (
     COLOURS,
     CONSONANTS,
@@ -53,6 +53,7 @@ __all__ = [
     "all_prompts",
     "degrade",
     "parse_task_weights",
+    "parse_template_weights",
     "parse_text_jitter",
     "prompts",
     "render",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from flowopd_core.miniworld.tasks import TASKS
+from flowopd_core.miniworld.tasks import TASKS, TEMPLATES
 
 TEXT_JITTER = (1.5, 1.0)  # px at size 32: largest random (x, y) offset of a word from the centre
 
@@ -32,6 +32,35 @@ def parse_task_weights(spec: str) -> dict[str, float]:
         weights[task] = weight
     if not any(weights.values()):
         raise ValueError(f"give at least one task a weight > 0, e.g. 'compose:1, text:2, quality:1'; got {spec!r}")
+    return weights
+
+
+def parse_template_weights(spec: str) -> dict[str, dict[str, float]]:
+    """``"compose/position:4, compose/single:0.5"`` -> {task: {template: weight}}: how often each named template is
+    drawn within its task; a named task's templates not named keep weight 1, tasks not named stay uniform.
+    Raises ValueError naming the bad item (unknown task or template, bad or negative number, repeated template, a
+    task whose templates all get 0)."""
+    weights: dict[str, dict[str, float]] = {}
+    for item in (part.strip() for part in spec.replace(";", ",").split(",")):
+        if not item:
+            continue
+        key, _, value = (x.strip() for x in item.partition(":"))
+        task, _, template = (x.strip() for x in key.partition("/"))
+        if task not in TASKS or template not in TEMPLATES[task]:
+            known = [f"{t}/{name}" for t in TASKS for name in TEMPLATES[t]]
+            raise ValueError(f"unknown template {key!r} in {item!r}; templates: {known}")
+        if template in weights.get(task, {}):
+            raise ValueError(f"template {key!r} is weighted twice")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"weight of {key!r} is not a number: {value!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {key!r} must be a finite number >= 0, got {value!r}")
+        weights.setdefault(task, {})[template] = weight
+    for task, named in weights.items():
+        if not any(named.get(name, 1.0) for name in TEMPLATES[task]):
+            raise ValueError(f"every template of {task!r} gets weight 0; give at least one a weight > 0")
     return weights
 
 

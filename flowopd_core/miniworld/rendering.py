@@ -28,7 +28,7 @@ at 1.00 (models/miniworld/PROVENANCE.md).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,7 @@ from flowopd_core.images import from_uint8
 from flowopd_core.miniworld.options import TEXT_JITTER as TEXT_JITTER
 from flowopd_core.miniworld.options import is_text_jitter
 from flowopd_core.miniworld.options import parse_task_weights as parse_task_weights
+from flowopd_core.miniworld.options import parse_template_weights as parse_template_weights
 from flowopd_core.miniworld.options import parse_text_jitter as parse_text_jitter
 from flowopd_core.miniworld.tasks import (
     PALETTE,
@@ -390,18 +391,21 @@ def sample_training_batch(
     task_weights: Sequence[float] | None = None,
     text_jitter: tuple[float, float] | None = None,
     compose_error_fraction: float = 0.0,
+    template_weights: Mapping[str, Mapping[str, float]] | None = None,
 ) -> TrainingBatch:
     """Draw ``batch_size`` (prompt, image) pairs from the ``train`` split.
 
     Sampling: task uniform over ``tasks`` (or in proportion to ``task_weights``, one non-negative weight per
-    task, not all zero), then template uniform within the task, then prompt uniform within the template; the
+    task, not all zero), then template uniform within the task (or, for a task in ``template_weights``
+    (:func:`parse_template_weights`' form), in proportion to its templates' weights, 1 where not named), then
+    prompt uniform within the template; the
     image is ``render(spec, rng, size, text_jitter)`` (``text_jitter``: the text task's largest (x, y) offset
     in px at 32 px, default ``TEXT_JITTER``). For the quality task a fraction ``quality_degraded_fraction``
     (default 0.5) of the images is degraded by one of ``DEGRADATIONS`` (uniform) at mild severity. For the compose
     task a fraction ``compose_error_fraction`` (default 0) is drawn with one named object too many
     (:func:`with_extra_copy`, kind "extra_copy"; an image where no extra copy fits in 20 layouts stays right, so
     the realised share is lower: 0.43 at 0.5); text images are always clean. Deterministic given ``rng``; with
-    ``compose_error_fraction`` 0 the stream is the one the shipped base was trained on.
+    ``compose_error_fraction`` 0 and no ``template_weights`` the stream is the one the shipped base was trained on.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -421,12 +425,24 @@ def sample_training_batch(
                 f"task_weights must be one finite weight >= 0 per task, not all 0; got {list(task_weights)}"
             )
         p = w / w.sum()
+    template_p: dict[str, np.ndarray] = {}
+    for task, named in (template_weights or {}).items():
+        unknown = sorted(set(named) - set(TEMPLATES.get(task, ())))
+        tw = np.asarray([named.get(name, 1.0) for name in TEMPLATES.get(task, ())], dtype=np.float64)
+        if task not in TEMPLATES or unknown or not np.all(np.isfinite(tw)) or np.any(tw < 0) or tw.sum() <= 0:
+            raise ValueError(f"template_weights of {task!r} must name its templates {TEMPLATES.get(task)} with finite "
+                             f"weights >= 0, not all 0; got {dict(named)}")
+        template_p[task] = tw / tw.sum()
     specs, arrays, kinds = [], [], []
     for _ in range(batch_size):
         # uniform draws keep their original form, so unweighted data streams are unchanged
         task = tasks[int(rng.integers(len(tasks)))] if p is None else tasks[int(rng.choice(len(tasks), p=p))]
         templates = TEMPLATES[task]
-        pool = template_prompts(task, templates[int(rng.integers(len(templates)))], "train")
+        if task in template_p:
+            template = templates[int(rng.choice(len(templates), p=template_p[task]))]
+        else:
+            template = templates[int(rng.integers(len(templates)))]
+        pool = template_prompts(task, template, "train")
         spec = pool[int(rng.integers(len(pool)))]
         image = render(spec, rng, size, text_jitter)
         kind = ""

@@ -6,7 +6,12 @@ import functools
 from typing import TYPE_CHECKING
 
 from flowopd_core.choices import DEVICES
-from flowopd_core.miniworld.options import TEXT_JITTER, parse_task_weights, parse_text_jitter
+from flowopd_core.miniworld.options import (
+    TEXT_JITTER,
+    parse_task_weights,
+    parse_template_weights,
+    parse_text_jitter,
+)
 from flowopd_core.miniworld.tasks import QUALITY_DEGRADED_FRACTION, TASKS
 from flowopd_core.miniworld.tiny_config import TinyConfig
 from flowopd_core.training.pretrain_config import PretrainConfig
@@ -83,6 +88,10 @@ _WIDGETS = (
        "so the random streams do not depend on the device)", choices=DEVICES),
     *_TINY_INPUTS,
     *_PRETRAIN_INPUTS,
+    In("template_weights", "STRING", "",
+       "how often each template is drawn within its task, e.g. 'compose/position:4' (a named task's other "
+       "templates keep weight 1; tasks not named draw their templates equally); empty = all equally (the "
+       "shipped base). Last among the widgets, so workflows saved before it keep their order"),
 )
 ON_NODE = ("quality_degraded_fraction", "task_weights", "text_jitter", "device", "steps", "minutes", "batch_size",
            "lr", "warmup_steps", "ema_decay", "seed", "snapshot_every")
@@ -115,7 +124,7 @@ class PretrainMiniWorld(Node):
         "must then be left at their defaults)."
     )
     SETTINGS = PretrainSettings
-    LEGACY_WIDGETS = legacy_widgets(_WIDGETS, added_since=("compose_error_fraction",))
+    LEGACY_WIDGETS = legacy_widgets(_WIDGETS, added_since=("compose_error_fraction", "template_weights"))
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
@@ -130,7 +139,8 @@ class PretrainMiniWorld(Node):
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         errors = []
-        for name, parse in (("task_weights", parse_task_weights), ("text_jitter", parse_text_jitter)):
+        for name, parse in (("task_weights", parse_task_weights), ("text_jitter", parse_text_jitter),
+                            ("template_weights", parse_template_weights)):
             if params[name].strip():
                 try:
                     parse(params[name])
@@ -147,7 +157,7 @@ class PretrainMiniWorld(Node):
 
     def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
             compose_error_fraction: float = 0.0, task_weights: str = "", text_jitter: str = "",
-            device: str = "auto", **values) -> tuple:
+            device: str = "auto", template_weights: str = "", **values) -> tuple:
         from flowopd_core.miniworld.rendering import sample_training_batch
         from flowopd_core.miniworld.tiny import build_tiny_pipeline
         from flowopd_core.models.modelref import ModelRef, resolve_device
@@ -180,7 +190,7 @@ class PretrainMiniWorld(Node):
             jitter = parse_text_jitter(text_jitter) if text_jitter.strip() else None
             data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction,
                                      compose_error_fraction=compose_error_fraction, task_weights=weights,
-                                     text_jitter=jitter)
+                                     text_jitter=jitter, template_weights=parse_template_weights(template_weights))
             result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()

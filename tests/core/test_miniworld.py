@@ -256,3 +256,28 @@ def test_compose_error_fraction_adds_one_copy_of_a_named_object():
     assert plain.prompts == again.prompts and torch.equal(plain.images, again.images)
     with pytest.raises(ValueError, match="compose_error_fraction"):
         mw.sample_training_batch(np.random.default_rng(0), 4, compose_error_fraction=-0.1)
+
+
+def test_template_weights_shift_the_templates_within_a_task():
+    """template_weights: a named task draws its templates in proportion to their weights (1 where not named), the
+    other tasks stay uniform; none leaves the shipped base's data stream unchanged; bad weights raise."""
+    assert mw.parse_template_weights("compose/position:4, compose/single:0;quality/pair:2") == {
+        "compose": {"position": 4.0, "single": 0.0}, "quality": {"pair": 2.0}}
+    for bad, match in (("position:4", "unknown template"), ("compose/word2:1", "unknown template"),
+                       ("compose/pair:x", "not a number"), ("compose/pair:-1", ">= 0"),
+                       ("compose/pair:1, compose/pair:2", "twice"),
+                       ("text/word2:0, text/word3:0", "every template of 'text'")):
+        with pytest.raises(ValueError, match=match):
+            mw.parse_template_weights(bad)
+    weights = mw.parse_template_weights("compose/position:5, compose/single:0")
+    batch = mw.sample_training_batch(np.random.default_rng(0), 400, tasks=("compose", "text"),
+                                     template_weights=weights)
+    compose = [s.spec["template"] for s in batch.specs if s.task == "compose"]
+    text = [s.spec["template"] for s in batch.specs if s.task == "text"]
+    assert "single" not in compose and compose.count("position") / len(compose) == pytest.approx(5 / 7, abs=0.08)
+    assert text.count("word2") / len(text) == pytest.approx(0.5, abs=0.1)
+    plain = mw.sample_training_batch(np.random.default_rng(3), 32)
+    again = mw.sample_training_batch(np.random.default_rng(3), 32, template_weights={})
+    assert plain.prompts == again.prompts and torch.equal(plain.images, again.images)
+    with pytest.raises(ValueError, match="template_weights"):
+        mw.sample_training_batch(np.random.default_rng(0), 4, template_weights={"compose": {"word2": 1.0}})

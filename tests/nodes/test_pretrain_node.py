@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from flowopd_core.models.pipeline import load_pipeline
+from flowopd_nodes.engine.errors import GraphValidationError
 from flowopd_nodes.engine.graph import graph_from_data
 from flowopd_nodes.engine.scheduler import run_graph
 from flowopd_nodes.engine.validate import validate
@@ -33,7 +35,7 @@ def _graph(tmp_path, second: dict) -> dict:
 
 def test_init_continues_training_the_linked_pipeline(tmp_path):
     second = {"steps": 2, "batch_size": 4, "log_every": 1, "seed": 1, "lr": 1e-3, "task_weights": "text:2, quality:1",
-              "text_jitter": "0.5, 0.5", "device": "cpu"}
+              "text_jitter": "0.5, 0.5", "device": "cpu", "template_weights": "compose/position:3, text/word2:0"}
     data = _graph(tmp_path, second)
     graph = graph_from_data(data, base_dir=tmp_path, default_name="g", source="test")
     result = run_graph(validate(graph), tmp_path / "run", show_progress=False)
@@ -48,3 +50,13 @@ def test_init_continues_training_the_linked_pipeline(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     record = json.loads((Path(result.outputs["more"]["model"].path).parent / "pretrain.json").read_text())
     assert record["steps"] == 2 and record["config"]["image_size"] == 16
+
+
+def test_bad_data_options_are_refused_before_anything_runs_naming_node_and_field(tmp_path):
+    second = {"steps": 2, "task_weights": "txt:1", "text_jitter": "1", "template_weights": "compose/word2:1"}
+    graph = graph_from_data(_graph(tmp_path, second), base_dir=tmp_path, default_name="g", source="<test>")
+    with pytest.raises(GraphValidationError) as info:
+        validate(graph)
+    assert {(i.node, i.field) for i in info.value.issues} == {
+        ("more", "task_weights"), ("more", "text_jitter"), ("more", "template_weights")}
+    assert "unknown template 'compose/word2'" in str(info.value) and not (tmp_path / "run").exists()
