@@ -132,7 +132,7 @@ class PretrainMiniWorld(Node):
         *_ON_NODE,
     )
     OUTPUTS = (
-        Out("model", "FLOWOPD_MODEL", "the pretrained pipeline folder"),
+        Out("model", "FLOWOPD_MODEL", "the pretrained pipeline folder (labelled with the node's id in reports)"),
         Out("loss_curve", "FLOWOPD_FILE", "loss curve (PNG)"),
     )
 
@@ -194,4 +194,4 @@ class PretrainMiniWorld(Node):
             result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()
-        return (ModelRef(str(result.path)), str(ctx.artifact_dir / "loss.png"))
+        return (ModelRef(str(result.path), label=ctx.node_id), str(ctx.artifact_dir / "loss.png"))

@@ -50,6 +50,7 @@ def test_init_continues_training_the_linked_pipeline(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     record = json.loads((Path(result.outputs["more"]["model"].path).parent / "pretrain.json").read_text())
     assert record["steps"] == 2 and record["config"]["image_size"] == 16
+    assert result.outputs["more"]["model"].label == "more"  # reports name it by its node
 
 
 def test_bad_data_options_are_refused_before_anything_runs_naming_node_and_field(tmp_path):
