@@ -11,7 +11,6 @@ The same calls serve the tiny mini-world pipeline and SD3.5-Medium: only the fol
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -134,7 +133,7 @@ def load_single_file_pipeline(path: str | Path, config: str | Path, *,
         library, class_name = (index.get(name) or [None, None])[:2]
         if name in held or name in given or class_name is None:
             continue
-        cls = getattr(importlib.import_module(library), class_name)
+        cls = single_file_component_class(name, library, class_name, folder)
         given[name] = cls.from_pretrained(folder / name, dtype=dtype, local_files_only=True, use_safetensors=True)
     pipe = StableDiffusion3Pipeline.from_single_file(
         str(path), config=str(folder), local_files_only=True, dtype=dtype, **given
@@ -158,6 +157,23 @@ SINGLE_FILE_COMPONENTS = {
 }
 """Where an SD3 single file holds each optional component (key prefix); a file without one takes it from the
 config folder (SD3.5's files hold no text encoders)."""
+
+
+def single_file_component_class(name: str, library: str | None, class_name: str, folder: Path) -> type:
+    """The class of SD3 component ``name`` that ``folder``'s model_index.json names, from the literal list of
+    what an SD3 pipeline holds there; a module or class named in the file is never imported. ``ValueError``
+    naming the component and the class otherwise."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    known = {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+             "text_encoder_3": T5EncoderModel, "vae": AutoencoderKL}
+    cls = known[name]
+    library_of = cls.__module__.split(".")[0]
+    if (library, class_name) != (library_of, cls.__name__):
+        raise ValueError(f"{str(folder / 'model_index.json')!r}: {name} is [{library!r}, {class_name!r}]; an SD3 "
+                         f"pipeline holds [{library_of!r}, {cls.__name__!r}] there")
+    return cls
 
 
 def _meta_tensors(module: torch.nn.Module) -> list[str]:

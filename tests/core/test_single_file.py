@@ -173,3 +173,28 @@ def test_sd35_layout_with_qk_norm_and_dual_attention(tmp_path):
     assert set(pipe.transformer.state_dict()) == set(source)
     _assert_same(pipe.transformer, source, "transformer")
     assert list(pipe.transformer.config.dual_attention_layers) == [0]
+
+
+def test_a_config_naming_another_class_is_refused_without_importing_it(tmp_path, monkeypatch):
+    """The classes of the components the file lacks come from a literal list: a model_index.json entry naming any
+    other module and class (here the standard library's) is refused, naming the component, and never imported."""
+    import importlib
+    import json
+    import sys
+
+    config = tmp_path / "config"
+    config.mkdir()
+    for entry in MINIWORLD.iterdir():
+        if entry.name != "model_index.json":
+            (config / entry.name).symlink_to(entry)
+    index = json.loads((MINIWORLD / "model_index.json").read_text())
+    index["text_encoder"] = ["flowopd_never_imported_module", "Anything"]
+    (config / "model_index.json").write_text(json.dumps(index))
+    path = tmp_path / "m.safetensors"
+    write_single_file(path, text_encoders=False)
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    with pytest.raises(ValueError, match="text_encoder is \\['flowopd_never_imported_module'"):
+        load_pipeline(path, config=config)
+    assert "flowopd_never_imported_module" not in imported and "flowopd_never_imported_module" not in sys.modules
