@@ -4,7 +4,7 @@ weights, parsed from the text a graph gives. :mod:`flowopd_core.miniworld.render
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flowopd_core.miniworld.tasks import TASKS, TEMPLATES
 
@@ -35,32 +35,43 @@ def parse_task_weights(spec: str) -> dict[str, float]:
     return weights
 
 
+def template_shares(weights: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[float, ...]]:
+    """{task: {template: weight}} -> {task: each of ``TEMPLATES[task]``'s share, summing to 1}; templates not named
+    weigh 1. Raises ValueError naming the bad entry (unknown task or template, a weight not finite or < 0, a task
+    whose templates all weigh 0)."""
+    shares = {}
+    for task, named in weights.items():
+        for template, weight in named.items():
+            if task not in TASKS or template not in TEMPLATES[task]:
+                known = [f"{t}/{name}" for t in TASKS for name in TEMPLATES[t]]
+                raise ValueError(f"unknown template {f'{task}/{template}'!r}; templates: {known}")
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weight of {task}/{template} must be a finite number >= 0, got {weight!r}")
+        full = [named.get(name, 1.0) for name in TEMPLATES[task]]
+        if not any(full):
+            raise ValueError(f"every template of {task!r} gets weight 0; give at least one a weight > 0")
+        shares[task] = tuple(w / sum(full) for w in full)
+    return shares
+
+
 def parse_template_weights(spec: str) -> dict[str, dict[str, float]]:
     """``"compose/position:4, compose/single:0.5"`` -> {task: {template: weight}}: how often each named template is
-    drawn within its task; a named task's templates not named keep weight 1, tasks not named stay uniform.
-    Raises ValueError naming the bad item (unknown task or template, bad or negative number, repeated template, a
-    task whose templates all get 0)."""
+    drawn within its task (:func:`template_shares`: a named task's templates not named keep weight 1, tasks not
+    named stay uniform). Raises ValueError naming the bad item (not 'task/template:weight', not a number, a
+    repeated template, or what :func:`template_shares` refuses)."""
     weights: dict[str, dict[str, float]] = {}
     for item in (part.strip() for part in spec.replace(";", ",").split(",")):
         if not item:
             continue
         key, _, value = (x.strip() for x in item.partition(":"))
         task, _, template = (x.strip() for x in key.partition("/"))
-        if task not in TASKS or template not in TEMPLATES[task]:
-            known = [f"{t}/{name}" for t in TASKS for name in TEMPLATES[t]]
-            raise ValueError(f"unknown template {key!r} in {item!r}; templates: {known}")
         if template in weights.get(task, {}):
             raise ValueError(f"template {key!r} is weighted twice")
         try:
-            weight = float(value)
+            weights.setdefault(task, {})[template] = float(value)
         except ValueError:
             raise ValueError(f"weight of {key!r} is not a number: {value!r}") from None
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight of {key!r} must be a finite number >= 0, got {value!r}")
-        weights.setdefault(task, {})[template] = weight
-    for task, named in weights.items():
-        if not any(named.get(name, 1.0) for name in TEMPLATES[task]):
-            raise ValueError(f"every template of {task!r} gets weight 0; give at least one a weight > 0")
+    template_shares(weights)
     return weights
 
 

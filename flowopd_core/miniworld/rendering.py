@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from flowopd_core.images import from_uint8
 from flowopd_core.miniworld.options import TEXT_JITTER as TEXT_JITTER
-from flowopd_core.miniworld.options import is_text_jitter
+from flowopd_core.miniworld.options import is_text_jitter, template_shares
 from flowopd_core.miniworld.options import parse_task_weights as parse_task_weights
 from flowopd_core.miniworld.options import parse_template_weights as parse_template_weights
 from flowopd_core.miniworld.options import parse_text_jitter as parse_text_jitter
@@ -425,14 +425,10 @@ def sample_training_batch(
                 f"task_weights must be one finite weight >= 0 per task, not all 0; got {list(task_weights)}"
             )
         p = w / w.sum()
-    template_p: dict[str, np.ndarray] = {}
-    for task, named in (template_weights or {}).items():
-        unknown = sorted(set(named) - set(TEMPLATES.get(task, ())))
-        tw = np.asarray([named.get(name, 1.0) for name in TEMPLATES.get(task, ())], dtype=np.float64)
-        if task not in TEMPLATES or unknown or not np.all(np.isfinite(tw)) or np.any(tw < 0) or tw.sum() <= 0:
-            raise ValueError(f"template_weights of {task!r} must name its templates {TEMPLATES.get(task)} with finite "
-                             f"weights >= 0, not all 0; got {dict(named)}")
-        template_p[task] = tw / tw.sum()
+    try:
+        template_p = template_shares(template_weights or {})
+    except ValueError as err:
+        raise ValueError(f"template_weights: {err}") from None
     specs, arrays, kinds = [], [], []
     for _ in range(batch_size):
         # uniform draws keep their original form, so unweighted data streams are unchanged

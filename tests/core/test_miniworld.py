@@ -279,5 +279,6 @@ def test_template_weights_shift_the_templates_within_a_task():
     plain = mw.sample_training_batch(np.random.default_rng(3), 32)
     again = mw.sample_training_batch(np.random.default_rng(3), 32, template_weights={})
     assert plain.prompts == again.prompts and torch.equal(plain.images, again.images)
-    with pytest.raises(ValueError, match="template_weights"):
-        mw.sample_training_batch(np.random.default_rng(0), 4, template_weights={"compose": {"word2": 1.0}})
+    for bad in ({"compose": {"word2": 1.0}}, {"compose": {"pair": "2"}}, {"compose": {"pair": float("inf")}}):
+        with pytest.raises(ValueError, match="template_weights"):
+            mw.sample_training_batch(np.random.default_rng(0), 4, template_weights=bad)
