@@ -85,14 +85,28 @@ def load_pipeline(
     return pipe
 
 
+PIPELINE_LIBRARIES = ("diffusers", "transformers")
+"""The only libraries a pipeline folder's model_index.json may name for its components: diffusers imports the
+module each entry names, so any other (a module of the file's choosing) is refused before it loads."""
+
+
 def require_pipeline_folder(path: str | Path) -> Path:
-    """``path`` as a folder holding ``model_index.json``; ``FileNotFoundError`` naming it otherwise."""
+    """``path`` as a folder holding ``model_index.json`` whose components come from :data:`PIPELINE_LIBRARIES`;
+    ``FileNotFoundError`` naming it when it is missing, ``ValueError`` naming an entry from another library."""
     folder = Path(path).expanduser()
-    if not (folder / "model_index.json").is_file():
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
         raise FileNotFoundError(
-            f"no diffusers pipeline folder at {str(folder)!r} (expected {str(folder / 'model_index.json')!r}); "
+            f"no diffusers pipeline folder at {str(folder)!r} (expected {str(index_file)!r}); "
             "flowopd loads models from local folders only"
         )
+    index = json.loads(index_file.read_text())
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
+            continue
+        if entry[0] not in PIPELINE_LIBRARIES:
+            raise ValueError(f"{str(index_file)!r}: component {name} names the library {entry[0]!r}; a pipeline "
+                             f"folder's components come from {list(PIPELINE_LIBRARIES)} only")
     return folder
 
 

@@ -175,12 +175,11 @@ def test_sd35_layout_with_qk_norm_and_dual_attention(tmp_path):
     assert list(pipe.transformer.config.dual_attention_layers) == [0]
 
 
-def test_a_config_naming_another_class_is_refused_without_importing_it(tmp_path, monkeypatch):
+def test_a_config_naming_another_class_is_refused(tmp_path):
     """The classes of the components the file lacks come from a literal list: a model_index.json entry naming any
-    other module and class (here the standard library's) is refused, naming the component, and never imported."""
-    import importlib
+    other class (here of an allowed library; other libraries are refused earlier, test_pipeline.py) is refused,
+    naming the component."""
     import json
-    import sys
 
     config = tmp_path / "config"
     config.mkdir()
@@ -188,13 +187,9 @@ def test_a_config_naming_another_class_is_refused_without_importing_it(tmp_path,
         if entry.name != "model_index.json":
             (config / entry.name).symlink_to(entry)
     index = json.loads((MINIWORLD / "model_index.json").read_text())
-    index["text_encoder"] = ["flowopd_never_imported_module", "Anything"]
+    index["text_encoder"] = ["transformers", "BertModel"]
     (config / "model_index.json").write_text(json.dumps(index))
     path = tmp_path / "m.safetensors"
     write_single_file(path, text_encoders=False)
-    imported = []
-    real_import = importlib.import_module
-    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
-    with pytest.raises(ValueError, match="text_encoder is \\['flowopd_never_imported_module'"):
+    with pytest.raises(ValueError, match="text_encoder is \\['transformers', 'BertModel'\\]"):
         load_pipeline(path, config=config)
-    assert "flowopd_never_imported_module" not in imported and "flowopd_never_imported_module" not in sys.modules
