@@ -1,6 +1,7 @@
 """Diagnostic: which compose constraints does a model fail, on held-out and on training prompts?
 
     python bench/compose_failures.py [--model models/miniworld] [--k 4] [--train-prompts 288] [--sampler sde]
+        [--cfg 4.5] [--splits test,train]
 
 For every held-out compose prompt and a seeded sample of training prompts, ``k`` SDE samples as a Flow-GRPO
 rollout draws them (8 steps, CFG 4.5, noise level 0.7; ``--sampler ode``: ODE samples as the Evaluator draws them,
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=288, help="training prompts sampled (seed 0)")
     parser.add_argument("--sampler", choices=("sde", "ode"), default="sde",
                         help="sde: as a GRPO rollout (8 steps, noise 0.7); ode: as the Evaluator (16 steps)")
+    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--splits", default="test,train", help="which prompt splits to sample")
     args = parser.parse_args()
 
     from flowopd_core.miniworld.sets import prompt_set
@@ -41,14 +44,14 @@ def main() -> None:
 
     pipe = load_pipeline(args.model)
     sde = args.sampler == "sde"
-    config = SampleConfig(steps=8 if sde else 16, guidance_scale=4.5, kind=args.sampler, noise_level=0.7,
+    config = SampleConfig(steps=8 if sde else 16, guidance_scale=args.cfg, kind=args.sampler, noise_level=0.7,
                           batch_size=64, seed=0)
     reward = make_reward("compose")
-    drawn = ("SDE samples per prompt, 8 steps, CFG 4.5, noise 0.7" if sde
-             else "ODE samples per prompt, 16 steps, CFG 4.5")
+    drawn = (f"SDE samples per prompt, 8 steps, CFG {args.cfg:g}, noise 0.7" if sde
+             else f"ODE samples per prompt, 16 steps, CFG {args.cfg:g}")
     print(f"{args.model}: {args.k} {drawn}; share of samples failing each constraint\n")
     print("| split | category | samples | strict | failed constraints |\n|---|---|---|---|---|")
-    for split in ("test", "train"):
+    for split in args.splits.split(","):
         prompts = list(prompt_set("compose", split))
         if split == "train":
             prompts = random.Random(0).sample(prompts, min(args.train_prompts, len(prompts)))

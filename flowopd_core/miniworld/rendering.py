@@ -292,6 +292,31 @@ def with_extra_copy(placed: Sequence[Placed], rng: np.random.Generator, size: in
     return None
 
 
+def with_crop(placed: Sequence[Placed], rng: np.random.Generator, size: int = 32) -> list[Placed]:
+    """``placed`` with one object (picked at random) moved against a random edge of the frame so that 30-60 % of
+    its extent lies outside it: the compose task's cropped-object error (``sample_training_batch``'s
+    ``compose_crop_fraction``). The detector reads a cropped object's shape against its truncated box and mostly
+    fails it (strict 0.2-0.3 on such renders, against 0.99-1.0 uncropped). Unlike ``with_extra_copy`` no caption
+    describes a cropped image better than the prompt it was drawn for, so classifier-free guidance does not steer
+    samples away from the error (docs/experiments.md)."""
+    i = int(rng.integers(len(placed)))
+    o = placed[i]
+    side = int(rng.integers(4))
+    inside = o.r * (1.0 - 2.0 * float(rng.uniform(0.3, 0.6)))  # centre's distance inside the edge
+    cx, cy = o.cx, o.cy
+    if side == 0:
+        cx = inside
+    elif side == 1:
+        cx = size - inside
+    elif side == 2:
+        cy = inside
+    else:
+        cy = size - inside
+    out = list(placed)
+    out[i] = Placed(o.colour, o.shape, cx, cy, o.r)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- degradation
 def _object_mask(image: np.ndarray) -> np.ndarray:
     """``(H, W)`` bool: pixels visibly away from the white background."""
@@ -392,6 +417,7 @@ def sample_training_batch(
     text_jitter: tuple[float, float] | None = None,
     compose_error_fraction: float = 0.0,
     template_weights: Mapping[str, Mapping[str, float]] | None = None,
+    compose_crop_fraction: float = 0.0,
 ) -> TrainingBatch:
     """Draw ``batch_size`` (prompt, image) pairs from the ``train`` split.
 
@@ -404,8 +430,10 @@ def sample_training_batch(
     (default 0.5) of the images is degraded by one of ``DEGRADATIONS`` (uniform) at mild severity. For the compose
     task a fraction ``compose_error_fraction`` (default 0) is drawn with one named object too many
     (:func:`with_extra_copy`, kind "extra_copy"; an image where no extra copy fits in 20 layouts stays right, so
-    the realised share is lower: 0.43 at 0.5); text images are always clean. Deterministic given ``rng``; with
-    ``compose_error_fraction`` 0 and no ``template_weights`` the stream is the one the shipped base was trained on.
+    the realised share is lower: 0.43 at 0.5), and a fraction ``compose_crop_fraction`` (default 0) of the
+    compose images has one object partly outside the frame (:func:`with_crop`, kind "crop"; drawn after the
+    extra-copy error, so both can apply); text images are always clean. Deterministic given ``rng``; with both
+    compose fractions 0 and no ``template_weights`` the stream is the one the shipped base was trained on.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -415,6 +443,8 @@ def sample_training_batch(
         raise ValueError(f"quality_degraded_fraction must lie in [0, 1], got {quality_degraded_fraction}")
     if not 0.0 <= compose_error_fraction <= 1.0:
         raise ValueError(f"compose_error_fraction must lie in [0, 1], got {compose_error_fraction}")
+    if not 0.0 <= compose_crop_fraction <= 1.0:
+        raise ValueError(f"compose_crop_fraction must lie in [0, 1], got {compose_crop_fraction}")
     if text_jitter is not None and not is_text_jitter(text_jitter):
         raise ValueError(f"text_jitter must be two finite numbers >= 0 (x, y px), got {text_jitter!r}")
     p = None
@@ -442,12 +472,16 @@ def sample_training_batch(
         spec = pool[int(rng.integers(len(pool)))]
         image = render(spec, rng, size, text_jitter)
         kind = ""
+        placed = None
         if task == "compose" and compose_error_fraction > 0 and rng.random() < compose_error_fraction:
             for _ in range(20):  # a fresh layout until the extra copy fits
-                extra = with_extra_copy(placed_objects(spec, rng, size), rng, size)
-                if extra is not None:
-                    kind, image = "extra_copy", draw_objects(extra, size)
+                placed = with_extra_copy(placed_objects(spec, rng, size), rng, size)
+                if placed is not None:
+                    kind, image = "extra_copy", draw_objects(placed, size)
                     break
+        if task == "compose" and compose_crop_fraction > 0 and rng.random() < compose_crop_fraction:
+            placed = with_crop(placed or placed_objects(spec, rng, size), rng, size)
+            kind, image = "+".join(filter(None, (kind, "crop"))), draw_objects(placed, size)
         if task == "quality" and rng.random() < quality_degraded_fraction:
             kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
             image = degrade(image, kind, rng, severity="mild")

@@ -91,7 +91,12 @@ _WIDGETS = (
     In("template_weights", "STRING", "",
        "how often each template is drawn within its task, e.g. 'compose/position:4' (a named task's other "
        "templates keep weight 1; tasks not named draw their templates equally); empty = all equally (the "
-       "shipped base). Last among the widgets, so workflows saved before it keep their order"),
+       "shipped base). Among the last widgets, so workflows saved before it keep their order"),
+    In("compose_crop_fraction", "FLOAT", 0.0,
+       "share of the compose task's training images with one object 30-60 % outside the frame (a layout error "
+       "no caption names, so guidance does not steer away from it: the base then makes it, for a compose "
+       "teacher to remove); 0 = none. Last among the widgets, so workflows saved before it keep their order",
+       min=0.0, max=1.0, step=0.05),
 )
 ON_NODE = ("quality_degraded_fraction", "task_weights", "text_jitter", "device", "steps", "minutes", "batch_size",
            "lr", "warmup_steps", "ema_decay", "seed", "snapshot_every")
@@ -124,7 +129,8 @@ class PretrainMiniWorld(Node):
         "must then be left at their defaults)."
     )
     SETTINGS = PretrainSettings
-    LEGACY_WIDGETS = legacy_widgets(_WIDGETS, added_since=("compose_error_fraction", "template_weights"))
+    LEGACY_WIDGETS = legacy_widgets(
+        _WIDGETS, added_since=("compose_error_fraction", "template_weights", "compose_crop_fraction"))
     INPUTS = (
         In("init", "FLOWOPD_MODEL", optional=True,
            help="continue pretraining this pipeline (e.g. an earlier pretrain node's model) instead of a new one"),
@@ -157,7 +163,8 @@ class PretrainMiniWorld(Node):
 
     def run(self, init: ModelRef | None = None, quality_degraded_fraction: float = QUALITY_DEGRADED_FRACTION,
             compose_error_fraction: float = 0.0, task_weights: str = "", text_jitter: str = "",
-            device: str = "auto", template_weights: str = "", **values) -> tuple:
+            device: str = "auto", template_weights: str = "", compose_crop_fraction: float = 0.0,
+            **values) -> tuple:
         from flowopd_core.miniworld.rendering import sample_training_batch
         from flowopd_core.miniworld.tiny import build_tiny_pipeline
         from flowopd_core.models.modelref import ModelRef, resolve_device
@@ -190,7 +197,8 @@ class PretrainMiniWorld(Node):
             jitter = parse_text_jitter(text_jitter) if text_jitter.strip() else None
             data = functools.partial(sample_training_batch, quality_degraded_fraction=quality_degraded_fraction,
                                      compose_error_fraction=compose_error_fraction, task_weights=weights,
-                                     text_jitter=jitter, template_weights=parse_template_weights(template_weights))
+                                     text_jitter=jitter, template_weights=parse_template_weights(template_weights),
+                                     compose_crop_fraction=compose_crop_fraction)
             result = pretrain(pipe, data, config, ctx.artifact_dir, progress=progress)
         finally:
             bar.close()

@@ -258,6 +258,35 @@ def test_compose_error_fraction_adds_one_copy_of_a_named_object():
         mw.sample_training_batch(np.random.default_rng(0), 4, compose_error_fraction=-0.1)
 
 
+def test_compose_crop_fraction_pushes_one_object_partly_out_of_the_frame():
+    """compose_crop_fraction: that share of compose images has one object 30-60 % outside the frame, which the
+    compose detector mostly fails (its shape against a truncated box); the other images stay right; text and
+    quality images are untouched; 0 leaves the data stream unchanged."""
+    from flowopd_core.rewards import make_reward
+
+    batch = mw.sample_training_batch(np.random.default_rng(0), 256, tasks=("compose",), compose_crop_fraction=0.5)
+    cropped = torch.tensor([k == "crop" for k in batch.degradations])
+    assert 0.4 < float(cropped.float().mean()) < 0.6 and set(batch.degradations) <= {"", "crop"}
+    result = make_reward("compose")(batch.images, batch.specs)
+    assert float(result.strict[cropped].mean()) < 0.4
+    assert float(result.strict[~cropped].mean()) >= 0.95
+    # a cropped object touches the frame: some object pixel lies in the outermost row or column
+    edge = torch.ones(32, 32, dtype=torch.bool)
+    edge[1:-1, 1:-1] = False
+    ink = (batch.images < 0.8).any(dim=1)  # (B, H, W): away from the white background
+    assert bool((ink & edge).flatten(1).any(dim=1)[cropped].all())
+    both = mw.sample_training_batch(np.random.default_rng(1), 64, tasks=("compose",), compose_error_fraction=1.0,
+                                    compose_crop_fraction=1.0)
+    assert set(both.degradations) <= {"crop", "extra_copy+crop"} and "extra_copy+crop" in both.degradations
+    mixed = mw.sample_training_batch(np.random.default_rng(2), 64, compose_crop_fraction=1.0)
+    assert all((k == "crop") == (t == "compose") for k, t in zip(mixed.degradations, mixed.tasks) if t != "quality")
+    plain = mw.sample_training_batch(np.random.default_rng(3), 32)
+    again = mw.sample_training_batch(np.random.default_rng(3), 32, compose_crop_fraction=0.0)
+    assert plain.prompts == again.prompts and torch.equal(plain.images, again.images)
+    with pytest.raises(ValueError, match="compose_crop_fraction"):
+        mw.sample_training_batch(np.random.default_rng(0), 4, compose_crop_fraction=1.5)
+
+
 def test_template_weights_shift_the_templates_within_a_task():
     """template_weights: a named task draws its templates in proportion to their weights (1 where not named), the
     other tasks stay uniform; none leaves the shipped base's data stream unchanged; bad weights raise."""

@@ -35,7 +35,8 @@ def _graph(tmp_path, second: dict) -> dict:
 
 def test_init_continues_training_the_linked_pipeline(tmp_path):
     second = {"steps": 2, "batch_size": 4, "log_every": 1, "seed": 1, "lr": 1e-3, "task_weights": "text:2, quality:1",
-              "text_jitter": "0.5, 0.5", "device": "cpu", "template_weights": "compose/position:3, text/word2:0"}
+              "text_jitter": "0.5, 0.5", "device": "cpu", "template_weights": "compose/position:3, text/word2:0",
+              "compose_crop_fraction": 0.5}
     data = _graph(tmp_path, second)
     graph = graph_from_data(data, base_dir=tmp_path, default_name="g", source="test")
     result = run_graph(validate(graph), tmp_path / "run", show_progress=False)
@@ -61,3 +62,12 @@ def test_bad_data_options_are_refused_before_anything_runs_naming_node_and_field
     assert {(i.node, i.field) for i in info.value.issues} == {
         ("more", "task_weights"), ("more", "text_jitter"), ("more", "template_weights")}
     assert "unknown template 'compose/word2'" in str(info.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "half"])
+def test_a_crop_fraction_outside_0_1_is_refused_naming_node_and_field(tmp_path, value):
+    graph = graph_from_data(_graph(tmp_path, {"steps": 2, "compose_crop_fraction": value}), base_dir=tmp_path,
+                            default_name="g", source="<test>")
+    with pytest.raises(GraphValidationError) as info:
+        validate(graph)
+    assert {(i.node, i.field) for i in info.value.issues} == {("more", "compose_crop_fraction")}
