@@ -1,7 +1,7 @@
 """Diagnostic: which compose constraints does a model fail, on held-out and on training prompts?
 
     python bench/compose_failures.py [--model models/miniworld] [--k 4] [--train-prompts 288] [--sampler sde]
-        [--cfg 4.5] [--splits test,train]
+        [--cfg 4.5] [--splits test train]
 
 For every held-out compose prompt and a seeded sample of training prompts, ``k`` SDE samples as a Flow-GRPO
 rollout draws them (8 steps, CFG 4.5, noise level 0.7; ``--sampler ode``: ODE samples as the Evaluator draws them,
@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--sampler", choices=("sde", "ode"), default="sde",
                         help="sde: as a GRPO rollout (8 steps, noise 0.7); ode: as the Evaluator (16 steps)")
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
-    parser.add_argument("--splits", default="test,train", help="which prompt splits to sample")
+    parser.add_argument("--splits", nargs="+", choices=("test", "train"), default=["test", "train"],
+                        help="which prompt splits to sample")
     args = parser.parse_args()
 
     from flowopd_core.miniworld.sets import prompt_set
@@ -51,7 +52,7 @@ def main() -> None:
              else f"ODE samples per prompt, 16 steps, CFG {args.cfg:g}")
     print(f"{args.model}: {args.k} {drawn}; share of samples failing each constraint\n")
     print("| split | category | samples | strict | failed constraints |\n|---|---|---|---|---|")
-    for split in args.splits.split(","):
+    for split in args.splits:
         prompts = list(prompt_set("compose", split))
         if split == "train":
             prompts = random.Random(0).sample(prompts, min(args.train_prompts, len(prompts)))

@@ -286,22 +286,14 @@ def test_vae_decode_matches_the_pipeline_postprocessing(tmp_path):
     assert z.shape == (1, 4, 8, 8)
 
 
-def test_a_folder_naming_another_library_is_refused_before_loading(tmp_path):
+def test_a_folder_naming_another_library_is_refused_before_loading(miniworld_with_index):
     """diffusers imports the module a model_index.json entry names: a folder naming any library but diffusers and
     transformers is refused, naming the component, before diffusers reads it."""
-    import json
     import sys
-    from pathlib import Path
 
     from flowopd_core.models.pipeline import load_pipeline
 
-    shipped = Path(__file__).resolve().parents[2] / "models" / "miniworld"
-    for entry in shipped.iterdir():
-        if entry.name != "model_index.json":
-            (tmp_path / entry.name).symlink_to(entry)
-    index = json.loads((shipped / "model_index.json").read_text())
-    index["scheduler"] = ["flowopd_never_imported_module", "FlowMatchEulerDiscreteScheduler"]
-    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    folder = miniworld_with_index({"scheduler": ["flowopd_never_imported_module", "FlowMatchEulerDiscreteScheduler"]})
     with pytest.raises(ValueError, match="component scheduler names the library 'flowopd_never_imported_module'"):
-        load_pipeline(tmp_path)
+        load_pipeline(folder)
     assert "flowopd_never_imported_module" not in sys.modules

@@ -175,20 +175,11 @@ def test_sd35_layout_with_qk_norm_and_dual_attention(tmp_path):
     assert list(pipe.transformer.config.dual_attention_layers) == [0]
 
 
-def test_a_config_naming_another_class_is_refused(tmp_path):
+def test_a_config_naming_another_class_is_refused(tmp_path, miniworld_with_index):
     """The classes of the components the file lacks come from a literal list: a model_index.json entry naming any
     other class (here of an allowed library; other libraries are refused earlier, test_pipeline.py) is refused,
     naming the component."""
-    import json
-
-    config = tmp_path / "config"
-    config.mkdir()
-    for entry in MINIWORLD.iterdir():
-        if entry.name != "model_index.json":
-            (config / entry.name).symlink_to(entry)
-    index = json.loads((MINIWORLD / "model_index.json").read_text())
-    index["text_encoder"] = ["transformers", "BertModel"]
-    (config / "model_index.json").write_text(json.dumps(index))
+    config = miniworld_with_index({"text_encoder": ["transformers", "BertModel"]}, folder="config")
     path = tmp_path / "m.safetensors"
     write_single_file(path, text_encoders=False)
     with pytest.raises(ValueError, match="text_encoder is \\['transformers', 'BertModel'\\]"):
