@@ -1,7 +1,7 @@
 """Probe a compose-teacher recipe against its yardstick: the base and a random-reward control.
 
     python bench/compose_probe.py [--model models/miniworld] [--reward compose] [--templates single,count,pair]
-        [--lr 1e-3] [--clip-range 1e-2] [--epochs 16] [--balance]
+        [--lr 1e-3] [--clip-range 1e-2] [--epochs 16] [--prompts-per-epoch 8] [--balance] [--sde-eval]
 
 Trains two Flow-GRPO adapters on one base with the same recipe and prompts (the compose training prompts of
 ``--templates``): one on ``--reward``, one on the blind ``random`` control. Then it scores the base and both on all
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clip-range", type=float, default=1e-2)
     parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--prompts-per-epoch", type=int, default=8, help="groups of 8 per epoch (8 optimizer steps)")
     parser.add_argument("--balance", action="store_true", help="balance_templates: categories evenly per epoch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sde-eval", action="store_true", help="also score held-out SDE samples (as rollouts)")
@@ -59,7 +60,7 @@ def main() -> None:
         parser.error(f"unknown compose templates {unknown}; choose from {tasks.TEMPLATES['compose']}")
     train = PromptSet(tuple(p for p in tasks.prompts("compose", "train") if p.spec["template"] in chosen),
                       name="compose-train")
-    config = GRPOConfig(group_size=8, prompts_per_epoch=8, steps=8, guidance_scale=4.5, lr=args.lr,
+    config = GRPOConfig(group_size=8, prompts_per_epoch=args.prompts_per_epoch, steps=8, guidance_scale=4.5, lr=args.lr,
                         clip_range=args.clip_range, beta=0.01, updates_per_epoch=8, ema_decay=0.0, lora_rank=16,
                         lora_alpha=32.0, epochs=args.epochs, seed=args.seed, balance_templates=args.balance)
     pipe = load_pipeline(args.model)
