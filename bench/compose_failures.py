@@ -1,7 +1,7 @@
 """Diagnostic: which compose constraints does a model fail, on held-out and on training prompts?
 
     python bench/compose_failures.py [--model models/miniworld] [--k 4] [--train-prompts 288] [--sampler sde]
-        [--cfg 4.5] [--splits test train]
+        [--cfg 4.5] [--steps N] [--splits test train]
 
 For every held-out compose prompt and a seeded sample of training prompts, ``k`` SDE samples as a Flow-GRPO
 rollout draws them (8 steps, CFG 4.5, noise level 0.7; ``--sampler ode``: ODE samples as the Evaluator draws them,
@@ -9,6 +9,9 @@ rollout draws them (8 steps, CFG 4.5, noise level 0.7; ``--sampler ode``: ODE sa
 the strict accuracy and how often each constraint fails (``object0_shape``, ``relation``, ...). A constraint that
 fails as often on training prompts as on held-out ones, at the rate of a blind guess (a relation holds by chance
 for about 1 layout in 4), is one the model never learned, not one that fails to generalise (issue 20).
+In two-object samples whose named shapes differ, the last column splits the objects that fail their shape by
+what their colour got: the other object's shape (``swapped``: a binding error), a third shape, or no object of
+that colour.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--sampler", choices=("sde", "ode"), default="sde",
                         help="sde: as a GRPO rollout (8 steps, noise 0.7); ode: as the Evaluator (16 steps)")
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--steps", type=int, default=0, help="sampling steps (0: 8 for sde, 16 for ode)")
     parser.add_argument("--splits", nargs="+", choices=("test", "train"), default=["test", "train"],
                         help="which prompt splits to sample")
     args = parser.parse_args()
@@ -45,13 +49,15 @@ def main() -> None:
 
     pipe = load_pipeline(args.model)
     sde = args.sampler == "sde"
-    config = SampleConfig(steps=8 if sde else 16, guidance_scale=args.cfg, kind=args.sampler, noise_level=0.7,
+    steps = args.steps or (8 if sde else 16)
+    config = SampleConfig(steps=steps, guidance_scale=args.cfg, kind=args.sampler, noise_level=0.7,
                           batch_size=64, seed=0)
     reward = make_reward("compose")
-    drawn = (f"SDE samples per prompt, 8 steps, CFG {args.cfg:g}, noise 0.7" if sde
-             else f"ODE samples per prompt, 16 steps, CFG {args.cfg:g}")
+    drawn = (f"SDE samples per prompt, {steps} steps, CFG {args.cfg:g}, noise 0.7" if sde
+             else f"ODE samples per prompt, {steps} steps, CFG {args.cfg:g}")
     print(f"{args.model}: {args.k} {drawn}; share of samples failing each constraint\n")
-    print("| split | category | samples | strict | failed constraints |\n|---|---|---|---|---|")
+    print("| split | category | samples | strict | failed constraints | failed shapes in two-object samples: swapped / "
+          "a third shape / colour absent (of the objects) |\n|---|---|---|---|---|---|")
     for split in args.splits:
         prompts = list(prompt_set("compose", split))
         if split == "train":
@@ -60,16 +66,38 @@ def main() -> None:
         images = generate(pipe, [p.text for p in specs], config, keep_latents=False).images
         failed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         count, strict = collections.Counter(), collections.Counter()
+        misses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for start in range(0, len(specs), 64):
             batch = specs[start:start + 64]
             for spec, score in zip(batch, reward.score_batch(images_to_uint8(images[start:start + 64]), batch)):
                 count[spec.category] += 1
                 strict[spec.category] += score.strict
                 failed[spec.category].update(name for name, ok in score.details["constraints"].items() if not ok)
+                misses[spec.category].update(shape_misses(spec.spec, score.details))
         for category in sorted(count, key=list(count).index):
             n = count[category]
             shares = ", ".join(f"{name} {failed[category][name] / n:.2f}" for name in sorted(failed[category]))
-            print(f"| {split} | {category} | {n} | {strict[category] / n:.2f} | {shares} |", flush=True)
+            m = misses[category]
+            binding = (f"{m['swapped'] / m['objects']:.2f} / {m['third'] / m['objects']:.2f} / "
+                       f"{m['absent'] / m['objects']:.2f} (of {m['objects']})" if m["objects"] else "")
+            print(f"| {split} | {category} | {n} | {strict[category] / n:.2f} | {shares} | {binding} |", flush=True)
+
+
+def shape_misses(spec: dict, details: dict) -> list[str]:
+    """For a two-object spec whose shapes differ: ``"objects"`` per named object, plus per object that fails its
+    shape what the largest detection of its colour is: ``"swapped"`` (the other object's shape), ``"third"``
+    (another shape) or ``"absent"`` (no object of that colour). Other specs: ``[]``."""
+    objects = spec.get("objects", [])
+    if len(objects) != 2 or objects[0]["shape"] == objects[1]["shape"]:
+        return []
+    out = []
+    for k, obj in enumerate(objects):
+        out.append("objects")
+        if details["constraints"][f"object{k}_shape"]:
+            continue
+        got = [d.split()[2] for d in details["detected"] if d.split()[1] == obj["colour"]]  # largest first
+        out.append("absent" if not got else "swapped" if got[0] == objects[1 - k]["shape"] else "third")
+    return out
 
 
 if __name__ == "__main__":
