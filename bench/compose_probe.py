@@ -66,12 +66,11 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     policy = Policy(pipe.transformer)
     for adapter, reward in (("teacher", args.reward), ("control", "random")):
-        rewards = {reward: build_reward(reward)}
-        if reward != "compose":  # logged beside the training reward, at weight 0
-            rewards["compose"] = build_reward("compose")
-        trainer = GRPOTrainer(pipe, policy, adapter, rewards,
-                              dataclasses.replace(config, reward_weights={"compose": 0.0} if reward != "compose"
-                                                  else {}), train)
+        rewards, weights = {reward: build_reward(reward)}, {}
+        if reward != "compose":  # the compose score is logged beside the training reward, at weight 0
+            rewards["compose"], weights["compose"] = build_reward("compose"), 0.0
+        trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
+                              train)
         curve = [trainer.epoch().to_json()["reward_mean"]["compose"] for _ in range(args.epochs)]
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch: "
               f"{' '.join(f'{r:.2f}' for r in curve)}", flush=True)
