@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", choices=("test", "train"), default=["test", "train"],
                         help="which prompt splits to sample")
     args = parser.parse_args()
+    if args.steps < 0 or args.k < 1:
+        parser.error("--steps must be >= 0 and --k >= 1")
 
     from flowopd_core.miniworld.sets import prompt_set
     from flowopd_core.models.pipeline import load_pipeline

@@ -11,7 +11,8 @@ control) on the compose headline (the equal-weight category mean, strict and par
 computed as the Evaluator does. Each adapter's mean compose score on its own training rollouts is printed per epoch
 (the control logs it at weight 0, so the two curves measure the same thing). ``--sde-eval`` also scores the
 held-out prompts with SDE samples drawn as a training rollout (8 steps, noise 0.7), to tell a gain the sampler
-carries from one it does not. About 8 minutes on 2 cores (12 with ``--sde-eval``).
+carries from one it does not (a third sampling pass of the 576 held-out samples per model). About 8 minutes on
+2 cores without ``--sde-eval``.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sde-eval", action="store_true", help="also score held-out SDE samples (as rollouts)")
     args = parser.parse_args()
+    for flag in ("epochs", "prompts_per_epoch"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
 
     from flowopd_core.eval.config import EvalConfig
     from flowopd_core.eval.evaluate import EvalTarget, evaluate_targets
-    from flowopd_core.eval.report import paired_difference, summarise
     from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer
     from flowopd_core.miniworld import tasks
     from flowopd_core.miniworld.sets import prompt_set
@@ -74,39 +77,21 @@ def main() -> None:
         curve = [trainer.epoch().to_json()["reward_mean"]["compose"] for _ in range(args.epochs)]
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch: "
               f"{' '.join(f'{r:.2f}' for r in curve)}", flush=True)
+    test = prompt_set("compose", "test")
     evals = evaluate_targets(
         [EvalTarget("base", pipe, policy, None), EvalTarget("teacher", pipe, policy, "teacher"),
          EvalTarget("control", pipe, policy, "control")],
-        prompt_set("compose", "test"),
-        EvalConfig(steps=16, guidance_scale=4.5, seed=0, batch_size=64, images_per_prompt=2, metrics="task"),
+        test, EvalConfig(steps=16, guidance_scale=4.5, seed=0, batch_size=64, images_per_prompt=2, metrics="task"),
     )
-    results = summarise(evals)
-    print("\n| model | " + " | ".join(tasks.TEMPLATES["compose"]) + " |\n|---|" + "---|" * 4)
-    for e in evals:
-        strict = e.table.strict["compose"].numpy()
-        cells = [np.mean([v for v, s in zip(strict, e.samples) if s.category == c]) for c in tasks.TEMPLATES["compose"]]
-        print(f"| {e.name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
-    print("\nPaired differences, compose strict (equal-weight category mean, 95 % interval):")
-    for a, b in (("teacher", "base"), ("control", "base"), ("teacher", "control")):
-        stat = paired_difference(results, a, b, "compose")
-        partial = headline_difference(evals, a, b, strict=False)
-        print(f"  {a} - {b}: {stat.mean:+.3f} +- {stat.half_width:.3f} (partial {partial.mean:+.3f} "
-              f"+- {partial.half_width:.3f})")
+    report("Held-out ODE samples (16 steps, as the Evaluator draws them)", [scored_from_eval(e) for e in evals])
     if args.sde_eval:
-        sde_evals = evaluate_sde(pipe, policy, prompt_set("compose", "test"), images_per_prompt=2)
-        print("\nHeld-out SDE samples (8 steps, noise 0.7, 2 per prompt), strict per category / partial mean:")
-        for e in sde_evals:
-            print(f"  {e.name}: " + " ".join(f"{c} {v:.3f}" for c, v in e.by_category.items())
-                  + f" | partial {e.partial.mean():.3f}")
-        for a, b in (("teacher", "base"), ("control", "base"), ("teacher", "control")):
-            strict, partial = (headline_difference(sde_evals, a, b, strict=flag) for flag in (True, False))
-            print(f"  {a} - {b}: {strict.mean:+.3f} +- {strict.half_width:.3f} (partial {partial.mean:+.3f} "
-                  f"+- {partial.half_width:.3f})")
+        report("Held-out SDE samples (8 steps, noise 0.7, as a training rollout)", sde_scored(pipe, policy, test, 2))
 
 
 @dataclasses.dataclass(frozen=True)
-class SDEEval:
-    """One model's held-out SDE samples: per sample ``strict`` / ``partial`` ``(N,)``, its prompt and category."""
+class Scored:
+    """One model's held-out samples: per sample ``strict`` / ``partial`` compose score ``(N,)``, the index of its
+    prompt and its category."""
 
     name: str
     strict: np.ndarray
@@ -114,44 +99,61 @@ class SDEEval:
     prompts: np.ndarray
     categories: list[str]
 
-    @property
-    def by_category(self) -> dict[str, float]:
+    def category_means(self, values: np.ndarray) -> list[float]:
         cats = np.asarray(self.categories)
-        return {c: float(self.strict[cats == c].mean()) for c in dict.fromkeys(self.categories)}
+        return [float(values[cats == c].mean()) for c in dict.fromkeys(self.categories)]
 
 
-def evaluate_sde(pipe, policy, prompts, images_per_prompt: int) -> list[SDEEval]:
-    """Base, teacher and control on ``prompts`` with rollout-style SDE samples (same noise for every model)."""
+def scored_from_eval(e) -> Scored:
+    """The compose rows of an Evaluator :class:`ModelEval` (every row: only compose prompts are scored)."""
+    strict, partial = (np.asarray(t["compose"], dtype=np.float64) for t in (e.table.strict, e.table.scores))
+    k = e.config.images_per_prompt
+    return Scored(e.name, strict, partial, np.arange(len(strict)) // k, [s.category for s in e.samples])
+
+
+def sde_scored(pipe, policy, prompts, images_per_prompt: int) -> list[Scored]:
+    """Base, teacher and control on ``prompts`` with rollout-style SDE samples (the same noise for every model,
+    the prompts encoded once)."""
     from flowopd_core.models.policy import BASE_ADAPTER
     from flowopd_core.rewards.spec import build_reward
-    from flowopd_core.sampling.generate import SampleConfig, generate
+    from flowopd_core.sampling.generate import SampleConfig, TextEmbeddingCache, generate
 
-    reward = build_reward("compose")
+    reward, cache = build_reward("compose"), TextEmbeddingCache(pipe)
     specs = [p for p in prompts for _ in range(images_per_prompt)]
     config = SampleConfig(steps=8, guidance_scale=4.5, kind="sde", noise_level=0.7, batch_size=64, seed=0)
     out = []
     for name in ("base", "teacher", "control"):
-        adapter = BASE_ADAPTER if name == "base" else name
-        images = generate(pipe, [p.text for p in specs], config, transformer=policy.model,
-                          adapter_names=[adapter] * len(specs), keep_latents=False).images
+        images = generate(pipe, [p.text for p in specs], config, cache=cache, transformer=policy.model,
+                          adapter_names=[BASE_ADAPTER if name == "base" else name] * len(specs),
+                          keep_latents=False).images
         result = reward(images, specs)
-        out.append(SDEEval(name, result.strict.numpy(), result.scores.numpy(),
-                           np.arange(len(specs)) // images_per_prompt, [p.category for p in specs]))
+        out.append(Scored(name, result.strict.numpy().astype(np.float64), result.scores.numpy().astype(np.float64),
+                          np.arange(len(specs)) // images_per_prompt, [p.category for p in specs]))
     return out
 
 
-def headline_difference(evals, a: str, b: str, *, strict: bool):
-    """Paired ``a - b`` of the equal-weight category mean (strict or partial), as the Evaluator's interval."""
+def headline_difference(a: Scored, b: Scored, *, strict: bool):
+    """Paired ``a - b`` of the equal-weight category mean (strict or partial) with the Evaluator's interval
+    (prompt means, stratified by category: ``paired_difference``'s computation)."""
     from flowopd_core.eval.report import mean_ci
 
-    ea, eb = (next(e for e in evals if e.name == name) for name in (a, b))
-    if isinstance(ea, SDEEval):
-        values = (ea.strict - eb.strict) if strict else (ea.partial - eb.partial)
-        return mean_ci(values, ea.prompts, 0.95, ea.categories)
-    table_a, table_b = (e.table.strict if strict else e.table.scores for e in (ea, eb))
-    values = np.asarray(table_a["compose"], dtype=np.float64) - np.asarray(table_b["compose"], dtype=np.float64)
-    k = ea.config.images_per_prompt
-    return mean_ci(values, np.arange(len(values)) // k, 0.95, [s.category for s in ea.samples])
+    values = (a.strict - b.strict) if strict else (a.partial - b.partial)
+    return mean_ci(values, a.prompts, 0.95, a.categories)
+
+
+def report(title: str, scored: list[Scored]) -> None:
+    """Per model the strict accuracy per category and the partial mean; the paired differences of the headline."""
+    categories = list(dict.fromkeys(scored[0].categories))
+    print(f"\n{title}\n\n| model | " + " | ".join(categories) + " | partial |\n|---|" + "---|" * (len(categories) + 1))
+    for m in scored:
+        cells = m.category_means(m.strict) + [float(np.mean(m.category_means(m.partial)))]
+        print(f"| {m.name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    print("\nPaired differences, compose strict (equal-weight category mean, 95 % interval; partial in brackets):")
+    by_name = {m.name: m for m in scored}
+    for a, b in (("teacher", "base"), ("control", "base"), ("teacher", "control")):
+        strict, partial = (headline_difference(by_name[a], by_name[b], strict=flag) for flag in (True, False))
+        print(f"  {a} - {b}: {strict.mean:+.3f} +- {strict.half_width:.3f} (partial {partial.mean:+.3f} "
+              f"+- {partial.half_width:.3f})", flush=True)
 
 
 if __name__ == "__main__":
