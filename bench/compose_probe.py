@@ -55,8 +55,10 @@ def main() -> None:
     from flowopd_core.models.pipeline import load_pipeline
     from flowopd_core.models.policy import Policy
     from flowopd_core.prompts import PromptSet
-    from flowopd_core.rewards.spec import build_reward
+    from flowopd_core.rewards.spec import build_reward, known_rewards
 
+    if args.reward not in known_rewards():
+        parser.error(f"unknown --reward {args.reward!r}; choose from {known_rewards()}")
     chosen = args.templates.split(",")
     unknown = sorted(set(chosen) - set(tasks.TEMPLATES["compose"]))
     if unknown:
