@@ -11,7 +11,9 @@ fails as often on training prompts as on held-out ones, at the rate of a blind g
 for about 1 layout in 4), is one the model never learned, not one that fails to generalise (issue 20).
 In two-object samples whose named shapes differ, the last column splits the objects that fail their shape by
 what their colour got: the other object's shape (``swapped``: a binding error), a third shape, or no object of
-that colour.
+that colour. ``touching``: the share of samples with a detected object whose box reaches the image's edge (a
+cropped object, the error ``compose_crop_fraction`` installs), and the strict accuracy of those samples against
+the others (does the compose reward see the crop?).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     from flowopd_core.models.pipeline import load_pipeline
     from flowopd_core.rewards import make_reward
     from flowopd_core.rewards.base import images_to_uint8
+    from flowopd_core.rewards.compose import detect_objects
     from flowopd_core.sampling.generate import SampleConfig, generate
 
     pipe = load_pipeline(args.model)
@@ -59,7 +62,8 @@ def main() -> None:
              else f"ODE samples per prompt, {steps} steps, CFG {args.cfg:g}")
     print(f"{args.model}: {args.k} {drawn}; share of samples failing each constraint\n")
     print("| split | category | samples | strict | failed constraints | failed shapes in two-object samples: swapped / "
-          "a third shape / colour absent (of the objects) |\n|---|---|---|---|---|---|")
+          "a third shape / colour absent (of the objects) | touching: share (strict when touching / not) |"
+          "\n|---|---|---|---|---|---|---|")
     for split in args.splits:
         prompts = list(prompt_set("compose", split))
         if split == "train":
@@ -69,20 +73,38 @@ def main() -> None:
         failed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         count, strict = collections.Counter(), collections.Counter()
         misses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        touch: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for start in range(0, len(specs), 64):
             batch = specs[start:start + 64]
-            for spec, score in zip(batch, reward.score_batch(images_to_uint8(images[start:start + 64]), batch)):
+            pixels = images_to_uint8(images[start:start + 64])
+            for spec, score, image in zip(batch, reward.score_batch(pixels, batch), pixels):
                 count[spec.category] += 1
                 strict[spec.category] += score.strict
                 failed[spec.category].update(name for name, ok in score.details["constraints"].items() if not ok)
                 misses[spec.category].update(shape_misses(spec.spec, score.details))
+                edge = "touching" if touches_frame(detect_objects(image, reward.config), image.shape[:2]) else "inside"
+                touch[spec.category].update({edge: 1, f"{edge} strict": score.strict})
         for category in sorted(count, key=list(count).index):
             n = count[category]
             shares = ", ".join(f"{name} {failed[category][name] / n:.2f}" for name in sorted(failed[category]))
             m = misses[category]
             binding = (f"{m['swapped'] / m['objects']:.2f} / {m['third'] / m['objects']:.2f} / "
                        f"{m['absent'] / m['objects']:.2f} (of {m['objects']})" if m["objects"] else "")
-            print(f"| {split} | {category} | {n} | {strict[category] / n:.2f} | {shares} | {binding} |", flush=True)
+            t = touch[category]
+            edges = f"{t['touching'] / n:.2f} ({share(t, 'touching')} / {share(t, 'inside')})"
+            print(f"| {split} | {category} | {n} | {strict[category] / n:.2f} | {shares} | {binding} | {edges} |",
+                  flush=True)
+
+
+def share(counts: collections.Counter, key: str) -> str:
+    """Mean strict score of the samples counted under ``key`` ("-" if none)."""
+    return f"{counts[key + ' strict'] / counts[key]:.2f}" if counts[key] else "-"
+
+
+def touches_frame(detections: list, shape: tuple[int, int]) -> bool:
+    """Does any detection's box ``(y0, x0, y1, x1)`` (half-open) reach the edge of an image of ``shape`` (H, W)?"""
+    height, width = shape
+    return any(y0 == 0 or x0 == 0 or y1 == height or x1 == width for y0, x0, y1, x1 in (d.bbox for d in detections))
 
 
 def shape_misses(spec: dict, details: dict) -> list[str]:
