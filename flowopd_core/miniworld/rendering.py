@@ -62,6 +62,7 @@ TEXT_STRETCH = 2.0  # vertical stretch of the rendered word (tall, narrow glyphs
 TEXT_LEVELS = (40.0, 250.0)  # grey levels mapped to black and white after downsampling (crisper strokes)
 SMALL_RADIUS = (0.14, 0.19)  # object half-extent / image size of a "small" compose object (single template)
 LARGE_RADIUS = (0.27, 0.32)  # ... of a "large" one
+BINDING_THRESHOLD = 12  # grey levels (of 255): a pixel shows the binding if a shape swap changes it by more
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,23 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, severity: st
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def binding_pixels(placed: Sequence[Placed], objects: Sequence[Mapping], size: int = 32) -> np.ndarray:
+    """``(size, size)`` bool: the pixels of ``draw_objects(placed)`` that change when the two named ``objects``
+    (a compose spec's ``objects``) swap shapes, each colour keeping its place: where an image shows which shape
+    goes with which colour (the binding a two-object prompt names). Every placed object of a named colour and
+    shape takes the other's shape (extra copies and cropped objects too). All False unless the spec names two
+    objects of different colours and different shapes (then a swap changes nothing the prompt names)."""
+    if len(objects) != 2:
+        return np.zeros((size, size), dtype=bool)
+    (c0, s0), (c1, s1) = ((o["colour"], o["shape"]) for o in objects)
+    if c0 == c1 or s0 == s1:
+        return np.zeros((size, size), dtype=bool)
+    swap = {(c0, s0): s1, (c1, s1): s0}
+    swapped = [replace(o, shape=swap.get((o.colour, o.shape), o.shape)) for o in placed]
+    before, after = draw_objects(placed, size), draw_objects(swapped, size)
+    return np.abs(before.astype(np.int16) - after.astype(np.int16)).max(axis=2) > BINDING_THRESHOLD
+
+
 # ---------------------------------------------------------------------------------------- training batches
 @dataclass(frozen=True)
 class TrainingBatch:
@@ -397,6 +415,9 @@ class TrainingBatch:
     tasks: list[str]
     specs: list[PromptSpec]
     degradations: list[str]
+    binding: torch.Tensor | None = None
+    """``(B, 1, H, W)`` float32, 1 on the pixels that show a two-object compose image's binding
+    (:func:`binding_pixels`, drawn before any degradation), else 0; only with ``binding_masks=True``."""
 
 
 def sample_training_batch(
@@ -410,6 +431,7 @@ def sample_training_batch(
     compose_error_fraction: float = 0.0,
     template_weights: Mapping[str, Mapping[str, float]] | None = None,
     compose_crop_fraction: float = 0.0,
+    binding_masks: bool = False,
 ) -> TrainingBatch:
     """Draw ``batch_size`` (prompt, image) pairs from the ``train`` split.
 
@@ -426,9 +448,13 @@ def sample_training_batch(
     compose images has one object partly outside the frame (:func:`with_crop`, kind "crop"; drawn after the
     extra-copy error, so both can apply); text images are always clean. Deterministic given ``rng``; with both
     compose fractions 0 and no ``template_weights`` the stream is the one the shipped base was trained on.
+    ``binding_masks``: also return each image's :func:`binding_pixels` as ``binding`` (no random draws: the
+    stream is the same either way).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if size < 16:
+        raise ValueError(f"mini-world images need size >= 16, got {size}")
     if not tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
     fractions = {"quality_degraded_fraction": quality_degraded_fraction,
@@ -450,7 +476,7 @@ def sample_training_batch(
         template_p = template_shares(template_weights or {})
     except ValueError as err:
         raise ValueError(f"template_weights: {err}") from None
-    specs, arrays, kinds = [], [], []
+    specs, arrays, kinds, masks = [], [], [], []
     for _ in range(batch_size):
         # uniform draws keep their original form, so unweighted data streams are unchanged
         task = tasks[int(rng.integers(len(tasks)))] if p is None else tasks[int(rng.choice(len(tasks), p=p))]
@@ -461,7 +487,8 @@ def sample_training_batch(
             template = templates[int(rng.integers(len(templates)))]
         pool = template_prompts(task, template, "train")
         spec = pool[int(rng.integers(len(pool)))]
-        image = render(spec, rng, size, text_jitter)
+        drawn = placed_objects(spec, rng, size) if task == "compose" else None  # render's draws, kept
+        image = draw_objects(drawn, size) if drawn is not None else render(spec, rng, size, text_jitter)
         kind = ""
         placed = None
         if task == "compose" and compose_error_fraction > 0 and rng.random() < compose_error_fraction:
@@ -476,6 +503,10 @@ def sample_training_batch(
         if task == "quality" and rng.random() < quality_degraded_fraction:
             kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
             image = degrade(image, kind, rng, severity="mild")
+        if binding_masks:
+            final = placed if placed is not None else drawn
+            masks.append(binding_pixels(final, spec.spec["objects"], size) if final is not None
+                         else np.zeros((size, size), dtype=bool))
         specs.append(spec)
         arrays.append(image)
         kinds.append(kind)
@@ -486,4 +517,5 @@ def sample_training_batch(
         tasks=[s.task for s in specs],
         specs=specs,
         degradations=kinds,
+        binding=torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)) if binding_masks else None,
     )

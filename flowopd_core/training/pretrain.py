@@ -37,6 +37,7 @@ from flowopd_core.training.pretrain_config import PretrainConfig as PretrainConf
 class Batch(Protocol):
     prompts: Sequence[str]
     images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    # optional: binding, (B, 1, H, W) in {0, 1}, the pixels that show a binding (config.binding_weight)
 
 
 DataFn = Callable[[np.random.Generator, int, int], Batch]
@@ -94,16 +95,37 @@ def flow_matching_loss(
     t: torch.Tensor,
     eps: torch.Tensor,
     precision: str = "fp32",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rectified-flow loss mean((v_theta(x_t, t | c) - (eps - x0))^2), x_t = (1 - t) x0 + t eps (docs/method.md §3).
 
     x0, eps: ``(B, C, H, W)``; t: ``(B,)`` in [0, 1]; cond: ``B`` rows; precision: of the forward (see
-    :func:`~flowopd_core.models.pipeline.velocity`). Returns a 0-dim float32 tensor.
+    :func:`~flowopd_core.models.pipeline.velocity`); weights: ``(B, 1, H, W)`` >= 0 per position (shared by the
+    channels), giving the weighted mean sum(w e^2) / sum(w) over all elements; None = the plain mean. Returns a
+    0-dim float32 tensor.
     """
     t_ = t.view(-1, 1, 1, 1)
     x_t = (1.0 - t_) * x0 + t_ * eps
     v = velocity(transformer, x_t, t, cond, precision=precision)
-    return torch.mean((v - (eps - x0).float()) ** 2)
+    error = (v - (eps - x0).float()) ** 2
+    if weights is None:
+        return torch.mean(error)
+    weights = weights.to(error).expand_as(error)
+    return (weights * error).sum() / weights.sum()
+
+
+def binding_weights(batch: Batch, weight: float, latent_size: int) -> torch.Tensor | None:
+    """Loss weights ``(B, 1, h, w)`` = 1 + ``weight`` on the batch's binding pixels (``batch.binding``, max-pooled
+    to the latent size ``h = w = latent_size`` when a VAE downsamples), or None for ``weight`` 0."""
+    if weight == 0:
+        return None
+    mask = getattr(batch, "binding", None)
+    if mask is None:
+        raise ValueError("binding_weight > 0 needs data batches with a `binding` mask (the mini-world's "
+                         "sample_training_batch(binding_masks=True))")
+    if mask.shape[-1] != latent_size:
+        mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), latent_size)
+    return 1.0 + weight * mask.float()
 
 
 def _conditioning(
@@ -190,7 +212,9 @@ def pretrain(
         cond = _conditioning(cache, batch.prompts, config.cfg_dropout, generator)
         t = sample_times(x0.shape[0], config.logit_mean, config.logit_std, generator)
         eps = torch.randn(x0.shape, generator=generator)
-        loss = flow_matching_loss(transformer, x0, cond, t.to(x0.device), eps.to(x0.device))
+        weights = binding_weights(batch, config.binding_weight, x0.shape[-1])
+        loss = flow_matching_loss(transformer, x0, cond, t.to(x0.device), eps.to(x0.device),
+                                  weights=None if weights is None else weights.to(x0.device))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite pretraining loss {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)

@@ -35,6 +35,12 @@ class PretrainConfig:
     max_sequence_length: int | None = field(
         default=None, metadata={"help": "T5 tokens of the cached embeddings; None = the T5 tokenizer's length"}
     )
+    binding_weight: float = field(
+        default=0.0,
+        metadata={"help": "extra loss weight on the pixels that show a two-object compose image's binding (which "
+                          "shape goes with which colour): weight 1 + this there, 1 elsewhere; 0 = the plain "
+                          "rectified-flow loss. Needs data batches with a binding mask (the mini-world's)"},
+    )
     log_every: int = field(default=50, metadata={"help": "steps between progress callbacks"})
     snapshot_every: int = field(
         default=0,
@@ -51,6 +57,8 @@ class PretrainConfig:
             raise ValueError("grad_clip must be >= 0, ema_decay and cfg_dropout in [0, 1)")
         if self.logit_std <= 0:
             raise ValueError("logit_std must be > 0")
+        if not 0 <= self.binding_weight < float("inf"):  # NaN fails too
+            raise ValueError(f"binding_weight must be a finite number >= 0, got {self.binding_weight}")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         if self.lr_schedule not in LR_SCHEDULES:

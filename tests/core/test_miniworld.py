@@ -287,6 +287,64 @@ def test_compose_crop_fraction_pushes_one_object_partly_out_of_the_frame():
         mw.sample_training_batch(np.random.default_rng(0), 4, compose_crop_fraction=1.5)
 
 
+def _two_objects(template: str, same: str = "") -> mw.PromptSpec:
+    """The first compose training prompt of ``template`` whose two objects differ in colour and shape (or share
+    their shape: ``same="shape"``)."""
+    for spec in mw.template_prompts("compose", template, "train"):
+        a, b = spec.spec["objects"]
+        if a["colour"] != b["colour"] and (a["shape"] == b["shape"]) == (same == "shape"):
+            return spec
+    raise AssertionError(f"no {template} prompt with same={same!r}")
+
+
+def test_binding_pixels_mark_where_a_shape_swap_changes_the_image():
+    """binding_pixels: exactly the pixels that change when the two named objects swap shapes, places kept; the
+    swapped drawing fails the prompt (the mask is where the binding shows) and passes the swapped prompt; no
+    mask where a swap changes nothing the prompt names (one object, shared colour or shape)."""
+    from dataclasses import replace
+
+    from flowopd_core.rewards import make_reward
+
+    reward = make_reward("compose")
+    for template in ("pair", "position"):
+        spec = _two_objects(template)
+        (a, b) = spec.spec["objects"]
+        placed = mw.rendering.placed_objects(spec, np.random.default_rng(0))
+        swap = {a["shape"]: b["shape"], b["shape"]: a["shape"]}
+        swapped = [replace(o, shape=swap[o.shape]) for o in placed]
+        before, after = mw.rendering.draw_objects(placed, 32), mw.rendering.draw_objects(swapped, 32)
+        mask = mw.rendering.binding_pixels(placed, spec.spec["objects"])
+        changed = np.abs(before.astype(int) - after.astype(int)).max(axis=2)
+        assert mask.shape == (32, 32) and 0 < mask.sum() < 0.3 * mask.size
+        assert np.array_equal(mask, changed > mw.rendering.BINDING_THRESHOLD)
+        twin = {**spec.spec, "objects": [{**a, "shape": b["shape"]}, {**b, "shape": a["shape"]}]}
+        assert np.array_equal(mw.rendering.binding_pixels(swapped, twin["objects"]), mask)  # symmetric
+        scores = reward.score_batch(np.stack([before, after]), [spec, replace(spec, spec=twin)])
+        assert scores[0].strict == 1.0 and scores[1].strict == 1.0  # the swapped drawing is the twin's image
+        assert reward.score_batch(after[None], [spec])[0].strict == 0.0  # ... and fails the prompt itself
+    pair = _two_objects("pair")
+    one_colour = replace(pair, spec={**pair.spec, "objects": [pair.spec["objects"][0],
+                                                              {**pair.spec["objects"][1], "colour": a["colour"]}]})
+    for spec in (_two_objects("pair", same="shape"), one_colour, mw.template_prompts("compose", "single", "train")[0]):
+        placed = mw.rendering.placed_objects(spec, np.random.default_rng(1))
+        assert not mw.rendering.binding_pixels(placed, spec.spec["objects"]).any()
+
+
+def test_binding_masks_leave_the_data_stream_unchanged():
+    """sample_training_batch(binding_masks=True): the same images and prompts, plus (B, 1, H, W) masks that are
+    non-zero exactly on the compose images naming two objects of different colours and shapes."""
+    kw = dict(compose_crop_fraction=0.3, compose_error_fraction=0.3)
+    plain = mw.sample_training_batch(np.random.default_rng(5), 96, **kw)
+    masked = mw.sample_training_batch(np.random.default_rng(5), 96, binding_masks=True, **kw)
+    assert plain.binding is None and masked.prompts == plain.prompts and torch.equal(masked.images, plain.images)
+    assert masked.binding.shape == (96, 1, 32, 32) and set(masked.binding.unique().tolist()) == {0.0, 1.0}
+    for spec, mask in zip(masked.specs, masked.binding):
+        objects = spec.spec.get("objects") or []
+        binds = (spec.task == "compose" and len(objects) == 2 and objects[0]["colour"] != objects[1]["colour"]
+                 and objects[0]["shape"] != objects[1]["shape"])
+        assert bool(mask.any()) == binds, spec.text
+
+
 def test_template_weights_shift_the_templates_within_a_task():
     """template_weights: a named task draws its templates in proportion to their weights (1 where not named), the
     other tasks stay uniform; none leaves the shipped base's data stream unchanged; bad weights raise."""

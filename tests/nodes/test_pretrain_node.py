@@ -36,7 +36,7 @@ def _graph(tmp_path, second: dict) -> dict:
 def test_init_continues_training_the_linked_pipeline(tmp_path):
     second = {"steps": 2, "batch_size": 4, "log_every": 1, "seed": 1, "lr": 1e-3, "task_weights": "text:2, quality:1",
               "text_jitter": "0.5, 0.5", "device": "cpu", "template_weights": "compose/position:3, text/word2:0",
-              "compose_crop_fraction": 0.5}
+              "compose_crop_fraction": 0.5, "binding_weight": 5.0}
     data = _graph(tmp_path, second)
     graph = graph_from_data(data, base_dir=tmp_path, default_name="g", source="test")
     result = run_graph(validate(graph), tmp_path / "run", show_progress=False)
@@ -50,7 +50,7 @@ def test_init_continues_training_the_linked_pipeline(tmp_path):
         sa, sb = getattr(first, name).state_dict(), getattr(more, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     record = json.loads((Path(result.outputs["more"]["model"].path).parent / "pretrain.json").read_text())
-    assert record["steps"] == 2 and record["config"]["image_size"] == 16
+    assert record["steps"] == 2 and record["config"]["image_size"] == 16 and record["config"]["binding_weight"] == 5.0
     assert result.outputs["more"]["model"].label == "more"  # reports name it by its node
 
 
@@ -71,3 +71,13 @@ def test_a_crop_fraction_outside_0_1_is_refused_naming_node_and_field(tmp_path, 
     with pytest.raises(GraphValidationError) as info:
         validate(graph)
     assert {(i.node, i.field) for i in info.value.issues} == {("more", "compose_crop_fraction")}
+
+
+@pytest.mark.parametrize("value", [-1.0, "heavy", float("nan")])
+def test_a_bad_binding_weight_is_refused_naming_node_and_field(tmp_path, value):
+    graph = graph_from_data(_graph(tmp_path, {"steps": 2, "binding_weight": value}), base_dir=tmp_path,
+                            default_name="g", source="<test>")
+    with pytest.raises(GraphValidationError) as info:
+        validate(graph)
+    assert {(i.node, i.field) for i in info.value.issues} == {("more", "binding_weight")}
+    assert not (tmp_path / "run").exists()
