@@ -192,3 +192,17 @@ def test_binding_weight_changes_training_and_needs_binding_masks(tmp_path):
     assert runs[20.0].losses != runs[0.0].losses and all(np.isfinite(runs[20.0].losses))
     with pytest.raises(ValueError, match="binding"):
         pretrain(build_tiny_pipeline(TEST_CONFIG, seed=0), colour_squares, _fast(binding_weight=1.0), tmp_path / "x")
+
+
+def test_binding_weights_follow_the_latent_size():
+    """1 + w on the binding pixels; a mask at pixel size is max-pooled to a smaller latent (a VAE's x2)."""
+    from flowopd_core.training.pretrain import binding_weights
+
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, 3, 5] = 1.0
+    batch = BoundBatch(["a", "b"], torch.ones(2, 3, 8, 8), mask)
+    assert binding_weights(batch, 0.0, 8) is None
+    same = binding_weights(batch, 4.0, 8)
+    assert same.shape == (2, 1, 8, 8) and same[0, 0, 3, 5] == 5.0 and same.sum() == 2 * 64 + 4.0
+    half = binding_weights(batch, 4.0, 4)
+    assert half.shape == (2, 1, 4, 4) and half[0, 0, 1, 2] == 5.0 and half.sum() == 2 * 16 + 4.0
