@@ -417,7 +417,8 @@ class TrainingBatch:
     degradations: list[str]
     binding: torch.Tensor | None = None
     """``(B, 1, H, W)`` float32, 1 on the pixels that show a two-object compose image's binding
-    (:func:`binding_pixels`, drawn before any degradation), else 0; only with ``binding_masks=True``."""
+    (:func:`binding_pixels` of its final placement, an extra copy or a crop included), else 0; only with
+    ``binding_masks=True``."""
 
 
 def sample_training_batch(

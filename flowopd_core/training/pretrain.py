@@ -1,11 +1,13 @@
 """Rectified-flow pretraining of a pipeline's transformer from image/prompt pairs (the mini-world base model).
 
 Loss (the flow-matching loss of docs/method.md §3, also used for SFT): with x0 the clean latents, eps ~ N(0, I) and
-t ~ logit-normal, x_t = (1 - t) x0 + t eps and L = || v_theta(x_t, t | c) - (eps - x0) ||^2 (mean over all
-elements). Text encoders stay frozen; each distinct prompt is encoded once (:class:`TextEmbeddingCache`). A
-fraction of the prompts is replaced by the empty prompt so that classifier-free guidance works. AdamW with a
-linear warm-up, gradient-norm clipping, an EMA of the weights (diffusers ``EMAModel``, whose decay ramps up as
-(1 + n) / (10 + n) to ``ema_decay``); the EMA weights are what is saved.
+t ~ logit-normal, x_t = (1 - t) x0 + t eps and L = || v_theta(x_t, t | c) - (eps - x0) ||^2 (mean over all elements;
+with ``binding_weight`` w > 0 the mean is weighted, 1 + w on each batch's binding pixels: the pixels of a two-object
+compose image that change when its two shapes swap colours). Text encoders stay frozen; each distinct prompt is
+encoded once (:class:`TextEmbeddingCache`). A fraction of the prompts is replaced by the empty prompt so that
+classifier-free guidance works. AdamW with a linear warm-up, gradient-norm clipping, an EMA of the weights
+(diffusers ``EMAModel``, whose decay ramps up as (1 + n) / (10 + n) to ``ema_decay``); the EMA weights are what is
+saved.
 
 Output folder ``out_dir``: ``pipeline/`` (a standard diffusers folder, safetensors), ``loss.png`` and
 ``pretrain.json`` (resolved config, per-step losses, seconds, snapshot steps); with ``snapshot_every = N > 0``

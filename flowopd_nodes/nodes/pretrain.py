@@ -102,8 +102,8 @@ _WIDGETS = (
        "images (where the image changes if the two shapes swap colours): 1 + this there, 1 elsewhere. The plain "
        "loss barely rewards binding (those pixels are about 14 % of a two-object image, 5 % of all compose "
        "pixels), so a base learns the shapes and colours a prompt names but not which goes with which; 0 = the "
-       "plain loss (the shipped base). "
-       "Last among the widgets, so workflows saved before it keep their order",
+       "plain loss (the shipped base). Last among the widgets, so workflows saved before it keep "
+       "their order",
        min=0.0, max=1000.0, step=1.0),
 )
 ON_NODE = ("quality_degraded_fraction", "task_weights", "text_jitter", "device", "steps", "minutes", "batch_size",
