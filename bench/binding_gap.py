@@ -89,7 +89,7 @@ def main() -> None:
             def gap(d: torch.Tensor) -> str:
                 return f"{d.mean():+.5f} ± {1.96 * d.std() / n ** 0.5:.5f}"
 
-            print(f"| {Path(folder).name if len(args.models) == 1 else folder} | {t:g} | {whole['true'].mean():.4f} | "
+            print(f"| {folder} | {t:g} | {whole['true'].mean():.4f} | "
                   f"{gap(whole['twin'] - whole['true'])} | {gap(bound['twin'] - bound['true'])} | "
                   f"{gap(whole['other'] - whole['true'])} |", flush=True)
 
