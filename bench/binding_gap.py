@@ -5,12 +5,12 @@
 Draws ``--images`` two-object compose images (``pair`` and ``position`` prompts of ``--split`` naming two colours
 and two shapes; the placement drawn as the pretraining data draws it) and scores each model's rectified-flow loss
 (docs/method.md §3) at fixed times t with the true prompt and with its binding-swapped twin (the two shape words
-exchanged: "a red circle and a blue square" -> "a red square and a blue circle"), the same noise for every
-model and prompt. A model that binds predicts the true image better from the true prompt: the gap (twin - true)
-is positive. Printed per t: the loss with the true prompt, the gap over the whole image and over the binding
-pixels only (``binding_pixels``: where the twin's image differs), each with its 95 % interval over images, and,
-for scale, the gap to an unrelated prompt of the same set. The rows of several models are side by side (the
-same images, noise and times).
+exchanged: "a red circle and a blue square" -> "a red square and a blue circle", taken from the prompt set), the
+same noise for every model and prompt. A model that binds predicts the true image better from the true prompt: the
+gap (twin - true) is positive. Printed per t: the loss with the true prompt, the gap over the whole image and over
+the binding pixels only (``binding_pixels``: where the twin's image differs), each with its 95 % interval over
+images, and, for scale, the gap to an unrelated prompt of the same set. The rows of several models are side by side
+(the same images, noise and times).
 """
 
 from __future__ import annotations
@@ -27,13 +27,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
 
 
-def twin_text(text: str, objects: list[dict]) -> str:
-    """``text`` with its two shape words exchanged (the first object's first, the second's last occurrence)."""
-    words = text.split()
-    first, second = objects[0]["shape"], objects[1]["shape"]
-    i, j = words.index(first), len(words) - 1 - words[::-1].index(second)
-    words[i], words[j] = second, first
-    return " ".join(words)
+def twins(specs: list) -> list[str]:
+    """The prompt of each two-object compose spec's binding-swapped twin (the same template, relation and colours,
+    the two shapes exchanged), looked up among all compose prompts of both splits, where every twin exists."""
+    from flowopd_core.miniworld import prompts
+
+    def key(spec, swap: bool) -> tuple:
+        (c0, s0), (c1, s1) = ((o["colour"], o["shape"]) for o in spec.spec["objects"])
+        return spec.spec["template"], spec.spec.get("relation"), ((c0, s1), (c1, s0)) if swap else ((c0, s0), (c1, s1))
+
+    texts = {key(p, False): p.text for split in ("train", "test") for p in prompts("compose", split)
+             if len(p.spec["objects"]) == 2}
+    return [texts[key(s, True)] for s in specs]
 
 
 def main() -> None:
@@ -60,7 +65,7 @@ def main() -> None:
     placed = [placed_objects(s, rng) for s in specs]
     images = from_uint8([draw_objects(p, 32) for p in placed])
     masks = torch.from_numpy(np.stack([binding_pixels(p, s.spec["objects"]) for p, s in zip(placed, specs)]))
-    prompts = {"true": [s.text for s in specs], "twin": [twin_text(s.text, s.spec["objects"]) for s in specs],
+    prompts = {"true": [s.text for s in specs], "twin": twins(specs),
                "other": [specs[(i + 1) % len(specs)].text for i in range(len(specs))]}
     generator = torch.Generator().manual_seed(args.seed)
     noise = {t: torch.randn(images.shape, generator=generator) for t in args.times}

@@ -49,7 +49,7 @@ def main() -> None:
     from flowopd_core.models.pipeline import load_pipeline
     from flowopd_core.rewards import make_reward
     from flowopd_core.rewards.base import images_to_uint8
-    from flowopd_core.rewards.compose import detect_objects
+    from flowopd_core.rewards.compose import detect_objects, judge
     from flowopd_core.sampling.generate import SampleConfig, generate
 
     pipe = load_pipeline(args.model)
@@ -77,12 +77,14 @@ def main() -> None:
         for start in range(0, len(specs), 64):
             batch = specs[start:start + 64]
             pixels = images_to_uint8(images[start:start + 64])
-            for spec, score, image in zip(batch, reward.score_batch(pixels, batch), pixels):
+            for spec, image in zip(batch, pixels):
+                detections = detect_objects(image, reward.config)  # once: the score and the frame test both read them
+                score = judge(detections, spec.spec)  # the compose reward's verdict (ComposeReward.score_one)
                 count[spec.category] += 1
                 strict[spec.category] += score.strict
                 failed[spec.category].update(name for name, ok in score.details["constraints"].items() if not ok)
                 misses[spec.category].update(shape_misses(spec.spec, score.details))
-                edge = "touching" if touches_frame(detect_objects(image, reward.config), image.shape[:2]) else "inside"
+                edge = "touching" if touches_frame(detections, image.shape[:2]) else "inside"
                 touch[spec.category].update({edge: 1, f"{edge} strict": score.strict})
         for category in sorted(count, key=list(count).index):
             n = count[category]
