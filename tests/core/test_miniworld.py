@@ -330,6 +330,21 @@ def test_binding_pixels_mark_where_a_shape_swap_changes_the_image():
         assert not mw.rendering.binding_pixels(placed, spec.spec["objects"]).any()
 
 
+def test_the_compose_data_stream_is_the_one_the_bases_were_trained_on():
+    """The compose images and prompts of a seeded stream, plain and with both error options and template weights,
+    hash to the digest the code that trained the shipped and relations bases gives (computed at beb50d0, before
+    the binding masks restructured the compose draws): a change to the draws fails here."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for kw in ({}, {"compose_error_fraction": 0.3, "compose_crop_fraction": 0.4,
+                    "template_weights": {"compose": {"position": 4}}}):
+        batch = mw.sample_training_batch(np.random.default_rng(7), 48, tasks=("compose",), **kw)
+        digest.update(batch.images.numpy().tobytes())
+        digest.update("|".join(batch.prompts + batch.degradations).encode())
+    assert digest.hexdigest() == "6a7d4af8668fd95c3b2565cfd62172f7ea7141acb6b9bf5edcb5f20ee0f0c3d9"
+
+
 def test_binding_masks_leave_the_data_stream_unchanged():
     """sample_training_batch(binding_masks=True): the same images and prompts, plus (B, 1, H, W) masks that are
     non-zero exactly on the compose images naming two objects of different colours and shapes."""
