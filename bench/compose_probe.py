@@ -9,13 +9,14 @@ Trains two Flow-GRPO adapters on one base with the same recipe and prompts (the 
 each model's strict accuracy per category and the paired differences (teacher - base, control - base, teacher -
 control) on the compose headline (the equal-weight category mean, strict and partial) with their 95 % intervals,
 computed as the Evaluator does. Each adapter's mean compose score on its own training rollouts is printed per epoch
-(the control logs it at weight 0, so the two curves measure the same thing). ``--sde-eval`` also scores the
+(the control logs it at weight 0, so the two curves measure the same thing), and so is their difference paired
+by epoch (both draw the same prompts and noise each epoch). ``--sde-eval`` also scores the
 held-out prompts with SDE samples drawn as a training rollout (8 steps, noise 0.7), to tell a gain the sampler
 carries from one it does not (a third sampling pass of the 576 held-out samples per model). About 8 minutes on
 2 cores without ``--sde-eval``.
 
-Long probes run faster split, one adapter per one-thread process (2.5x the groups per hour of one two-thread
-process on these 2 cores; each epoch of 16 groups takes about 23 s on one thread), then evaluated together:
+Long probes run split, one adapter per one-thread process side by side (on 2 cores each epoch of 16 groups then
+takes about 22 s), then evaluated together:
 
     OMP_NUM_THREADS=1 python bench/compose_probe.py --model M --only teacher --save DIR ... &
     OMP_NUM_THREADS=1 python bench/compose_probe.py --model M --only control --save DIR ... ; wait
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -92,9 +94,13 @@ def main() -> None:
                         lora_alpha=32.0, epochs=args.epochs, seed=args.seed, balance_templates=args.balance)
     pipe = load_pipeline(args.model)
     policy = Policy(pipe.transformer)
+    curves: dict[str, list[float]] = {}
     for adapter, reward in (("teacher", args.reward), ("control", "random")):
         if args.load:
             policy.load_adapter(adapter, Path(args.load) / adapter)
+            saved_curve = Path(args.load) / f"{adapter}_rollouts.json"
+            if saved_curve.is_file():
+                curves[adapter] = json.loads(saved_curve.read_text())["compose_per_epoch"]
             continue
         if args.only and adapter != args.only:
             continue
@@ -104,13 +110,18 @@ def main() -> None:
         trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
+        curves[adapter] = []
         for _ in range(args.epochs):
-            print(f" {trainer.epoch().to_json()['reward_mean']['compose']:.2f}", end="", flush=True)
+            curves[adapter].append(trainer.epoch().to_json()["reward_mean"]["compose"])
+            print(f" {curves[adapter][-1]:.2f}", end="", flush=True)
         print(flush=True)
         if args.save:
             print(f"saved {policy.save_adapter(adapter, Path(args.save) / adapter)}", flush=True)
+            (Path(args.save) / f"{adapter}_rollouts.json").write_text(json.dumps(
+                {"reward": reward, "seed": args.seed, "compose_per_epoch": curves[adapter]}))
     if args.only:
         return
+    rollout_gap(curves)
     test = prompt_set("compose", "test")
     evals = evaluate_targets(
         [EvalTarget("base", pipe, policy, None), EvalTarget("teacher", pipe, policy, "teacher"),
@@ -120,6 +131,23 @@ def main() -> None:
     report("Held-out ODE samples (16 steps, as the Evaluator draws them)", [scored_from_eval(e) for e in evals])
     if args.sde_eval:
         report("Held-out SDE samples (8 steps, noise 0.7, as a training rollout)", sde_scored(pipe, policy, test, 2))
+
+
+def rollout_gap(curves: dict[str, list[float]]) -> None:
+    """Teacher - control on their own rollouts, paired by epoch: with the same seed both adapters draw the same
+    prompts and the same noise each epoch (the training reward takes no random draws), so their epoch means differ
+    only by what the adapters learned. Mean and 95 % interval (normal) over each half of the epochs."""
+    teacher, control = curves.get("teacher"), curves.get("control")
+    if not teacher or not control or len(teacher) != len(control):
+        print("\n(no paired rollout curves: train both adapters with the same seed and epochs to compare them)")
+        return
+    gap = np.asarray(teacher) - np.asarray(control)
+    print("\nTeacher - control, compose score of their own rollouts, paired by epoch (mean +- 95 % interval):")
+    half = len(gap) // 2
+    for name, part in (("first half", gap[:half]), ("second half", gap[half:]), ("all epochs", gap)):
+        if len(part) > 1:
+            width = 1.96 * part.std(ddof=1) / np.sqrt(len(part))
+            print(f"  {name} ({len(part)} epochs): {part.mean():+.4f} +- {width:.4f}")
 
 
 @dataclasses.dataclass(frozen=True)
