@@ -57,16 +57,20 @@ def main() -> None:
     parser.add_argument("--only", choices=("teacher", "control"), help="train this adapter alone (needs --save)")
     parser.add_argument("--save", help="folder to write the trained adapters to")
     parser.add_argument("--load", help="train nothing: evaluate the adapters a --save wrote to this folder")
+    parser.add_argument("--init", help="start each adapter from the one a --save wrote to this folder (a longer probe "
+                        "in slices; AdamW's moments start afresh, so give the slice another --seed for new prompts)")
     args = parser.parse_args()
     if args.only and not args.save:
         parser.error("--only needs --save: a lone adapter is evaluated by a later --load")
-    if args.load and (args.only or args.save):
-        parser.error("--load evaluates saved adapters; it takes neither --only nor --save")
-    if args.load:
-        saved = Path(args.load)
+    if args.load and (args.only or args.save or args.init):
+        parser.error("--load evaluates saved adapters; it takes neither --only, --save nor --init")
+    for folder in (args.load, args.init):
+        if not folder:
+            continue
+        saved = Path(folder)
         missing = [a for a in ("teacher", "control") if not (saved / a / "adapter_model.safetensors").is_file()]
         if missing:
-            parser.error(f"--load {args.load}: no saved adapter for {missing} (adapter_model.safetensors)")
+            parser.error(f"{folder}: no saved adapter for {missing} (adapter_model.safetensors)")
     for flag in ("epochs", "prompts_per_epoch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -104,6 +108,8 @@ def main() -> None:
             continue
         if args.only and adapter != args.only:
             continue
+        if args.init:
+            policy.load_adapter(adapter, Path(args.init) / adapter)
         rewards, weights = {reward: build_reward(reward)}, {}
         if reward != "compose":  # the compose score is logged beside the training reward, at weight 0
             rewards["compose"], weights["compose"] = build_reward("compose"), 0.0
