@@ -209,6 +209,14 @@ def headline_difference(a: Scored, b: Scored, *, strict: bool):
     return mean_ci(values, a.prompts, 0.95, a.categories)
 
 
+def category_difference(a: Scored, b: Scored, category: str):
+    """Paired ``a - b`` of the strict accuracy on one category's prompts, with the Evaluator's interval."""
+    from flowopd_core.eval.report import mean_ci
+
+    rows = np.asarray(a.categories) == category
+    return mean_ci((a.strict - b.strict)[rows], a.prompts[rows], 0.95)
+
+
 def report(title: str, scored: list[Scored]) -> None:
     """Per model the strict accuracy per category and the partial mean; the paired differences of the headline."""
     categories = list(dict.fromkeys(scored[0].categories))
@@ -222,6 +230,11 @@ def report(title: str, scored: list[Scored]) -> None:
         strict, partial = (headline_difference(by_name[a], by_name[b], strict=flag) for flag in (True, False))
         print(f"  {a} - {b}: {strict.mean:+.3f} +- {strict.half_width:.3f} (partial {partial.mean:+.3f} "
               f"+- {partial.half_width:.3f})", flush=True)
+    print("\nPaired differences per category, strict (95 % interval):")
+    for a, b in (("teacher", "base"), ("control", "base"), ("teacher", "control")):
+        cells = [category_difference(by_name[a], by_name[b], c) for c in categories]
+        print(f"  {a} - {b}: " + ", ".join(f"{c} {d.mean:+.3f} +- {d.half_width:.3f}"
+                                            for c, d in zip(categories, cells)), flush=True)
 
 
 if __name__ == "__main__":
