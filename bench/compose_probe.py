@@ -22,8 +22,9 @@ takes about 22 s), then evaluated together:
     OMP_NUM_THREADS=1 python bench/compose_probe.py --model M --only control --save DIR ... ; wait
     python bench/compose_probe.py --model M --load DIR
 
-``--save`` writes each trained adapter (safetensors) to ``DIR/<teacher|control>``; ``--load`` trains nothing and
-evaluates the base and the two adapters found there.
+``--save`` writes each trained adapter (safetensors) to ``DIR/<teacher|control>`` and its rollout curve beside it;
+``--load`` trains nothing and evaluates the base and the two adapters found there; ``--init DIR`` trains a further
+slice from them (a fresh AdamW; pass another ``--seed`` for new prompts).
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ def main() -> None:
                         lora_alpha=32.0, epochs=args.epochs, seed=args.seed, balance_templates=args.balance)
     pipe = load_pipeline(args.model)
     policy = Policy(pipe.transformer)
-    curves: dict[str, list[float]] = {}
+    curves: dict[str, dict] = {}
     for adapter, reward in (("teacher", args.reward), ("control", "random")):
         if args.load:
             policy.load_adapter(adapter, Path(args.load) / adapter)
             saved_curve = Path(args.load) / f"{adapter}_rollouts.json"
             if saved_curve.is_file():
-                curves[adapter] = json.loads(saved_curve.read_text())["compose_per_epoch"]
+                curves[adapter] = json.loads(saved_curve.read_text())
             continue
         if args.only and adapter != args.only:
             continue
@@ -116,15 +117,15 @@ def main() -> None:
         trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
-        curves[adapter] = []
+        curve = curves[adapter] = {"reward": reward, "seed": args.seed, "balance": args.balance, "init": args.init,
+                                   "compose_per_epoch": []}
         for _ in range(args.epochs):
-            curves[adapter].append(trainer.epoch().to_json()["reward_mean"]["compose"])
-            print(f" {curves[adapter][-1]:.2f}", end="", flush=True)
+            curve["compose_per_epoch"].append(trainer.epoch().to_json()["reward_mean"]["compose"])
+            print(f" {curve['compose_per_epoch'][-1]:.2f}", end="", flush=True)
         print(flush=True)
         if args.save:
             print(f"saved {policy.save_adapter(adapter, Path(args.save) / adapter)}", flush=True)
-            (Path(args.save) / f"{adapter}_rollouts.json").write_text(json.dumps(
-                {"reward": reward, "seed": args.seed, "compose_per_epoch": curves[adapter]}))
+            (Path(args.save) / f"{adapter}_rollouts.json").write_text(json.dumps(curves[adapter]))
     if args.only:
         return
     rollout_gap(curves)
@@ -139,15 +140,18 @@ def main() -> None:
         report("Held-out SDE samples (8 steps, noise 0.7, as a training rollout)", sde_scored(pipe, policy, test, 2))
 
 
-def rollout_gap(curves: dict[str, list[float]]) -> None:
+def rollout_gap(curves: dict[str, dict]) -> None:
     """Teacher - control on their own rollouts, paired by epoch: with the same seed both adapters draw the same
     prompts and the same noise each epoch (the training reward takes no random draws), so their epoch means differ
-    only by what the adapters learned. Mean and 95 % interval (normal) over each half of the epochs."""
+    only by what the adapters learned. Mean and 95 % interval (normal) over each half of the epochs. ``curves``:
+    per adapter its settings and ``compose_per_epoch``."""
     teacher, control = curves.get("teacher"), curves.get("control")
-    if not teacher or not control or len(teacher) != len(control):
-        print("\n(no paired rollout curves: train both adapters with the same seed and epochs to compare them)")
+    same = ("seed", "balance", "init")
+    if (not teacher or not control or len(teacher["compose_per_epoch"]) != len(control["compose_per_epoch"])
+            or any(teacher.get(k) != control.get(k) for k in same)):
+        print("\n(no paired rollout curves: train both adapters with the same seed, epochs and slice to compare them)")
         return
-    gap = np.asarray(teacher) - np.asarray(control)
+    gap = np.asarray(teacher["compose_per_epoch"]) - np.asarray(control["compose_per_epoch"])
     print("\nTeacher - control, compose score of their own rollouts, paired by epoch (mean +- 95 % interval):")
     half = len(gap) // 2
     for name, part in (("first half", gap[:half]), ("second half", gap[half:]), ("all epochs", gap)):
