@@ -1,7 +1,7 @@
 """Diagnostic: which compose constraints does a model fail, on held-out and on training prompts?
 
-    python bench/compose_failures.py [--model models/miniworld] [--k 4] [--train-prompts 288] [--sampler sde]
-        [--cfg 4.5] [--steps N] [--splits test train]
+    python bench/compose_failures.py [--model models/miniworld] [--adapter DIR] [--k 4] [--train-prompts 288]
+        [--sampler sde] [--cfg 4.5] [--steps N] [--splits test train]
 
 For every held-out compose prompt and a seeded sample of training prompts, ``k`` SDE samples as a Flow-GRPO
 rollout draws them (8 steps, CFG 4.5, noise level 0.7; ``--sampler ode``: ODE samples as the Evaluator draws them,
@@ -13,7 +13,9 @@ In two-object samples whose named shapes differ, the last column splits the obje
 what their colour got: the other object's shape (``swapped``: a binding error), a third shape, or no object of
 that colour. ``touching``: the share of samples with a detected object whose box reaches the image's edge (a
 cropped object, the error ``compose_crop_fraction`` installs), and the strict accuracy of those samples against
-the others (does the compose reward see the crop?).
+the others (does the compose reward see the crop?). ``miscounts``: of the named objects drawn in their shape but
+in the wrong number, the share with too few and too many copies. ``--adapter``: sample with a LoRA adapter saved
+on that base (e.g. a teacher from ``bench/compose_probe.py --save``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="pipeline folder")
+    parser.add_argument("--adapter", help="a LoRA adapter folder (peft, safetensors) trained on --model")
     parser.add_argument("--k", type=int, default=4, help="SDE samples per prompt")
     parser.add_argument("--train-prompts", type=int, default=288, help="training prompts sampled (seed 0)")
     parser.add_argument("--sampler", choices=("sde", "ode"), default="sde",
@@ -44,15 +47,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 0 or args.k < 1:
         parser.error("--steps must be >= 0 and --k >= 1")
+    if args.adapter and not (Path(args.adapter) / "adapter_model.safetensors").is_file():
+        parser.error(f"--adapter {args.adapter}: no adapter_model.safetensors there")
 
     from flowopd_core.miniworld.sets import prompt_set
     from flowopd_core.models.pipeline import load_pipeline
+    from flowopd_core.models.policy import Policy
     from flowopd_core.rewards import make_reward
     from flowopd_core.rewards.base import images_to_uint8
     from flowopd_core.rewards.compose import detect_objects, judge
     from flowopd_core.sampling.generate import SampleConfig, generate
 
     pipe = load_pipeline(args.model)
+    adapter: dict = {}
+    if args.adapter:
+        policy = Policy(pipe.transformer)
+        policy.load_adapter("probed", args.adapter)
+        adapter = {"transformer": policy.model}
     sde = args.sampler == "sde"
     steps = args.steps or (8 if sde else 16)
     config = SampleConfig(steps=steps, guidance_scale=args.cfg, kind=args.sampler, noise_level=0.7,
@@ -60,16 +71,18 @@ def main() -> None:
     reward = make_reward("compose")
     drawn = (f"SDE samples per prompt, {steps} steps, CFG {args.cfg:g}, noise 0.7" if sde
              else f"ODE samples per prompt, {steps} steps, CFG {args.cfg:g}")
-    print(f"{args.model}: {args.k} {drawn}; share of samples failing each constraint\n")
+    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {args.k} {drawn}; share of samples failing "
+          "each constraint\n")
     print("| split | category | samples | strict | failed constraints | failed shapes in two-object samples: swapped / "
-          "a third shape / colour absent (of the objects) | touching: share (strict when touching / not) |"
-          "\n|---|---|---|---|---|---|---|")
+          "a third shape / colour absent (of the objects) | touching: share (strict when touching / not) | "
+          "miscounts: too few / too many |\n|---|---|---|---|---|---|---|---|")
     for split in args.splits:
         prompts = list(prompt_set("compose", split))
         if split == "train":
             prompts = random.Random(0).sample(prompts, min(args.train_prompts, len(prompts)))
         specs = [p for p in prompts for _ in range(args.k)]
-        images = generate(pipe, [p.text for p in specs], config, keep_latents=False).images
+        names = {"adapter_names": ["probed"] * len(specs)} if adapter else {}
+        images = generate(pipe, [p.text for p in specs], config, keep_latents=False, **adapter, **names).images
         failed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         count, strict = collections.Counter(), collections.Counter()
         misses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -84,6 +97,7 @@ def main() -> None:
                 strict[spec.category] += score.strict
                 failed[spec.category].update(name for name, ok in score.details["constraints"].items() if not ok)
                 misses[spec.category].update(shape_misses(spec.spec, score.details))
+                misses[spec.category].update(miscounts(spec.spec, detections))
                 edge = "touching" if touches_frame(detections, image.shape[:2]) else "inside"
                 touch[spec.category].update({edge: 1, f"{edge} strict": score.strict})
         for category in sorted(count, key=list(count).index):
@@ -94,8 +108,10 @@ def main() -> None:
                        f"{m['absent'] / m['objects']:.2f} (of {m['objects']})" if m["objects"] else "")
             t = touch[category]
             edges = f"{t['touching'] / n:.2f} ({share(t, 'touching')} / {share(t, 'inside')})"
-            print(f"| {split} | {category} | {n} | {strict[category] / n:.2f} | {shares} | {binding} | {edges} |",
-                  flush=True)
+            wrong = m["too few"] + m["too many"]
+            counts = f"{m['too few'] / wrong:.2f} / {m['too many'] / wrong:.2f} (of {wrong})" if wrong else ""
+            print(f"| {split} | {category} | {n} | {strict[category] / n:.2f} | {shares} | {binding} | {edges} | "
+                  f"{counts} |", flush=True)
 
 
 def share(counts: collections.Counter, key: str) -> str:
@@ -123,6 +139,16 @@ def shape_misses(spec: dict, details: dict) -> list[str]:
             continue
         got = [d.split()[2] for d in details["detected"] if d.split()[1] == obj["colour"]]  # largest first
         out.append("absent" if not got else "swapped" if got[0] == objects[1 - k]["shape"] else "third")
+    return out
+
+
+def miscounts(spec: dict, detections: list) -> list[str]:
+    """Per named object drawn in its colour and shape but not ``count`` times: ``"too few"`` or ``"too many"``."""
+    out = []
+    for obj in spec.get("objects", []):
+        drawn = sum(d.colour == obj["colour"] and d.shape == obj["shape"] for d in detections)
+        if drawn and drawn != obj["count"]:
+            out.append("too few" if drawn < obj["count"] else "too many")
     return out
 
 
