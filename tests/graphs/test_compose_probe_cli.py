@@ -1,0 +1,54 @@
+"""bench/compose_probe.py (issue 20): the split mode's refusals come before any model loads, and the rollout gap
+pairs only curves of one seed and slice (both adapters then draw the same prompts and noise each epoch)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "compose_probe.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=120)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--only", "teacher"), "--only needs --save"),
+    (("--load", "X", "--save", "Y"), "--load evaluates saved adapters"),
+    (("--load", "{missing}",), "no saved adapter for ['teacher', 'control']"),
+    (("--init", "{half}", "--save", "Y"), "no saved adapter for ['control']"),
+])
+def test_bad_combinations_are_refused_before_loading(tmp_path, args, message):
+    half = tmp_path / "half"
+    (half / "teacher").mkdir(parents=True)
+    (half / "teacher" / "adapter_model.safetensors").write_bytes(b"")
+    args = [a.format(missing=tmp_path / "none", half=half) for a in args]
+    out = run(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "Y").exists()
+
+
+def test_rollout_gap_pairs_only_curves_of_one_slice(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import compose_probe
+
+    teacher = {"seed": 0, "balance": False, "init": None, "compose_per_epoch": [0.5, 0.6, 0.7, 0.8]}
+    control = {"seed": 0, "balance": False, "init": None, "compose_per_epoch": [0.5, 0.5, 0.6, 0.6]}
+    compose_probe.rollout_gap({"teacher": teacher, "control": control})
+    out = capsys.readouterr().out
+    assert "first half (2 epochs): +0.0500 +- 0.0980" in out  # gaps 0.0 and 0.1: mean 0.05, 1.96 * 0.0707 / 1.414
+    assert "all epochs (4 epochs): +0.1000" in out
+    for key, other in (("seed", 1), ("balance", True), ("init", "slice-1")):
+        compose_probe.rollout_gap({"teacher": teacher, "control": {**control, key: other}})
+        assert "no paired rollout curves" in capsys.readouterr().out
+    compose_probe.rollout_gap({"teacher": teacher, "control": {**control, "compose_per_epoch": [0.5] * 3}})
+    assert "no paired rollout curves" in capsys.readouterr().out
