@@ -59,11 +59,11 @@ def main() -> None:
     from flowopd_core.sampling.generate import SampleConfig, generate
 
     pipe = load_pipeline(args.model)
-    adapter: dict = {}
+    transformer = None  # the pipeline's own, or the LoRA-wrapped one with the adapter under test
     if args.adapter:
         policy = Policy(pipe.transformer)
         policy.load_adapter("probed", args.adapter)
-        adapter = {"transformer": policy.model}
+        transformer = policy.model
     sde = args.sampler == "sde"
     steps = args.steps or (8 if sde else 16)
     config = SampleConfig(steps=steps, guidance_scale=args.cfg, kind=args.sampler, noise_level=0.7,
@@ -81,8 +81,8 @@ def main() -> None:
         if split == "train":
             prompts = random.Random(0).sample(prompts, min(args.train_prompts, len(prompts)))
         specs = [p for p in prompts for _ in range(args.k)]
-        names = {"adapter_names": ["probed"] * len(specs)} if adapter else {}
-        images = generate(pipe, [p.text for p in specs], config, keep_latents=False, **adapter, **names).images
+        images = generate(pipe, [p.text for p in specs], config, keep_latents=False, transformer=transformer,
+                          adapter_names=["probed"] * len(specs) if args.adapter else None).images
         failed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         count, strict = collections.Counter(), collections.Counter()
         misses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -143,7 +143,8 @@ def shape_misses(spec: dict, details: dict) -> list[str]:
 
 
 def miscounts(spec: dict, detections: list) -> list[str]:
-    """Per named object drawn in its colour and shape but not ``count`` times: ``"too few"`` or ``"too many"``."""
+    """Per named object drawn in its colour and shape but not ``count`` times (the compose judge's count rule):
+    ``"too few"`` or ``"too many"``."""
     out = []
     for obj in spec.get("objects", []):
         drawn = sum(d.colour == obj["colour"] and d.shape == obj["shape"] for d in detections)
