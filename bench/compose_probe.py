@@ -72,6 +72,11 @@ def main() -> None:
         missing = [a for a in ("teacher", "control") if not (saved / a / "adapter_model.safetensors").is_file()]
         if missing:
             parser.error(f"{folder}: no saved adapter for {missing} (adapter_model.safetensors)")
+        for adapter in ("teacher", "control"):  # adapters fit only the base they were trained on
+            curve = saved / f"{adapter}_rollouts.json"
+            trained_on = json.loads(curve.read_text()).get("model") if curve.is_file() else None
+            if trained_on and Path(trained_on).resolve() != Path(args.model).resolve():
+                parser.error(f"{folder}: its {adapter} was trained on {trained_on}, not on --model {args.model}")
     for flag in ("epochs", "prompts_per_epoch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -117,8 +122,8 @@ def main() -> None:
         trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
-        curve = curves[adapter] = {"reward": reward, "seed": args.seed, "balance": args.balance, "init": args.init,
-                                   "compose_per_epoch": []}
+        curve = curves[adapter] = {"model": str(Path(args.model).resolve()), "reward": reward, "seed": args.seed,
+                                   "balance": args.balance, "init": args.init, "compose_per_epoch": []}
         for _ in range(args.epochs):
             curve["compose_per_epoch"].append(trainer.epoch().to_json()["reward_mean"]["compose"])
             print(f" {curve['compose_per_epoch'][-1]:.2f}", end="", flush=True)

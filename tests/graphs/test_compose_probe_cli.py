@@ -3,6 +3,7 @@ pairs only curves of one seed and slice (both adapters then draw the same prompt
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,20 +22,25 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--only", "teacher"), "--only needs --save"),
-    (("--load", "X", "--save", "Y"), "--load evaluates saved adapters"),
+    (("--load", "{full}", "--save", "{out}"), "--load evaluates saved adapters"),
     (("--load", "{missing}",), "no saved adapter for ['teacher', 'control']"),
-    (("--init", "{half}", "--save", "Y"), "no saved adapter for ['control']"),
+    (("--init", "{half}", "--save", "{out}"), "no saved adapter for ['control']"),
+    (("--load", "{full}", "--model", "{other}"), "its teacher was trained on"),
 ])
 def test_bad_combinations_are_refused_before_loading(tmp_path, args, message):
-    half = tmp_path / "half"
-    (half / "teacher").mkdir(parents=True)
-    (half / "teacher" / "adapter_model.safetensors").write_bytes(b"")
-    args = [a.format(missing=tmp_path / "none", half=half) for a in args]
+    half, full = tmp_path / "half", tmp_path / "full"
+    for folder, adapters in ((half, ("teacher",)), (full, ("teacher", "control"))):
+        for adapter in adapters:
+            (folder / adapter).mkdir(parents=True)
+            (folder / adapter / "adapter_model.safetensors").write_bytes(b"")
+            (folder / f"{adapter}_rollouts.json").write_text(json.dumps({"model": str(tmp_path / "base")}))
+    args = [a.format(missing=tmp_path / "none", half=half, full=full, out=tmp_path / "out", other=tmp_path / "other")
+            for a in args]
     out = run(*args)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr
-    assert not (tmp_path / "Y").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_rollout_gap_pairs_only_curves_of_one_slice(capsys, monkeypatch):
