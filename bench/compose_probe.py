@@ -1,7 +1,7 @@
 """Probe a compose-teacher recipe against its yardstick: the base and a random-reward control.
 
     python bench/compose_probe.py [--model models/miniworld] [--reward compose] [--templates single,count,pair]
-        [--lr 1e-3] [--clip-range 1e-2] [--epochs 16] [--prompts-per-epoch 8] [--balance] [--sde-eval]
+        [--lr 1e-3] [--clip-range 1e-2] [--beta 0.01] [--epochs 16] [--prompts-per-epoch 8] [--balance] [--sde-eval]
 
 Trains two Flow-GRPO adapters on one base with the same recipe and prompts (the compose training prompts of
 ``--templates``): one on ``--reward``, one on the blind ``random`` control. Then it scores the base and both on all
@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
 
+from flowopd_core.choices import DEVICES  # noqa: E402  (a constants module: imports no torch)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,10 +52,13 @@ def main() -> None:
     parser.add_argument("--templates", default="single,count,pair,position", help="training prompt categories")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clip-range", type=float, default=1e-2)
+    parser.add_argument("--beta", type=float, default=0.01, help="KL coefficient to the base (the trainer's beta)")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--prompts-per-epoch", type=int, default=8, help="groups of 8 per epoch (8 optimizer steps)")
     parser.add_argument("--balance", action="store_true", help="balance_templates: categories evenly per epoch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where the model runs (auto: a GPU when one is visible)")
     parser.add_argument("--sde-eval", action="store_true", help="also score held-out SDE samples (as rollouts)")
     parser.add_argument("--only", choices=("teacher", "control"), help="train this adapter alone (needs --save)")
     parser.add_argument("--save", help="folder to write the trained adapters to")
@@ -80,12 +85,15 @@ def main() -> None:
     for flag in ("epochs", "prompts_per_epoch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not args.beta >= 0:  # NaN fails too
+        parser.error(f"--beta must be a number >= 0, got {args.beta}")
 
     from flowopd_core.eval.config import EvalConfig
     from flowopd_core.eval.evaluate import EvalTarget, evaluate_targets
     from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer
     from flowopd_core.miniworld import tasks
     from flowopd_core.miniworld.sets import prompt_set
+    from flowopd_core.models.modelref import resolve_device
     from flowopd_core.models.pipeline import load_pipeline
     from flowopd_core.models.policy import Policy
     from flowopd_core.prompts import PromptSet
@@ -100,9 +108,9 @@ def main() -> None:
     train = PromptSet(tuple(p for p in tasks.prompts("compose", "train") if p.spec["template"] in chosen),
                       name="compose-train")
     config = GRPOConfig(group_size=8, prompts_per_epoch=args.prompts_per_epoch, steps=8, guidance_scale=4.5, lr=args.lr,
-                        clip_range=args.clip_range, beta=0.01, updates_per_epoch=8, ema_decay=0.0, lora_rank=16,
+                        clip_range=args.clip_range, beta=args.beta, updates_per_epoch=8, ema_decay=0.0, lora_rank=16,
                         lora_alpha=32.0, epochs=args.epochs, seed=args.seed, balance_templates=args.balance)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model).to(resolve_device(args.device))
     policy = Policy(pipe.transformer)
     curves: dict[str, dict] = {}
     for adapter, reward in (("teacher", args.reward), ("control", "random")):
@@ -123,7 +131,8 @@ def main() -> None:
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
         curve = curves[adapter] = {"model": str(Path(args.model).resolve()), "reward": reward, "seed": args.seed,
-                                   "balance": args.balance, "init": args.init, "compose_per_epoch": []}
+                                   "beta": args.beta, "balance": args.balance, "init": args.init,
+                                   "compose_per_epoch": []}
         for _ in range(args.epochs):
             curve["compose_per_epoch"].append(trainer.epoch().to_json()["reward_mean"]["compose"])
             print(f" {curve['compose_per_epoch'][-1]:.2f}", end="", flush=True)
@@ -151,7 +160,7 @@ def rollout_gap(curves: dict[str, dict]) -> None:
     only by what the adapters learned. Mean and 95 % interval (normal) over each half of the epochs. ``curves``:
     per adapter its settings and ``compose_per_epoch``."""
     teacher, control = curves.get("teacher"), curves.get("control")
-    same = ("seed", "balance", "init")
+    same = ("seed", "beta", "balance", "init")
     if (not teacher or not control or len(teacher["compose_per_epoch"]) != len(control["compose_per_epoch"])
             or any(teacher.get(k) != control.get(k) for k in same)):
         print("\n(no paired rollout curves: train both adapters with the same seed, epochs and slice to compare them)")

@@ -26,6 +26,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
     (("--load", "{missing}",), "no saved adapter for ['teacher', 'control']"),
     (("--init", "{half}", "--save", "{out}"), "no saved adapter for ['control']"),
     (("--load", "{full}", "--model", "{other}"), "its teacher was trained on"),
+    (("--beta", "nan", "--only", "teacher", "--save", "{out}"), "--beta must be a number >= 0"),
+    (("--beta", "-0.1", "--only", "teacher", "--save", "{out}"), "--beta must be a number >= 0"),
 ])
 def test_bad_combinations_are_refused_before_loading(tmp_path, args, message):
     half, full = tmp_path / "half", tmp_path / "full"
@@ -47,13 +49,13 @@ def test_rollout_gap_pairs_only_curves_of_one_slice(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import compose_probe
 
-    teacher = {"seed": 0, "balance": False, "init": None, "compose_per_epoch": [0.5, 0.6, 0.7, 0.8]}
-    control = {"seed": 0, "balance": False, "init": None, "compose_per_epoch": [0.5, 0.5, 0.6, 0.6]}
+    teacher = {"seed": 0, "beta": 0.01, "balance": False, "init": None, "compose_per_epoch": [0.5, 0.6, 0.7, 0.8]}
+    control = {"seed": 0, "beta": 0.01, "balance": False, "init": None, "compose_per_epoch": [0.5, 0.5, 0.6, 0.6]}
     compose_probe.rollout_gap({"teacher": teacher, "control": control})
     out = capsys.readouterr().out
     assert "first half (2 epochs): +0.0500 +- 0.0980" in out  # gaps 0.0 and 0.1: mean 0.05, 1.96 * 0.0707 / 1.414
     assert "all epochs (4 epochs): +0.1000" in out
-    for key, other in (("seed", 1), ("balance", True), ("init", "slice-1")):
+    for key, other in (("seed", 1), ("beta", 0.1), ("balance", True), ("init", "slice-1")):
         compose_probe.rollout_gap({"teacher": teacher, "control": {**control, key: other}})
         assert "no paired rollout curves" in capsys.readouterr().out
     compose_probe.rollout_gap({"teacher": teacher, "control": {**control, "compose_per_epoch": [0.5] * 3}})
