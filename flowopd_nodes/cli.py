@@ -10,8 +10,9 @@
     python runner.py serve-reward NAME [--port P] [--host 127.0.0.1] [--set FIELD=VALUE ...] [--limit FIELD=VALUE ...]
 
 GRAPH may also be a ComfyUI API or UI-workflow JSON file (as exported, or saved from the canvas).
-Exit codes: 0 ok, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran), 128 + N a
-training node stopped on signal N (143 SIGTERM, 130 SIGINT) after writing a checkpoint: rerun the same command.
+Exit codes: 0 ok, 1 a node failed, 2 nothing ran: the graph is invalid (every problem is printed) or another runner
+holds the run folder, 128 + N a training node stopped on signal N (143 SIGTERM, 130 SIGINT) after writing a
+checkpoint: rerun the same command.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ USAGE = """%(prog)s GRAPH.yaml [--set NODE.PARAM=VALUE ...] [--run-dir DIR] [--f
 EPILOG = """GRAPH may also be a ComfyUI API or UI-workflow JSON file. --set takes the text given for a text input
 (STRING or a choice: --set 'router.weights=text: text=0.8 compose=0.2') and reads any other value as a YAML scalar
 (3, 0.5, true).
-Exit codes: 0 done, 1 a node failed, 2 the graph is invalid (every problem is printed, nothing ran), 128 + N a
-training node stopped on signal N after writing a checkpoint (rerun the same command to resume)."""
+Exit codes: 0 done, 1 a node failed, 2 nothing ran: the graph is invalid (every problem is printed) or another
+runner holds the run folder, 128 + N a training node stopped on signal N after writing a checkpoint (rerun the
+same command to resume)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowopd_core.training.distributed import init_from_env
     from flowopd_nodes.engine.graph import inside
-    from flowopd_nodes.engine.scheduler import run_graph
+    from flowopd_nodes.engine.scheduler import RunFolderBusy, run_graph
 
     unknown = sorted(set(args.force) - set(valid.nodes))
     if unknown:
@@ -290,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     world = init_from_env()  # several processes under torchrun / accelerate launch (WORLD_SIZE > 1)
     try:
         result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)
+    except RunFolderBusy as exc:
+        print(f"error: {exc}: nothing ran; wait for it to finish, or give this run another --run-dir",
+              file=sys.stderr)
+        return 2
     except NodeExecutionError as exc:
         if isinstance(exc.cause, TrainingInterrupted):
             print(f"interrupted: {exc.cause}\n(see {run_dir / 'run.log'})", file=sys.stderr)

@@ -209,6 +209,10 @@ def _previous_timings(status_file: Path) -> dict[str, float]:
         return {}
 
 
+class RunFolderBusy(RuntimeError):
+    """Another runner holds the run folder's lock: this run started nothing and wrote nothing there."""
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path) -> Iterator[None]:
     """One runner per run folder: an exclusive, non-blocking lock on ``<run_dir>/.lock`` (``fcntl.flock`` on
@@ -229,7 +233,7 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         try:
             lock()
         except busy:
-            raise RuntimeError(f"another runner is using {run_dir}") from None
+            raise RunFolderBusy(f"another runner is using {run_dir}") from None
         try:
             yield
         finally:

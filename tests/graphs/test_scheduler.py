@@ -4,6 +4,7 @@ descendants re-execute, failures leave nothing half-written."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,23 @@ def test_failing_node_leaves_nothing_and_exits_1(graph, capsys):
         not (graph.parent / "run" / "cache" / "f").exists()
         or not any((graph.parent / "run" / "cache" / "f").iterdir())
     )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the test holds the lock with fcntl")
+def test_run_folder_held_by_another_runner_is_refused_cleanly(graph, capsys):
+    import fcntl
+
+    run(graph)
+    run_dir = graph.parent / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with (run_dir / ".lock").open("a+") as held:  # what a running runner holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc = runner.main(["run", str(graph), "--run-dir", str(run_dir), "--no-progress", "--set", "a.text=two dots"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"another runner is using {run_dir}: nothing ran" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing written or lost
+    assert states(run(graph, "--set", "a.text=two dots"))["a"] == "executed"  # free again: it runs
 
 
 def test_force_unknown_node_is_an_error(graph):
