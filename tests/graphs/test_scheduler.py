@@ -134,6 +134,22 @@ def test_run_folder_held_by_another_runner_is_refused_cleanly(graph, capsys):
     assert states(run(graph, "--set", "a.text=two dots"))["a"] == "executed"  # free again: it runs
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d.write_text("a file"), "it exists and is not a folder"),
+    (lambda d: d.parent.joinpath("file").write_text("x"), "cannot make it"),  # run dir below a file
+    (lambda d: (d.mkdir(), d.joinpath("notes.txt").write_text("mine")), "it holds other files and no earlier run"),
+], ids=["a-file", "below-a-file", "a-foreign-folder"])
+def test_unusable_run_folder_is_refused_before_anything_runs(graph, capsys, make, message):
+    target = graph.parent / "target"
+    make(target)
+    run_dir = graph.parent / "file" / "run" if "make it" in message else target
+    before = {p: p.read_bytes() for p in graph.parent.rglob("*") if p.is_file()}
+    assert runner.main(["run", str(graph), "--run-dir", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: run folder {run_dir}: {message}" in err and "nothing ran" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in graph.parent.rglob("*") if p.is_file()} == before  # nothing written
+
+
 def test_force_unknown_node_is_an_error(graph):
     assert runner.main(["run", str(graph), "--run-dir", str(graph.parent / "run"), "--force", "nope"]) == 2
 
