@@ -179,10 +179,41 @@ def _import(args: argparse.Namespace) -> int:
         return 2
     text = graph_to_yaml(graph)
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}")
-    else:
-        print(text, end="")
+        return _write_outputs({args.output: text})
+    print(text, end="")
+    return 0
+
+
+def _output_problem(path: Path) -> str:
+    """Why ``path`` cannot be written as an output file, or "" when it can (its folder exists and is writable)."""
+    if path.is_dir():
+        return "it is a folder"
+    if path.parent.exists() and not path.parent.is_dir():
+        return f"{path.parent} is not a folder"
+    if not path.parent.is_dir():
+        return f"its folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"its folder {path.parent} is not writable"
+    return ""
+
+
+def _write_outputs(texts: dict[Path, str]) -> int:
+    """Write each output file atomically after checking all of them (exit 2 and nothing written if one cannot be:
+    every problem printed); print what was written."""
+    problems = [f"error: cannot write {path}: {why}" for path, why in ((p, _output_problem(p)) for p in texts) if why]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    for path, text in texts.items():
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
     return 0
 
 
@@ -272,11 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from flowopd_nodes.comfy.format import to_api_prompt, to_workflow
 
-        for out, make in ((args.comfy_api, to_api_prompt), (args.comfy_workflow, to_workflow)):
-            if out is not None:
-                out.write_text(json.dumps(make(valid), indent=2), encoding="utf-8")
-                print(f"wrote {out}")
-        return 0
+        return _write_outputs({out: json.dumps(make(valid), indent=2)
+                               for out, make in ((args.comfy_api, to_api_prompt), (args.comfy_workflow, to_workflow))
+                               if out is not None})
 
     from flowopd_core.training.distributed import init_from_env
     from flowopd_nodes.engine.graph import inside

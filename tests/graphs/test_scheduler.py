@@ -174,6 +174,26 @@ def test_export_comfy_api(graph, tmp_path):
     assert Path(prompt["f"]["inputs"]["path"]).is_absolute()
 
 
+def test_export_and_import_refuse_unwritable_outputs_and_write_nothing(graph, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    good = tmp_path / "api.json"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    bad = tmp_path / "afile" / "w.json"
+    assert runner.main(["export", str(graph), "--comfy-api", str(good), "--comfy-workflow", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write {bad}: {tmp_path / 'afile'} is not a folder" in err
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # not even the good one
+    assert runner.main(["export", str(graph), "--comfy-api", str(good)]) == 0
+    missing = tmp_path / "no" / "imported.yaml"
+    for out, why in ((tmp_path, "it is a folder"), (missing, f"its folder {missing.parent} does not exist")):
+        assert runner.main(["import", str(good), "-o", str(out)]) == 2
+        assert f"error: cannot write {out}: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert runner.main(["import", str(good), "-o", str(tmp_path / "imported.yaml")]) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
 def test_list_nodes(capsys):
     assert runner.main(["list-nodes"]) == 0
     assert "FlowOPDSeed" in capsys.readouterr().out
