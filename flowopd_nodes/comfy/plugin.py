@@ -120,9 +120,14 @@ def _is_sd3_file(path: Path) -> bool:
     return _SD3_FILES[key]
 
 
+SHIPPED_BASE = "models/miniworld"  # the embedded default: first in LoadModel's dropdown, so a new node loads it
+
+
 def model_choices(single_files: bool = True) -> list[str]:
-    """The dropdown of LoadModel: repository pipeline folders, ComfyUI's diffusers folders, SD3 single files."""
-    choices = [f"models/{name}" for name in _pipeline_folders(ROOT / "models") if "/" not in name and name != "."]
+    """The dropdown of LoadModel: repository pipeline folders (the shipped base first, then the others, e.g.
+    ``models/binding``), ComfyUI's diffusers folders, SD3 single files."""
+    repository = [f"models/{name}" for name in _pipeline_folders(ROOT / "models") if "/" not in name and name != "."]
+    choices = sorted(repository, key=lambda choice: choice != SHIPPED_BASE)  # stable: the others stay sorted
     for base in comfy_folders("diffusers"):
         choices += [DIFFUSERS_PREFIX + name for name in _pipeline_folders(base) if name != "."]
     if single_files:

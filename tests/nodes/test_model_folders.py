@@ -125,9 +125,10 @@ def test_load_model_offers_comfyui_folders_and_resolves_them(comfy_folders):
     node = comfy.NODE_CLASS_MAPPINGS["FlowOPDLoadModel"]
     spec = node.INPUT_TYPES()
     choices, _ = spec["required"]["path"]
-    assert choices == ["models/miniworld", "diffusers/mini", "checkpoints/sd35_medium.safetensors"]  # no SDXL file
+    # the shipped base first (a new node's value), then the repository's other bases; no SDXL file
+    assert choices == ["models/miniworld", "models/binding", "diffusers/mini", "checkpoints/sd35_medium.safetensors"]
     config_choices, opts = spec["required"]["config"]  # a widget with a default: "required" in ComfyUI's spec
-    assert config_choices == ["", "models/miniworld", "diffusers/mini"] and opts["default"] == ""
+    assert config_choices == ["", "models/miniworld", "models/binding", "diffusers/mini"] and opts["default"] == ""
     assert node.VALIDATE_INPUTS(path="diffusers/mini", input_types={}) is True
     assert node.VALIDATE_INPUTS(path="models/miniworld", input_types={}) is True
     # a plain path from an exported workflow, not in the list: validated as a path, not refused as a choice
