@@ -309,25 +309,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowopd_core.training.distributed import init_from_env
     from flowopd_nodes.engine.graph import inside
-    from flowopd_nodes.engine.scheduler import RunFolderBusy, run_graph
+    from flowopd_nodes.engine.scheduler import RunFolderUnusable, run_graph
 
     unknown = sorted(set(args.force) - set(valid.nodes))
     if unknown:
         print(f"error: --force names no node of the graph: {unknown}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or inside("runs", valid.name)  # a validated name: a folder under runs/
-    problem = _unusable_run_dir(Path(run_dir))
-    if problem:
-        print(f"error: run folder {run_dir}: {problem}; nothing ran", file=sys.stderr)
-        return 2
     if args.no_progress:  # the libraries' own bars too (loading pipelines, weights)
         _quiet_library_bars()
     world = init_from_env()  # several processes under torchrun / accelerate launch (WORLD_SIZE > 1)
     try:
         result = run_graph(valid, run_dir, force=set(args.force), show_progress=not args.no_progress)
-    except RunFolderBusy as exc:
-        print(f"error: {exc}: nothing ran; wait for it to finish, or give this run another --run-dir",
-              file=sys.stderr)
+    except RunFolderUnusable as exc:
+        print(f"error: {exc}; nothing ran", file=sys.stderr)
         return 2
     except NodeExecutionError as exc:
         if isinstance(exc.cause, TrainingInterrupted):
@@ -344,26 +339,6 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in result.outputs[node_id].items():
                 print(f"  {node_id}.{name}: {_shown(value, run_dir, node_id)}")
     return 0
-
-
-RUN_FOLDER_MARKS = ("graph.yaml", "status.json", ".lock")  # what every run writes first into its folder
-
-
-def _unusable_run_dir(run_dir: Path) -> str:
-    """Why ``run_dir`` cannot hold a run, or "" when it can: it is a file; it holds other files and no earlier
-    run (a run would scatter its cache among them: a mistyped ``--run-dir ~``); it cannot be made; it is not
-    writable. A missing folder is made here, as the run would make it."""
-    if run_dir.exists() and not run_dir.is_dir():
-        return "it exists and is not a folder"
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in RUN_FOLDER_MARKS):
-        return "it holds other files and no earlier run (give a new or empty folder, or one a run wrote)"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"cannot make it ({exc.strerror or exc})"
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        return "it is not writable"
-    return ""
 
 
 def _quiet_library_bars() -> None:

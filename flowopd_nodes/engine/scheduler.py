@@ -209,8 +209,34 @@ def _previous_timings(status_file: Path) -> dict[str, float]:
         return {}
 
 
-class RunFolderBusy(RuntimeError):
-    """Another runner holds the run folder's lock: this run started nothing and wrote nothing there."""
+RUN_FOLDER_MARKS = ("graph.yaml", "status.json", ".lock", "ranks")
+"""What a run writes first into its folder (``ranks/``: processes r > 0 of a multi-process run, which may start
+before the main one): a folder holding one of them is a run folder."""
+
+
+class RunFolderUnusable(RuntimeError):
+    """The run folder cannot hold this run (:func:`run_folder_problem`): nothing ran and nothing was written."""
+
+
+class RunFolderBusy(RunFolderUnusable):
+    """Another runner holds the run folder's lock."""
+
+
+def run_folder_problem(run_dir: Path) -> str:
+    """Why ``run_dir`` cannot hold a run, or "" when it can: it is a file; it holds other files and no earlier
+    run (a run would scatter its cache among them: a mistyped ``--run-dir ~``); it cannot be made; it is not
+    writable. A missing folder is made here."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return "it exists and is not a folder"
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in RUN_FOLDER_MARKS):
+        return "it holds other files and no earlier run (give a new or empty folder, or one a run wrote)"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot make it ({exc.strerror or exc})"
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        return "it is not writable"
+    return ""
 
 
 @contextlib.contextmanager
@@ -233,7 +259,8 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         try:
             lock()
         except busy:
-            raise RunFolderBusy(f"another runner is using {run_dir}") from None
+            raise RunFolderBusy(f"run folder {run_dir}: another runner is using it (wait for it to finish, or give "
+                                "this run another --run-dir)") from None
         try:
             yield
         finally:
@@ -264,9 +291,11 @@ def run_graph(
     show_progress: bool = True,
 ) -> RunResult:
     """Run ``valid`` in ``run_dir``; see the module docstring for caching and several processes. Raises
-    :class:`NodeExecutionError`."""
+    :class:`NodeExecutionError`, or :class:`RunFolderUnusable` before anything runs."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    problem = run_folder_problem(run_dir)  # makes a missing folder
+    if problem:
+        raise RunFolderUnusable(f"run folder {run_dir}: {problem}")
     from flowopd_core.training.distributed import World  # torch: imported when a graph runs
 
     world = World.current()

@@ -129,7 +129,8 @@ def test_run_folder_held_by_another_runner_is_refused_cleanly(graph, capsys):
         rc = runner.main(["run", str(graph), "--run-dir", str(run_dir), "--no-progress", "--set", "a.text=two dots"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert f"another runner is using {run_dir}: nothing ran" in err and "Traceback" not in err
+    assert f"error: run folder {run_dir}: another runner is using it" in err and "nothing ran" in err
+    assert "Traceback" not in err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing written or lost
     assert states(run(graph, "--set", "a.text=two dots"))["a"] == "executed"  # free again: it runs
 
@@ -172,6 +173,12 @@ def test_export_comfy_api(graph, tmp_path):
         "_meta": {"title": "sa"},
     }
     assert Path(prompt["f"]["inputs"]["path"]).is_absolute()
+
+
+def test_run_folder_started_by_another_rank_is_a_run_folder(graph):
+    """Under torchrun a process r > 0 may make ``ranks/rank<r>`` before the main process looks at the folder."""
+    (graph.parent / "run" / "ranks" / "rank1").mkdir(parents=True)
+    assert states(run(graph))["a"] == "executed"
 
 
 def test_export_and_import_refuse_unwritable_outputs_and_write_nothing(graph, tmp_path, capsys):
