@@ -3,6 +3,8 @@ it and validate graphs with it. :mod:`flowopd_core.grpo.trainer` re-exports it."
 
 from __future__ import annotations
 
+import math
+
 from flowopd_core.choices import KL_FORMS, REWARD_MODES
 from flowopd_core.training.config import TrainerConfig, setting, trainer_config
 
@@ -46,11 +48,19 @@ class GRPOConfig(TrainerConfig):
         errors = []
         if not self.adv_clip > 0:
             errors.append(f"adv_clip must be > 0, got {self.adv_clip}")
+        if any(not math.isfinite(w) for w in self.reward_weights.values()):
+            errors.append(f"reward weights must be finite numbers, got {self.reward_weights}")
+        elif self.reward_weights and not any(self.reward_weights.values()):
+            errors.append(f"every reward weighs 0 ({self.reward_weights}): the advantages would all be 0 and "
+                          "nothing would train; give the training reward a non-zero weight")
         if self.sde_window:
             lo, hi = self.window_bounds
             if not (0 <= lo < self.trainable_steps and hi <= self.steps and hi - lo >= self.sde_window):
                 errors.append(f"window_range {self.window_range} (resolved [{lo}, {hi})) must hold a window of "
                               f"{self.sde_window} steps, start below {self.trainable_steps} and end by {self.steps}")
+            if self.step_subset > self.sde_window:
+                errors.append(f"step_subset {self.step_subset} is more than the sde_window of {self.sde_window} "
+                              "steps, the only steps trained; 0 trains them all")
         return errors
 
     @property

@@ -8,6 +8,7 @@ cluster graph reaches GenEval, PaddleOCR, DeQA and other heavy scorers. Nothing 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -48,10 +49,14 @@ def parse_reward_weights(spec: str, servers: Mapping[str, str] | None = None) ->
         name, _, weight = (s.strip() for s in item.partition(":"))
         if name not in known_rewards(servers):
             raise ValueError(f"unknown reward {name!r}; registered or served: {known_rewards(servers)}")
+        if name in weights:
+            raise ValueError(f"reward {name!r} is named twice; give it once, with its weight")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"weight of {name!r} is not a number: {weight!r}") from None
+        if not math.isfinite(weights[name]):
+            raise ValueError(f"weight of {name!r} must be a finite number, got {weight!r}")
     if not weights:
         raise ValueError("name at least one reward, e.g. 'compose' or 'compose:1, ocr:1'")
     return weights
@@ -68,6 +73,8 @@ def parse_task_rewards(spec: str, servers: Mapping[str, str] | None = None) -> d
             raise ValueError(
                 f"unknown reward {name!r} for task {task!r}; registered or served: {known_rewards(servers)}"
             )
+        if task in mapping:
+            raise ValueError(f"task {task!r} is given two rewards ({mapping[task]!r} and {name!r}); give it one")
         mapping[task] = name
     return mapping
 

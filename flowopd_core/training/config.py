@@ -132,6 +132,9 @@ class TrainerConfig:
         errors = field_errors(self)
         if not errors and self.trainable_steps < 1:
             errors.append(f"train_fraction {self.train_fraction} must leave >= 1 trained step of {self.steps}")
+        if not errors and self.step_subset > self.trainable_steps:
+            errors.append(f"step_subset {self.step_subset} is more than the {self.trainable_steps} trainable steps "
+                          f"(int(steps {self.steps} x train_fraction {self.train_fraction})); 0 trains them all")
         if self.kind == "cps" and self.noise_level > 1:
             errors.append(f"kind='cps' needs noise_level <= 1, got {self.noise_level}")
         if self.precision == "fp16":

@@ -180,6 +180,14 @@ def test_config_checks():
                 dict(sde_window=6), dict(sde_window=2, window_range=(9, 10)), dict(train_fraction=0.05)):
         with pytest.raises(ValueError):
             GRPOConfig(**bad)
+    # asked-for steps or weights the run could not honour are refused, not clamped or trained as zero
+    GRPOConfig(steps=10, step_subset=9), GRPOConfig(reward_weights={"random": 1.0, "compose": 0.0})
+    for bad, match in ((dict(steps=10, step_subset=10), "more than the 9 trainable"),
+                       (dict(sde_window=2, step_subset=3), "more than the sde_window"),
+                       (dict(reward_weights={"compose": 0.0, "ocr": 0.0}), "every reward weighs 0"),
+                       (dict(reward_weights={"compose": math.nan}), "finite")):
+        with pytest.raises(ValueError, match=match):
+            GRPOConfig(**bad)
 
 
 # ------------------------------------------------------------------------------------------ trainer

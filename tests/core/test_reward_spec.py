@@ -26,6 +26,11 @@ def test_parsers_accept_served_names_and_name_bad_items():
         parse_reward_weights("ocr:high")
     with pytest.raises(ValueError, match="task=reward"):
         parse_task_rewards("compose")
+    for bad, match in (("ocr, ocr:2", "named twice"), ("ocr:nan", "finite"), ("ocr:inf", "finite")):
+        with pytest.raises(ValueError, match=match):
+            parse_reward_weights(bad)
+    with pytest.raises(ValueError, match="two rewards"):
+        parse_task_rewards("compose=compose, compose=ocr")
     assert isinstance(build_reward("ocr"), OCRReward)
     assert isinstance(build_reward("geneval", servers), RemoteReward)
 
