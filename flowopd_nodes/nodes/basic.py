@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowopd_core.prompts import PromptSet, PromptSpec, load_prompt_file, write_prompt_file
 from flowopd_nodes.engine import context
@@ -46,13 +47,53 @@ class PromptFile(Node):
     )
     OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> list[tuple[str, str]]:
+        """The file is read at validation, so a malformed line or a task it lacks stops the graph before
+        anything runs (a missing file is the path check's; with --no-file-check it is read where it runs)."""
+        read = _read_prompt_file(params)
+        return [read[1]] if read and read[1] else []
+
+    @classmethod
+    def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        read = _read_prompt_file(params)
+        return {"prompts": {"tasks": read[0]}} if read and read[0] is not None else {}
+
     def run(self, path: str, format: str, default_task: str, limit: int, task: str) -> tuple[PromptSet]:
+        return (_select(load_prompt_file(path, default_task=default_task, format=format), path, limit, task),)
+
+
+def _select(prompts: PromptSet, path: str, limit: int, task: str) -> PromptSet:
+    """The prompts of ``task`` ('' = all), then the first ``limit`` (0 = all); ValueError for a task not there."""
+    if task:
+        if task not in prompts.tasks:
+            raise ValueError(f"no prompt of task {task!r} in {path} (tasks there: {list(prompts.tasks)})")
+        prompts = prompts.by_task(task)
+    return prompts.head(limit) if limit else prompts
+
+
+def _read_prompt_file(params: dict[str, Any]) -> tuple[tuple[str, ...] | None, tuple[str, str] | None] | None:
+    """What validation learns from a prompt file node's params: (the task tags of its prompts, None) or (None,
+    (field, problem)); None when it cannot look (the path or another setting comes from a link, or the file is
+    not there)."""
+    names = ("path", "format", "default_task", "limit", "task")
+    if any(name not in params for name in names) or not params["path"] or not Path(params["path"]).is_file():
+        return None
+    stat = Path(params["path"]).stat()
+    return _read_cached(*(params[name] for name in names), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _read_cached(path: str, format: str, default_task: str, limit: int, task: str, _mtime: int,
+                 _size: int) -> tuple[tuple[str, ...] | None, tuple[str, str] | None]:
+    try:
         prompts = load_prompt_file(path, default_task=default_task, format=format)
-        if task:
-            if task not in prompts.tasks:
-                raise ValueError(f"no prompt of task {task!r} in {path} (tasks there: {list(prompts.tasks)})")
-            prompts = prompts.by_task(task)
-        return (prompts.head(limit) if limit else prompts,)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, ("path", str(exc))
+    try:
+        return tuple(_select(prompts, path, limit, task).tasks), None
+    except ValueError as exc:
+        return None, ("task", str(exc))
 
 
 class PromptText(Node):

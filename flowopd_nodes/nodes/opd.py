@@ -69,6 +69,21 @@ def parse_task_weights(spec: str) -> dict[str, dict[str, float]]:
     return weights
 
 
+def route_problems(inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """A problem on ``prompts`` when validation knows the linked prompts' task tags and a linked pool's tasks and
+    routing (a pool linked directly routes hard) and some prompt task has no teacher: the error the trainer
+    would raise when it starts, after everything upstream of it has run."""
+    pool, prompt_tasks = inputs.get("teachers", {}), inputs.get("prompts", {}).get("tasks")
+    route = pool.get("route", ("hard", {}))
+    if not prompt_tasks or not pool.get("tasks") or route is None:
+        return []
+    try:
+        route_rows(prompt_tasks, pool["tasks"], *route)
+    except ValueError as exc:
+        return [("prompts", f"{exc}; checked against the linked prompts and teacher pool")]
+    return []
+
+
 class TeacherPoolNode(Node):
     NODE_ID = "FlowOPDTeacherPool"
     DISPLAY_NAME = "Teacher pool"
@@ -142,7 +157,12 @@ class TaskRouterNode(Node):
 
     @classmethod
     def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return {"teachers": dict(inputs.get("teachers", {}))}  # the same pool, routed
+        # the same pool, routed; the routing is unknown (None) when a link sets it or it does not parse
+        try:
+            route = (params["mode"], parse_task_weights(params["weights"]))
+        except (KeyError, ValueError):
+            route = None
+        return {"teachers": {**inputs.get("teachers", {}), "route": route}}
 
     @classmethod
     def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -231,6 +251,10 @@ class ColdStartNode(Node):
         if params["method"] == "sft" and "prompts" not in linked:
             return [("prompts", "method 'sft' needs training prompts: link a FLOWOPD_PROMPTS output")]
         return []
+
+    @classmethod
+    def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        return route_problems(inputs) if params.get("method") == "sft" else []
 
     def run(self, teachers: TeacherRefs, method: str, label: str, rank: int,
             alpha: float, density: float, seed: int, prompts: PromptSet | None = None, **values) -> tuple:
@@ -342,6 +366,10 @@ class DistillerNode(Node):
 
     @classmethod
     def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        return [*route_problems(inputs), *cls._drop_equal_problems(params, inputs)]
+
+    @classmethod
+    def _drop_equal_problems(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         tasks = inputs.get("teachers", {}).get("tasks")
         if not tasks or not params.get("drop_equal_reward_groups") or "log_rewards" not in params:
             return []  # no pool facts (linked values) or no filter: the trainer checks the prompts when it starts
