@@ -4,10 +4,42 @@ from it. :mod:`flowopd_core.eval.evaluate` re-exports it."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flowopd_core.choices import METRIC_MODES, PRECISIONS
+from flowopd_core.prompts import UNTAGGED
+from flowopd_core.rewards.names import TASK_REWARDS
+
+SIDE_METRICS: tuple[str, ...] = ("quality",)
+"""Metrics that ``task+quality`` adds to every task."""
+
+
+def metric_plan(
+    tasks: Sequence[str], mode: str, available: Sequence[str], task_rewards: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """task -> the metric (reward) names computed on its prompts, for a ``mode`` of :data:`METRIC_MODES`.
+    ``task_rewards`` adds to / overrides :data:`TASK_REWARDS` (e.g. ``{"compose": "geneval"}`` on a cluster).
+    Outside ``all``, a tagged task needs its own metric (a tag no metric knows is refused, not scored by the side
+    metric alone); untagged prompts get the side metric under ``task+quality``."""
+    own = {**TASK_REWARDS, **(task_rewards or {})}
+    if mode not in METRIC_MODES:
+        raise ValueError(f"metrics must be one of {sorted(METRIC_MODES)}, got {mode!r}")
+    plan = {}
+    for task in tasks:
+        names = list(available) if mode == "all" else [own[task]] if task in own else []
+        if mode != "all" and task != UNTAGGED and task not in own:
+            raise ValueError(f"task {task!r} has no metric of its own (tasks with one: {sorted(own)}): name it in "
+                             f"task_rewards (e.g. '{task}=quality') or use metrics='all'")
+        if mode == "task+quality":
+            names += SIDE_METRICS
+        if not names:
+            raise ValueError(f"task {task!r} has no reward in TASK_REWARDS; use metrics='all' or tag the prompts")
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ValueError(f"task {task!r} needs rewards {missing}, not among the given {sorted(available)}")
+        plan[task] = tuple(dict.fromkeys(names))
+    return plan
 
 
 @dataclass(frozen=True)

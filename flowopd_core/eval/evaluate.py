@@ -37,18 +37,16 @@ from diffusers import StableDiffusion3Pipeline
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from flowopd_core.choices import METRIC_MODES
+from flowopd_core.choices import METRIC_MODES as METRIC_MODES
+from flowopd_core.eval.config import SIDE_METRICS as SIDE_METRICS
 from flowopd_core.eval.config import EvalConfig as EvalConfig
-from flowopd_core.eval.config import comparison_problems, parse_comparisons
+from flowopd_core.eval.config import comparison_problems, metric_plan, parse_comparisons
 from flowopd_core.models.modelref import ModelRef
 from flowopd_core.models.pipeline import TextEmbeddingCache
 from flowopd_core.models.policy import BASE_ADAPTER, Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
-from flowopd_core.rewards import REWARDS, TASK_REWARDS, Reward, make_reward
+from flowopd_core.rewards import REWARDS, Reward, make_reward
 from flowopd_core.sampling.generate import SampleConfig, generate
-
-SIDE_METRICS: tuple[str, ...] = ("quality",)
-"""Metrics that ``task+quality`` adds to every task."""
 
 Sampler = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
 """``sampler(texts, indices) -> images (B, 3, H, W)`` in [0, 1]: sample i of the run for ``texts[k]`` where
@@ -122,28 +120,6 @@ def target_sampler(target: EvalTarget, config: EvalConfig, cache: TextEmbeddingC
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-
-
-def metric_plan(
-    tasks: Sequence[str], mode: str, available: Sequence[str], task_rewards: Mapping[str, str] | None = None
-) -> dict[str, tuple[str, ...]]:
-    """task -> the metric (reward) names computed on its prompts, for a ``mode`` of :data:`METRIC_MODES`.
-    ``task_rewards`` adds to / overrides :data:`TASK_REWARDS` (e.g. ``{"compose": "geneval"}`` on a cluster)."""
-    own = {**TASK_REWARDS, **(task_rewards or {})}
-    if mode not in METRIC_MODES:
-        raise ValueError(f"metrics must be one of {sorted(METRIC_MODES)}, got {mode!r}")
-    plan = {}
-    for task in tasks:
-        names = list(available) if mode == "all" else [own[task]] if task in own else []
-        if mode == "task+quality":
-            names += SIDE_METRICS
-        if not names:
-            raise ValueError(f"task {task!r} has no reward in TASK_REWARDS; use metrics='all' or tag the prompts")
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise ValueError(f"task {task!r} needs rewards {missing}, not among the given {sorted(available)}")
-        plan[task] = tuple(dict.fromkeys(names))
-    return plan
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from flowopd_core.choices import METRIC_MODES
-from flowopd_core.eval.config import EvalConfig, comparison_problems, parse_comparisons
+from flowopd_core.eval.config import EvalConfig, comparison_problems, metric_plan, parse_comparisons
 from flowopd_core.rewards.names import REWARD_NAMES
 from flowopd_core.rewards.spec import build_reward, parse_servers, parse_task_rewards
 from flowopd_nodes.engine import context
@@ -102,6 +102,10 @@ class Evaluator(Node):
 
     @classmethod
     def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        return [*cls._comparison_problems(params, inputs), *cls._plan_problems(params, inputs)]
+
+    @classmethod
+    def _comparison_problems(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         models = [inputs[f"model_{i}"] for i in range(1, MAX_MODELS + 1) if f"model_{i}" in inputs]
         labels = [facts.get("label") for facts in models]
         tasks = inputs.get("prompts", {}).get("tasks")
@@ -117,8 +121,27 @@ class Evaluator(Node):
             return []
         return [("comparisons", f"{'; '.join(problems)} (the models linked to model_1.. and the prompts)")]
 
+    @classmethod
+    def _plan_problems(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """The run's metric plan, made at validation when the linked prompts' tasks are known: a task tag no
+        metric judges stops the graph here, not after the models it compares have trained."""
+        tasks = inputs.get("prompts", {}).get("tasks")
+        if not tasks or any(name not in params for name in ("metrics", "task_rewards", "reward_servers")):
+            return []
+        try:
+            servers = parse_servers(params["reward_servers"])
+            task_rewards = parse_task_rewards(params["task_rewards"], servers)
+        except ValueError:
+            return []  # check_params reports it
+        available = sorted({*REWARD_NAMES, *servers, *task_rewards.values()})
+        try:
+            metric_plan(tasks, params["metrics"], available, task_rewards)
+        except ValueError as exc:
+            return [("task_rewards", f"{exc} (the prompts linked to 'prompts')")]
+        return []
+
     def run(self, prompts: PromptSet, model_1: ModelRef, task_rewards: str, reward_servers: str, **values) -> tuple:
-        from flowopd_core.eval.evaluate import evaluate_targets, metric_plan, targets_from_refs
+        from flowopd_core.eval.evaluate import evaluate_targets, targets_from_refs
         from flowopd_core.eval.report import summarise, write_results
         from flowopd_core.images import load_png, to_comfy
 

@@ -79,6 +79,10 @@ def test_metric_plan_modes():
         metric_plan([""], "task", available)
     with pytest.raises(ValueError, match="needs rewards"):
         metric_plan(["text"], "task", ["compose", "quality"])
+    for mode in ("task", "task+quality"):  # a tag no metric knows (a typo) is refused, not judged by quality only
+        with pytest.raises(ValueError, match="'qualty' has no metric of its own"):
+            metric_plan(["compose", "qualty"], mode, available)
+    assert metric_plan(["qualty"], "task", available, {"qualty": "quality"}) == {"qualty": ("quality",)}
 
 
 # ----------------------------------------------------------------------------------------- statistics
