@@ -108,6 +108,15 @@ class PromptText(Node):
     )
     OUTPUTS = (Out("prompts", "FLOWOPD_PROMPTS", "the prompt set"),)
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> list[tuple[str, str]]:
+        text = params.get("text")
+        return [("text", "text holds no prompt")] if isinstance(text, str) and not text.strip() else []
+
+    @classmethod
+    def output_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {"prompts": {"tasks": (params["task"],)}} if isinstance(params.get("task"), str) else {}
+
     def run(self, text: str, task: str, name: str) -> tuple[PromptSet]:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
