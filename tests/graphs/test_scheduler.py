@@ -100,21 +100,32 @@ def test_incomplete_entry_is_not_served(graph):
     assert states(status)["sf"] == "executed" and status["executed"] == 1
 
 
-def test_failing_node_leaves_nothing_and_exits_1(graph, capsys):
+def test_failing_node_leaves_nothing_and_exits_1(tmp_path, capsys):
+    # a typed prompt that is no mini-world prompt: only rendering its ground truth finds that out
+    graph = tmp_path / "g.yaml"
+    graph.write_text("schema_version: 1\nnodes:\n"
+                     "  p: {type: FlowOPDPromptText, params: {text: a cat, task: compose}}\n"
+                     "  r: {type: FlowOPDRenderGroundTruth, links: {prompts: p.prompts}}\n"
+                     "  g: {type: FlowOPDImageGrid, links: {images: r.images}}\n")
+    rc = runner.main(["run", str(graph), "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "node 'r' (FlowOPDRenderGroundTruth) failed" in err and "not a mini-world prompt" in err
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["nodes"]["r"]["state"] == "failed"
+    assert status["nodes"]["g"]["state"] == "skipped"
+    assert not (tmp_path / "run" / "cache" / "r").exists() or not any((tmp_path / "run" / "cache" / "r").iterdir())
+
+
+def test_malformed_prompt_file_is_refused_before_anything_runs(graph, capsys):
     (graph.parent / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     rc = runner.main(
         ["run", str(graph), "--run-dir", str(graph.parent / "run"), "--no-progress", "--set", "f.path=bad.jsonl"]
     )
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
-    assert "node 'f' (FlowOPDPromptFile) failed" in err and "bad.jsonl:2" in err
-    status = json.loads((graph.parent / "run" / "status.json").read_text())
-    assert status["nodes"]["f"]["state"] == "failed"
-    assert status["nodes"]["sf"]["state"] == "skipped"
-    assert (
-        not (graph.parent / "run" / "cache" / "f").exists()
-        or not any((graph.parent / "run" / "cache" / "f").iterdir())
-    )
+    assert "node 'f' (FlowOPDPromptFile), field 'path'" in err and "bad.jsonl:2" in err
+    assert not (graph.parent / "run").exists()  # nothing ran, nothing was written
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the test holds the lock with fcntl")
