@@ -50,9 +50,6 @@ class GRPOConfig(TrainerConfig):
             errors.append(f"adv_clip must be > 0, got {self.adv_clip}")
         if any(not math.isfinite(w) for w in self.reward_weights.values()):
             errors.append(f"reward weights must be finite numbers, got {self.reward_weights}")
-        elif self.reward_weights and not any(self.reward_weights.values()):
-            errors.append(f"every reward weighs 0 ({self.reward_weights}): the advantages would all be 0 and "
-                          "nothing would train; give the training reward a non-zero weight")
         if self.sde_window:
             lo, hi = self.window_bounds
             if not (0 <= lo < self.trainable_steps and hi <= self.steps and hi - lo >= self.sde_window):

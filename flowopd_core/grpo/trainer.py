@@ -171,6 +171,9 @@ class GRPOTrainer(LoraTrainer):
         unknown = sorted(set(config.reward_weights) - set(rewards))
         if unknown:
             raise KeyError(f"reward_weights name unknown rewards {unknown}; rewards: {sorted(rewards)}")
+        if not any(config.reward_weights.get(name, 1.0) for name in rewards):
+            raise ValueError(f"every reward weighs 0 ({config.reward_weights}): the advantages would all be 0 and "
+                             "nothing would train; give the training reward a non-zero weight")
         if prompts is None or len(prompts) == 0:
             raise ValueError("GRPOTrainer needs a non-empty PromptSet")
         pools = [prompts.by_task(task) for task in prompts.tasks] if config.task_cycling else [prompts]

@@ -99,6 +99,9 @@ class GRPOTrainerNode(Node):
             build_config(GRPOConfig, {**params, "reward_weights": weights, "window_range": window})
         except ValueError as exc:
             return [("", str(exc))]
+        if not any(weights.values()):  # every reward is listed here: the trainer would refuse it as it starts
+            return [("rewards", f"every reward weighs 0 ({params['rewards']!r}): nothing would train; give the "
+                                "training reward a non-zero weight")]
         return []
 
     def run(

@@ -184,13 +184,22 @@ def test_config_checks():
     GRPOConfig(steps=10, step_subset=9), GRPOConfig(reward_weights={"random": 1.0, "compose": 0.0})
     for bad, match in ((dict(steps=10, step_subset=10), "more than the 9 trainable"),
                        (dict(sde_window=2, step_subset=3), "more than the sde_window"),
-                       (dict(reward_weights={"compose": 0.0, "ocr": 0.0}), "every reward weighs 0"),
                        (dict(reward_weights={"compose": math.nan}), "finite")):
         with pytest.raises(ValueError, match=match):
             GRPOConfig(**bad)
 
 
 # ------------------------------------------------------------------------------------------ trainer
+
+
+def test_rewards_that_all_weigh_zero_are_refused():
+    pipe = build_tiny_pipeline(TEST_CONFIG, seed=0)
+    with pytest.raises(ValueError, match="every reward weighs 0"):
+        GRPOTrainer(pipe, Policy(pipe.transformer), "student", {"bright": Brightness()},
+                    _config(reward_weights={"bright": 0.0}), PROMPTS)
+    # a reward logged at weight 0 beside one that trains (a control's setting); unlisted rewards weigh 1
+    GRPOTrainer(pipe, Policy(pipe.transformer), "student2", {"bright": Brightness(), "dim": Brightness()},
+                _config(reward_weights={"bright": 0.0}), PROMPTS)
 
 
 def test_first_on_policy_step_has_ratio_one():

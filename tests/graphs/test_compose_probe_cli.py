@@ -60,3 +60,14 @@ def test_rollout_gap_pairs_only_curves_of_one_slice(capsys, monkeypatch):
         assert "no paired rollout curves" in capsys.readouterr().out
     compose_probe.rollout_gap({"teacher": teacher, "control": {**control, "compose_per_epoch": [0.5] * 3}})
     assert "no paired rollout curves" in capsys.readouterr().out
+
+
+def test_both_adapters_train_a_slice(tmp_path):
+    """One tiny split slice per adapter on the shipped base: the control (the random reward, compose logged at
+    weight 0) must pass the trainer's checks as the teacher does, and each writes its adapter and curve."""
+    for adapter in ("teacher", "control"):
+        done = run("--epochs", "1", "--prompts-per-epoch", "1", "--only", adapter, "--save", str(tmp_path))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / adapter / "adapter_model.safetensors").is_file()
+        curve = json.loads((tmp_path / f"{adapter}_rollouts.json").read_text())
+        assert len(curve["compose_per_epoch"]) == 1
