@@ -54,6 +54,12 @@ _ON_NODE, _ADVANCED = split_ports(_WIDGETS, ("task_rewards", "reward_servers", "
                                              "keep_images", "comparisons"))
 
 
+def metric_names(servers: dict[str, str], task_rewards: dict[str, str]) -> list[str]:
+    """The metrics an Evaluator may score (what ``metrics: all`` scores): the registered ones, the served ones
+    and those ``task_rewards`` names."""
+    return sorted({*REWARD_NAMES, *servers, *task_rewards.values()})
+
+
 class EvaluatorSettings(SettingsNode):
     NODE_ID = "FlowOPDEvaluatorSettings"
     DISPLAY_NAME = "Evaluator settings"
@@ -133,7 +139,7 @@ class Evaluator(Node):
             task_rewards = parse_task_rewards(params["task_rewards"], servers)
         except ValueError:
             return []  # check_params reports it
-        available = sorted({*REWARD_NAMES, *servers, *task_rewards.values()})
+        available = metric_names(servers, task_rewards)
         try:
             metric_plan(tasks, params["metrics"], available, task_rewards)
         except ValueError as exc:
@@ -152,7 +158,7 @@ class Evaluator(Node):
         names = [r.name for r in refs]
         if len(set(names)) != len(names):
             raise ValueError(f"models need distinct names (labels), got {names}")
-        available = sorted({*REWARD_NAMES, *servers, *config.task_rewards.values()})  # 'all' = these
+        available = metric_names(servers, config.task_rewards)
         plan = metric_plan(prompts.tasks, config.metrics, available, config.task_rewards)
         rewards = {m: build_reward(m, servers) for m in dict.fromkeys(m for task in plan for m in plan[task])}
         ctx = context.current()
