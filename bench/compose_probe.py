@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -71,17 +72,8 @@ def main() -> None:
     if args.load and (args.only or args.save or args.init):
         parser.error("--load evaluates saved adapters; it takes neither --only, --save nor --init")
     for folder in (args.load, args.init):
-        if not folder:
-            continue
-        saved = Path(folder)
-        missing = [a for a in ("teacher", "control") if not (saved / a / "adapter_model.safetensors").is_file()]
-        if missing:
-            parser.error(f"{folder}: no saved adapter for {missing} (adapter_model.safetensors)")
-        for adapter in ("teacher", "control"):  # adapters fit only the base they were trained on
-            curve = saved / f"{adapter}_rollouts.json"
-            trained_on = json.loads(curve.read_text()).get("model") if curve.is_file() else None
-            if trained_on and Path(trained_on).resolve() != Path(args.model).resolve():
-                parser.error(f"{folder}: its {adapter} was trained on {trained_on}, not on --model {args.model}")
+        if folder and (problem := saved_problem(Path(folder), args.model)):
+            parser.error(problem)
     for flag in ("epochs", "prompts_per_epoch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -130,9 +122,9 @@ def main() -> None:
         trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
-        curve = curves[adapter] = {"model": str(Path(args.model).resolve()), "reward": reward, "seed": args.seed,
-                                   "beta": args.beta, "balance": args.balance, "init": args.init,
-                                   "compose_per_epoch": []}
+        curve = curves[adapter] = {"model": str(Path(args.model).resolve()), "model_sha256": base_digest(args.model),
+                                   "reward": reward, "seed": args.seed, "beta": args.beta, "balance": args.balance,
+                                   "init": args.init, "compose_per_epoch": []}
         for _ in range(args.epochs):
             curve["compose_per_epoch"].append(trainer.epoch().to_json()["reward_mean"]["compose"])
             print(f" {curve['compose_per_epoch'][-1]:.2f}", end="", flush=True)
@@ -152,6 +144,39 @@ def main() -> None:
     report("Held-out ODE samples (16 steps, as the Evaluator draws them)", [scored_from_eval(e) for e in evals])
     if args.sde_eval:
         report("Held-out SDE samples (8 steps, noise 0.7, as a training rollout)", sde_scored(pipe, policy, test, 2))
+
+
+def base_digest(model: str) -> str | None:
+    """sha256 of a base's transformer weights (the only part an adapter is fitted to; one file's digest is its
+    ``sha256sum``), or None when the folder has no safetensors transformer."""
+    files = sorted((Path(model) / "transformer").glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def saved_problem(saved: Path, model: str) -> str | None:
+    """Why the adapters a ``--save`` wrote to ``saved`` cannot be loaded on the base ``model``, or None.
+
+    Both adapters must be there, and each must have been trained on ``model``: the same transformer weights when
+    its curve records their sha256 (a checkout moved elsewhere, or a folder kept in the repository, still
+    matches), else the same folder."""
+    missing = [a for a in ("teacher", "control") if not (saved / a / "adapter_model.safetensors").is_file()]
+    if missing:
+        return f"{saved}: no saved adapter for {missing} (adapter_model.safetensors)"
+    for adapter in ("teacher", "control"):
+        curve = saved / f"{adapter}_rollouts.json"
+        trained = json.loads(curve.read_text()) if curve.is_file() else {}
+        if trained.get("model_sha256"):
+            if trained["model_sha256"] != base_digest(model):
+                return (f"{saved}: its {adapter} was trained on a base whose transformer weights have sha256 "
+                        f"{trained['model_sha256'][:12]}..., not on --model {model}")
+        elif trained.get("model") and Path(trained["model"]).resolve() != Path(model).resolve():
+            return f"{saved}: its {adapter} was trained on {trained['model']}, not on --model {model}"
+    return None
 
 
 def rollout_gap(curves: dict[str, dict]) -> None:

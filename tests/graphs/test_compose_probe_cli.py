@@ -3,6 +3,7 @@ pairs only curves of one seed and slice (both adapters then draw the same prompt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -71,3 +72,34 @@ def test_both_adapters_train_a_slice(tmp_path):
         assert (tmp_path / adapter / "adapter_model.safetensors").is_file()
         curve = json.loads((tmp_path / f"{adapter}_rollouts.json").read_text())
         assert len(curve["compose_per_epoch"]) == 1
+        weights = ROOT / "models" / "miniworld" / "transformer" / "diffusion_pytorch_model.safetensors"
+        assert curve["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_saved_adapters_match_their_base_by_weights(tmp_path, monkeypatch):
+    """A curve that records the base's transformer sha256 loads on any folder with those weights (a kept copy, a
+    moved checkout) and is refused on other weights; a curve without it falls back to the folder's path."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import compose_probe
+
+    base, copy, other = tmp_path / "base", tmp_path / "copy", tmp_path / "other"
+    for folder, weights in ((base, b"weights"), (copy, b"weights"), (other, b"other weights")):
+        (folder / "transformer").mkdir(parents=True)
+        (folder / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    assert compose_probe.base_digest(str(base)) == hashlib.sha256(b"weights").hexdigest()
+    assert compose_probe.base_digest(str(tmp_path / "none")) is None
+
+    def saved(name: str, **curve) -> Path:
+        for adapter in ("teacher", "control"):
+            (tmp_path / name / adapter).mkdir(parents=True)
+            (tmp_path / name / adapter / "adapter_model.safetensors").write_bytes(b"")
+            (tmp_path / name / f"{adapter}_rollouts.json").write_text(json.dumps(curve))
+        return tmp_path / name
+
+    hashed = saved("hashed", model=str(base), model_sha256=compose_probe.base_digest(str(base)))
+    assert compose_probe.saved_problem(hashed, str(base)) is None
+    assert compose_probe.saved_problem(hashed, str(copy)) is None  # same weights, another folder
+    assert "transformer weights have sha256" in compose_probe.saved_problem(hashed, str(other))
+    by_path = saved("by_path", model=str(base))
+    assert compose_probe.saved_problem(by_path, str(base)) is None
+    assert "its teacher was trained on" in compose_probe.saved_problem(by_path, str(copy))
