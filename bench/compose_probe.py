@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -146,6 +147,7 @@ def main() -> None:
         report("Held-out SDE samples (8 steps, noise 0.7, as a training rollout)", sde_scored(pipe, policy, test, 2))
 
 
+@functools.lru_cache(maxsize=None)  # each adapter's check and curve asks; hash the weights once
 def base_digest(model: str) -> str | None:
     """sha256 of a base's transformer weights (the only part an adapter is fitted to; one file's digest is its
     ``sha256sum``), or None when the folder has no safetensors transformer."""
