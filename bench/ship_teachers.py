@@ -14,6 +14,10 @@ teacher's null control, ``graphs/teachers_vs_controls.yaml``), against that cont
 
     python bench/ship_teachers.py runs/teachers_vs_controls --out models/teachers \
         --command "python runner.py graphs/teachers_vs_controls.yaml" --commit <the commit that ran it>
+
+A teacher node that loads an adapter trained elsewhere (``FlowOPDLoadAdapter``, as ``graphs/teachers_binding.yaml``
+loads the long compose probe's) is shipped from that folder, its row naming the folder and the provenance file
+that holds its budget, with the run's held-out scores like the others.
 """
 
 from __future__ import annotations
@@ -34,6 +38,26 @@ from compare_models import HEADLINE, categories, cell, paired  # noqa: E402
 TEACHERS = {"compose": "teacher_compose", "text": "teacher_text", "quality": "teacher_quality"}
 SETTINGS = ("rewards", "epochs", "prompts_per_epoch", "group_size", "steps", "updates_per_epoch", "lr", "beta",
             "clip_range", "lora_rank", "lora_alpha", "ema_decay", "guidance_scale", "seed")
+
+
+LOAD_ADAPTER = "FlowOPDLoadAdapter"  # a teacher node that loads a trained adapter instead of training one
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def relative(path: Path) -> str:
+    """``path`` relative to the checkout when it lies inside it (the run records absolute paths)."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def provenance_of(adapter: Path) -> str:
+    """Where a loaded adapter's budget is written: the nearest ``PROVENANCE.md`` at or above its folder."""
+    for folder in (adapter, *adapter.parents[:3]):
+        if (folder / "PROVENANCE.md").is_file():
+            return f"`{relative(folder / 'PROVENANCE.md')}`"
+    return "its origin (no PROVENANCE.md beside it)"
 
 
 def sha256(path: Path) -> str:
@@ -82,34 +106,45 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
+    loaded = []
     for task, node in TEACHERS.items():
         folder = args.run / "nodes" / node
         meta = json.loads((folder / "outputs.json").read_text())
-        params = node_params(args.run, meta)
         label = meta["outputs"][0]["label"]
-        history = json.loads((folder / "metrics.json").read_text())
         target = args.out / task
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(folder / "adapter", target)
+        trained = meta["type"] != LOAD_ADAPTER
+        source = folder / "adapter" if trained else Path(meta["params"]["adapter"])
+        shutil.copytree(source, target)
         files = ", ".join(f"{p.name} `{sha256(p)[:12]}`" for p in sorted(target.iterdir()))
-        samples = params["epochs"] * params["prompts_per_epoch"] * params["group_size"]
         stat = paired(results, label, results["models"][0], task, category)
         control = f"random-{task}"
         versus = paired(results, label, control, task, category) if control in results["models"] else None
         table, reward = HEADLINE[task]
         metric = f"{reward} strict" if table == "strict" else reward
+        scores = f"{metric}: {cell(stat)} | {f'{metric}: {cell(versus)} (`{control}`)' if versus else '-'} | {files} |"
+        if not trained:  # an adapter trained elsewhere (e.g. a long probe): its budget is in its own provenance
+            loaded.append(task)
+            lines.append(f"| {task} (`{label}`) | loaded from `{relative(source)}` | see "
+                         f"{provenance_of(source)} | | | | | {scores}")
+            continue
+        params = node_params(args.run, meta)
+        history = json.loads((folder / "metrics.json").read_text())
+        samples = params["epochs"] * params["prompts_per_epoch"] * params["group_size"]
         lines.append(
             f"| {task} (`{label}`) | {params['rewards']} | {params['epochs']} x {params['prompts_per_epoch']} x "
             f"{params['group_size']} = {samples} | {params['epochs'] * params['updates_per_epoch']} | {params['lr']} "
-            f"| {params['clip_range']} | {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f} | {metric}: "
-            f"{cell(stat)} | {f'{metric}: {cell(versus)} (`{control}`)' if versus else '-'} | {files} |")
+            f"| {params['clip_range']} | {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f} | {scores}")
         settings = ", ".join(f"{k} {params[k]}" for k in SETTINGS if k in params)
         lines.append(f"|  | settings: {settings} | | | | | | | | |")
+    budget = ("The trained teachers' budget is the main job's short CPU stage 1, not the paper's long-trained "
+              "teachers (docs/experiments.md)")
+    if loaded:
+        budget += f"; {', '.join(loaded)} came trained from the folder named in its row, with that folder's budget"
     lines += ["", f"Held-out: the run's Evaluator (`{args.eval_node}`, {results['config']['images_per_prompt']} images "
               f"per prompt, ODE {results['config']['steps']} steps, seed {results['config']['seed']}); * = the "
-              f"interval excludes 0. The budget is the main job's short CPU stage 1, not the paper's long-trained "
-              f"teachers (docs/experiments.md)."]
+              f"interval excludes 0. {budget}."]
     (args.out / "PROVENANCE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.out} ({total / 1e6:.2f} MB)")
