@@ -156,7 +156,9 @@ def base_digest(model: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.read_bytes())
+        with file.open("rb") as stream:  # in chunks: an SD3.5-sized transformer is gigabytes
+            for chunk in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compare_models import HEADLINE, categories, cell, paired  # noqa: E402
+from compose_probe import base_digest  # noqa: E402
 
 TEACHERS = {"compose": "teacher_compose", "text": "teacher_text", "quality": "teacher_quality"}
 SETTINGS = ("rewards", "epochs", "prompts_per_epoch", "group_size", "steps", "updates_per_epoch", "lr", "beta",
             "clip_range", "lora_rank", "lora_alpha", "ema_decay", "guidance_scale", "seed")
 
 
-LOAD_ADAPTER = "FlowOPDLoadAdapter"  # a teacher node that loads a trained adapter instead of training one
+TRAINER, LOAD_ADAPTER = "FlowOPDGRPOTrainer", "FlowOPDLoadAdapter"  # the node types a teacher can come from
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -91,12 +92,11 @@ def main() -> None:
     category = categories(results)
     base_meta = json.loads((args.run / "nodes" / "base" / "outputs.json").read_text())
     base_path = Path(base_meta["outputs"][0]["path"])
-    base_weights = base_path / "transformer" / "diffusion_pytorch_model.safetensors"
     lines = [
         f"# {args.out.as_posix()}: teacher adapters for stage 2", "",
         "Flow-GRPO LoRA teachers (peft format, float32, unchanged from the run), one per mini-world task. Stage 2",
         "from them: `graphs/opd_from_teachers.yaml`. They fit only the base they were trained on:", "",
-        f"- base: `models/{base_path.name}` (transformer weights sha256 `{sha256(base_weights)}`)",
+        f"- base: `models/{base_path.name}` (transformer weights sha256 `{base_digest(str(base_path))}`)",
         f"- made by: `{args.command}` at commit `{args.commit}` ({dt.date.today().isoformat()}), the run's stage 1",
         f"- written by: `python bench/ship_teachers.py {args.run.as_posix()} --out {args.out.as_posix()} ...`",
         "",
@@ -105,16 +105,21 @@ def main() -> None:
         "| teacher - its random control | files (sha256) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    metas = {node: json.loads((args.run / "nodes" / node / "outputs.json").read_text()) for node in TEACHERS.values()}
+    wrong = [f"{node!r} is a {meta['type']}" for node, meta in metas.items()
+             if meta["type"] not in (TRAINER, LOAD_ADAPTER)]
+    if wrong:  # before anything is copied
+        raise SystemExit(f"{args.run}: teacher nodes must be a {TRAINER} or a {LOAD_ADAPTER}: {', '.join(wrong)}")
     args.out.mkdir(parents=True, exist_ok=True)
     loaded = []
     for task, node in TEACHERS.items():
         folder = args.run / "nodes" / node
-        meta = json.loads((folder / "outputs.json").read_text())
+        meta = metas[node]
         label = meta["outputs"][0]["label"]
         target = args.out / task
         if target.exists():
             shutil.rmtree(target)
-        trained = meta["type"] != LOAD_ADAPTER
+        trained = meta["type"] == TRAINER
         source = folder / "adapter" if trained else Path(meta["params"]["adapter"])
         shutil.copytree(source, target)
         files = ", ".join(f"{p.name} `{sha256(p)[:12]}`" for p in sorted(target.iterdir()))

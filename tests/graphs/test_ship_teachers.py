@@ -4,6 +4,7 @@ graphs/teachers_binding.yaml loads the long compose probe's)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -69,12 +70,16 @@ def fake_run(tmp_path: Path) -> tuple[Path, Path]:
     return run, probe
 
 
+def ship(run: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(run), "--out", str(out), "--command", "python x.py",
+                           "--commit", "abc1234"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def test_trained_and_loaded_teachers_ship_with_their_provenance(tmp_path):
     run, probe = fake_run(tmp_path)
     out = tmp_path / "shipped"
-    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--out", str(out), "--command", "python x.py",
-                           "--commit", "abc1234"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = ship(run, out)
     assert done.returncode == 0, done.stderr
     sources = {"compose": probe / "teacher", "text": run / "nodes" / "teacher_text" / "adapter",
                "quality": run / "nodes" / "teacher_quality" / "adapter"}
@@ -90,3 +95,16 @@ def test_trained_and_loaded_teachers_ship_with_their_provenance(tmp_path):
     assert "compose strict: +0.30 ± 0.00 * (`random-compose`)" in rows["compose"]  # vs its control
     assert "| ocr | 16 x 8 x 8 = 1024 | 128 | 0.001 | 0.01 | 0.600 -> 0.800 | ocr: +0.10 ± 0.00 * | - |" in rows["text"]
     assert "compose came trained from the folder named in its row" in provenance
+    assert f"transformer weights sha256 `{hashlib.sha256(b'weights').hexdigest()}`" in provenance  # the base
+
+
+def test_a_teacher_node_of_another_type_is_refused_before_anything_is_written(tmp_path):
+    run, _ = fake_run(tmp_path)
+    meta_path = run / "nodes" / "teacher_quality" / "outputs.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "type": "FlowOPDDistiller"}))
+    out = tmp_path / "shipped"
+    done = ship(run, out)
+    assert done.returncode != 0
+    assert "'teacher_quality' is a FlowOPDDistiller" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
