@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
 
 from flowopd_core.choices import DEVICES  # noqa: E402  (a constants module: imports no torch)
+from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest  # noqa: E402  (no torch either)
 
 
 def main() -> None:
@@ -123,7 +123,8 @@ def main() -> None:
         trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
-        curve = curves[adapter] = {"model": str(Path(args.model).resolve()), "model_sha256": base_digest(args.model),
+        curve = curves[adapter] = {"model": str(Path(args.model).resolve()),
+                                   "model_sha256": transformer_digest(args.model),
                                    "reward": reward, "seed": args.seed, "beta": args.beta, "balance": args.balance,
                                    "init": args.init, "compose_per_epoch": []}
         for _ in range(args.epochs):
@@ -131,7 +132,8 @@ def main() -> None:
             print(f" {curve['compose_per_epoch'][-1]:.2f}", end="", flush=True)
         print(flush=True)
         if args.save:
-            print(f"saved {policy.save_adapter(adapter, Path(args.save) / adapter)}", flush=True)
+            print(f"saved {stamp_adapter(policy.save_adapter(adapter, Path(args.save) / adapter), args.model).parent}",
+                  flush=True)
             (Path(args.save) / f"{adapter}_rollouts.json").write_text(json.dumps(curves[adapter]))
     if args.only:
         return
@@ -148,20 +150,6 @@ def main() -> None:
 
 
 @functools.lru_cache(maxsize=None)  # each adapter's check and curve asks; hash the weights once
-def base_digest(model: str) -> str | None:
-    """sha256 of a base's transformer weights (the only part an adapter is fitted to; one file's digest is its
-    ``sha256sum``), or None when the folder has no safetensors transformer."""
-    files = sorted((Path(model) / "transformer").glob("*.safetensors"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as stream:  # in chunks: an SD3.5-sized transformer is gigabytes
-            for chunk in iter(lambda: stream.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def saved_problem(saved: Path, model: str) -> str | None:
     """Why the adapters a ``--save`` wrote to ``saved`` cannot be loaded on the base ``model``, or None.
 
@@ -175,7 +163,7 @@ def saved_problem(saved: Path, model: str) -> str | None:
         curve = saved / f"{adapter}_rollouts.json"
         trained = json.loads(curve.read_text()) if curve.is_file() else {}
         if trained.get("model_sha256"):
-            if trained["model_sha256"] != base_digest(model):
+            if trained["model_sha256"] != transformer_digest(model):
                 return (f"{saved}: its {adapter} was trained on a base whose transformer weights have sha256 "
                         f"{trained['model_sha256'][:12]}..., not on --model {model}")
         elif trained.get("model") and Path(trained["model"]).resolve() != Path(model).resolve():

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compare_models import HEADLINE, categories, cell, paired  # noqa: E402
-from compose_probe import base_digest  # noqa: E402
+
+from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest  # noqa: E402
 
 TEACHERS = {"compose": "teacher_compose", "text": "teacher_text", "quality": "teacher_quality"}
 SETTINGS = ("rewards", "epochs", "prompts_per_epoch", "group_size", "steps", "updates_per_epoch", "lr", "beta",
@@ -96,7 +97,7 @@ def main() -> None:
         f"# {args.out.as_posix()}: teacher adapters for stage 2", "",
         "Flow-GRPO LoRA teachers (peft format, float32, unchanged from the run), one per mini-world task. Stage 2",
         "from them: `graphs/opd_from_teachers.yaml`. They fit only the base they were trained on:", "",
-        f"- base: `models/{base_path.name}` (transformer weights sha256 `{base_digest(str(base_path))}`)",
+        f"- base: `models/{base_path.name}` (transformer weights sha256 `{transformer_digest(str(base_path))}`)",
         f"- made by: `{args.command}` at commit `{args.commit}` ({dt.date.today().isoformat()}), the run's stage 1",
         f"- written by: `python bench/ship_teachers.py {args.run.as_posix()} --out {args.out.as_posix()} ...`",
         "",
@@ -122,6 +123,7 @@ def main() -> None:
         trained = meta["type"] == TRAINER
         source = folder / "adapter" if trained else Path(meta["params"]["adapter"])
         shutil.copytree(source, target)
+        stamp_adapter(target, base_path, relative(base_path))  # its base, by weights (a run's stamp names its own path)
         files = ", ".join(f"{p.name} `{sha256(p)[:12]}`" for p in sorted(target.iterdir()))
         stat = paired(results, label, results["models"][0], task, category)
         control = f"random-{task}"

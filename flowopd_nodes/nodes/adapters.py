@@ -37,7 +37,8 @@ class LoadAdapter(Node):
     DESCRIPTION = (
         "A saved LoRA adapter folder (peft format: what every trainer writes to nodes/<node>/adapter) on the "
         "linked base model: a teacher for the teacher pool, or a student to evaluate. The adapter must have been "
-        "trained on the same base (checked when it loads)."
+        "trained on the same base: an adapter flowopd saved names its base's weights (flowopd_base.json), and "
+        "one trained on other weights is refused; one without that file (another tool's) is checked by shape only."
     )
     INPUTS = (
         In("model", "FLOWOPD_MODEL", help="the base model the adapter was trained on (its own adapter is replaced)"),
@@ -60,7 +61,25 @@ class LoadAdapter(Node):
         label = params.get("label")
         if label == "" and isinstance(params.get("adapter"), str):
             label = Path(params["adapter"]).name  # the name ModelRef gives it
-        return {"model": {"label": label}} if isinstance(label, str) and label else {}
+        facts = {"label": label} if isinstance(label, str) and label else {}
+        if "base" in inputs.get("model", {}):
+            facts["base"] = inputs["model"]["base"]  # the same base, another adapter
+        return {"model": facts} if facts else {}
+
+    @classmethod
+    def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        from flowopd_core.models.base_stamp import base_mismatch
+
+        base, adapter = inputs.get("model", {}).get("base"), params.get("adapter")
+        if not isinstance(base, str) or not isinstance(adapter, str) or adapter_folder_problem(Path(adapter)):
+            return []  # the base is linked from a node that does not tell it, or the folder is refused already
+        problem = base_mismatch(adapter, base)
+        return [("adapter", problem)] if problem else []
 
     def run(self, model: ModelRef, adapter: str, label: str) -> tuple[ModelRef]:
+        from flowopd_core.models.base_stamp import base_mismatch
+
+        problem = base_mismatch(adapter, model.path)  # ComfyUI, and bases that validation could not see
+        if problem:
+            raise ValueError(problem)
         return (model.with_adapter(adapter, label),)

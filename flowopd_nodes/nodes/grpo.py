@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING
 
 from flowopd_core.grpo.config import GRPOConfig, parse_window_range
+from flowopd_core.models.base_stamp import stamp_adapter
 from flowopd_core.rewards.spec import build_reward, parse_reward_weights, parse_servers
 from flowopd_nodes.engine import context
 from flowopd_nodes.engine.ports import (
@@ -135,6 +136,7 @@ class GRPOTrainerNode(Node):
         history = train_resumable(trainer, "grpo", label, checkpoint_every, record,
                                   ("epoch", "reward", "loss", "kl", "clip_fraction"), keep=keep_checkpoints)
         adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
+        stamp_adapter(adapter, model.path)
         (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
         curves = plot_curves(
             history, CURVE_KEYS, ctx.artifact_dir / "curves.png", title=f"Flow-GRPO: {label} ({rewards})"

@@ -68,6 +68,13 @@ class LoadModel(Node):
             problems.append(("config", f"{config!r} does not exist"))
         return problems
 
+    @classmethod
+    def output_facts(cls, params: dict, inputs: dict) -> dict:
+        facts = super().output_facts(params, inputs)
+        if isinstance(params.get("path"), str) and Path(params["path"]).exists():
+            facts.setdefault("model", {})["base"] = params["path"]  # an adapter loader checks its stamp against it
+        return facts
+
     def run(self, path: str, dtype: str, device: str, label: str, max_sequence_length: int,
             config: str = "") -> tuple[ModelRef]:
         from flowopd_core.models.modelref import ModelRef

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from flowopd_core.choices import COLD_STARTS, MERGE_METHODS, ROUTE_MODES
 from flowopd_core.distill.config import OPDConfig, SFTConfig
 from flowopd_core.distill.routing import own_reward_problems, route_rows
+from flowopd_core.models.base_stamp import stamp_adapter
 from flowopd_core.prompts import UNTAGGED
 from flowopd_core.rewards.names import TASK_REWARDS
 from flowopd_core.rewards.spec import build_reward, parse_servers
@@ -293,6 +294,7 @@ class ColdStartNode(Node):
             plot_curves([{"loss": v} for v in result.losses], ("loss",), ctx.artifact_dir / "sft_loss.png",
                         title=f"SFT cold start: {label}")
         adapter = pool.policy.save_adapter("student", ctx.artifact_dir / "adapter")
+        stamp_adapter(adapter, base.path)
         (ctx.artifact_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
         return (base.with_adapter(str(adapter), label),
                 str(ctx.artifact_dir / "cold_start.json"))
@@ -415,6 +417,7 @@ class DistillerNode(Node):
         history = train_resumable(trainer, "opd", label, checkpoint_every, record,
                                   ("epoch", "kl", "anchor_kl", "loss", "grad_norm"), keep=keep_checkpoints)
         adapter = trainer.save_adapter(ctx.artifact_dir / "adapter")
+        stamp_adapter(adapter, student.path)
         (ctx.artifact_dir / "metrics.json").write_text(json.dumps(history, indent=1, default=str))
         extra = sorted(k for k, v in history[-1].items() if k.startswith(("kl_", "reward_")) and isinstance(v, float))
         keys = (*OPD_CURVE_KEYS, *extra)

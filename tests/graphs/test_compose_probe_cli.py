@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from flowopd_core.models.base_stamp import transformer_digest
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "compose_probe.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -86,8 +88,8 @@ def test_saved_adapters_match_their_base_by_weights(tmp_path, monkeypatch):
     for folder, weights in ((base, b"weights"), (copy, b"weights"), (other, b"other weights")):
         (folder / "transformer").mkdir(parents=True)
         (folder / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
-    assert compose_probe.base_digest(str(base)) == hashlib.sha256(b"weights").hexdigest()
-    assert compose_probe.base_digest(str(tmp_path / "none")) is None
+    assert transformer_digest(str(base)) == hashlib.sha256(b"weights").hexdigest()
+    assert transformer_digest(str(tmp_path / "none")) is None
 
     def saved(name: str, **curve) -> Path:
         for adapter in ("teacher", "control"):
@@ -96,7 +98,7 @@ def test_saved_adapters_match_their_base_by_weights(tmp_path, monkeypatch):
             (tmp_path / name / f"{adapter}_rollouts.json").write_text(json.dumps(curve))
         return tmp_path / name
 
-    hashed = saved("hashed", model=str(base), model_sha256=compose_probe.base_digest(str(base)))
+    hashed = saved("hashed", model=str(base), model_sha256=transformer_digest(str(base)))
     assert compose_probe.saved_problem(hashed, str(base)) is None
     assert compose_probe.saved_problem(hashed, str(copy)) is None  # same weights, another folder
     assert "transformer weights have sha256" in compose_probe.saved_problem(hashed, str(other))

@@ -96,3 +96,33 @@ def test_cli_validate_names_the_adapter_field(tmp_path, capsys):
     path.write_text(yaml.safe_dump(_graph(tmp_path, "missing")))
     assert runner.main(["validate", str(path)]) == 2
     assert "node 'teacher' (FlowOPDLoadAdapter), field 'adapter'" in capsys.readouterr().err
+
+
+def _stamped(tmp_path: Path, base: Path) -> Path:
+    from flowopd_core.models.base_stamp import stamp_adapter
+
+    folder = tmp_path / "grpo-compose"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    stamp_adapter(folder, base)
+    return folder
+
+
+def test_an_adapter_stamped_with_another_base_is_refused_before_anything_runs(tmp_path):
+    _stamped(tmp_path, ROOT / "models" / "binding")  # same architecture as the linked miniworld: peft would load it
+    assert _issues(tmp_path, _graph(tmp_path, "grpo-compose")) == {("custom_validation_failed", "teacher", "adapter")}
+
+
+def test_an_adapter_stamped_with_its_own_base_validates(tmp_path):
+    _stamped(tmp_path, ROOT / "models" / "miniworld")
+    validate(graph_from_data(_graph(tmp_path, "grpo-compose"), base_dir=tmp_path, default_name="g", source="<t>"))
+
+
+def test_the_node_refuses_another_base_when_it_runs(tmp_path):
+    # ComfyUI shows a node only its own inputs: the check runs again in the node itself
+    folder = _stamped(tmp_path, ROOT / "models" / "binding")
+    with pytest.raises(ValueError, match="was trained on the base"):
+        LoadAdapter().run(ModelRef(str(ROOT / "models" / "miniworld")), str(folder), "")
+    (ref,) = LoadAdapter().run(ModelRef(str(ROOT / "models" / "binding")), str(folder), "")
+    assert ref.adapter == str(folder)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import runner
 from flowopd_core.grpo import trainer as grpo
+from flowopd_core.models.base_stamp import transformer_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -54,6 +55,8 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch):
     assert not any((resumed / "checkpoints" / "teacher").iterdir())  # removed once the node succeeded
     history = json.loads((resumed / "nodes" / "teacher" / "metrics.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
+    stamp = json.loads((resumed / "nodes" / "teacher" / "adapter" / "flowopd_base.json").read_text())
+    assert stamp["transformer_sha256"] == transformer_digest(ROOT / "models" / "miniworld")  # the base it trained on
     a, b = adapter(tmp_path / "straight"), adapter(resumed)
     assert a.keys() == b.keys()
     for key in a:
