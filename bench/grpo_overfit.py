@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--updates-per-epoch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--same-initial-noise", action="store_true",
+                        help="a group's samples share x_T (the trainer's same_initial_noise)")
+    parser.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a of the rollouts")
     args = parser.parse_args()
 
     known = {p.text: p for p in tasks.prompts(args.task, "train")}
@@ -50,6 +53,7 @@ def main() -> None:
         group_size=args.group_size, prompts_per_epoch=len(prompts), steps=8, guidance_scale=4.5, lr=args.lr,
         clip_range=args.clip_range, beta=0.01, updates_per_epoch=args.updates_per_epoch, ema_decay=0.0,
         lora_rank=16, lora_alpha=32.0, epochs=args.epochs, seed=args.seed,
+        same_initial_noise=args.same_initial_noise, noise_level=args.noise_level,
     )
     pipe = load_pipeline(args.model)
     trainer = GRPOTrainer(pipe, Policy(pipe.transformer), "policy", {reward: build_reward(reward)}, config, prompts)
