@@ -20,21 +20,15 @@ on that base (e.g. a teacher from ``bench/compose_probe.py --save``).
 
 from __future__ import annotations
 
-import argparse
 import collections
-import os
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="pipeline folder")
+    parser = diagnostic_parser(__doc__, "pipeline folder")
     parser.add_argument("--adapter", help="a LoRA adapter folder (peft, safetensors) trained on --model")
     parser.add_argument("--k", type=int, default=4, help="SDE samples per prompt")
     parser.add_argument("--train-prompts", type=int, default=288, help="training prompts sampled (seed 0)")

@@ -29,27 +29,20 @@ slice from them (a fresh AdamW; pass another ``--seed`` for new prompts).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 from flowopd_core.choices import DEVICES  # noqa: E402  (a constants module: imports no torch)
 from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest  # noqa: E402  (no torch either)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="base pipeline folder")
+    parser = diagnostic_parser(__doc__)
     parser.add_argument("--reward", default="compose", help="the teacher's training reward")
     parser.add_argument("--templates", default="single,count,pair,position", help="training prompt categories")
     parser.add_argument("--lr", type=float, default=1e-3)

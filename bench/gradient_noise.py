@@ -27,17 +27,10 @@ in 128 groups; so this first-step measure does not separate a reward that teache
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 DEFAULT_CASES = "compose@compose,random@compose,ocr@text,random@text,quality@quality"
 
@@ -73,8 +66,7 @@ def bootstrap_b(grads: np.ndarray, draws: int, seed: int) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="pipeline folder")
+    parser = diagnostic_parser(__doc__, "pipeline folder")
     parser.add_argument("--groups", type=int, default=32, help="groups (prompts) per case")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated reward@task[/category]")
     parser.add_argument("--seed", type=int, default=0)

@@ -10,12 +10,7 @@ epoch's mean reward and clip fraction, one line per epoch.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 from flowopd_core.miniworld import tasks  # noqa: E402
@@ -27,8 +22,7 @@ from flowopd_core.rewards.spec import build_reward  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="base pipeline folder")
+    parser = diagnostic_parser(__doc__)
     parser.add_argument("--task", choices=sorted(TASK_REWARDS), default="compose")
     parser.add_argument("--prompts", required=True, help="'|'-separated training prompts of the task")
     parser.add_argument("--lr", type=float, default=1e-3)

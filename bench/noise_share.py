@@ -13,19 +13,11 @@ gives to transitions that did not decide the outcome (issue 20, text on the bind
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="base pipeline folder")
+    parser = diagnostic_parser(__doc__)
     parser.add_argument("--task", default="text", choices=("compose", "quality", "text"))
     parser.add_argument("--prompts", type=int, default=16, help="training prompts (groups) per draw")
     parser.add_argument("--repeats", type=int, default=2, help="draws of --prompts groups per setting")

@@ -13,19 +13,11 @@ a group nothing to reinforce (issue 20), while one with pass@k well above pass@1
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="base pipeline folder")
+    parser = diagnostic_parser(__doc__)
     parser.add_argument("--tasks", default="compose,text", help="comma-separated tasks with a strict reward")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt (Flow-GRPO's group)")
     parser.add_argument("--steps", type=int, default=8, help="SDE steps (the main job's rollouts: 8)")

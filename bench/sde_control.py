@@ -12,22 +12,15 @@ means the outcome is fixed by x_T, which no policy-gradient step can credit (iss
 
 from __future__ import annotations
 
-import argparse
-import os
 import random
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the runner: idle threads sleep beside other work
+from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
 
 CASES = (("compose", "single"), ("compose", "pair"), ("compose", "position"), ("text", None), ("quality", None))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "miniworld"), help="pipeline folder")
+    parser = diagnostic_parser(__doc__, "pipeline folder")
     parser.add_argument("--prompts", type=int, default=24, help="training prompts per case (seed 0)")
     parser.add_argument("--group", type=int, default=8, help="samples per prompt")
     parser.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a")
