@@ -44,6 +44,7 @@ from flowopd_nodes.engine import context
 from flowopd_nodes.engine.errors import GraphIssue
 from flowopd_nodes.engine.graph import inside
 from flowopd_nodes.engine.ports import REQUIRED, SETTINGS_INPUT, Node, SettingsNode, all_ports, merge_settings
+from flowopd_nodes.engine.types import WIRE_TYPES
 from flowopd_nodes.engine.validate import check_inputs, node_problems
 from flowopd_nodes.nodes.registry import NODES
 
@@ -358,8 +359,9 @@ def execute(node: Node, unique_id: str | None = None, **given: Any) -> dict[str,
 # its inputs), so ComfyUI hands every value check to it (it then skips its own range, choice and link-type
 # checks for them) and the checks are the runner's own (flowopd_nodes.engine.validate): types, ranges and
 # choices, file names, paths (relative to the repository root), link types, the node's cross-field and link
-# checks. ComfyUI shows a node only its own inputs: checks across nodes (soft-routing weights against the
-# linked pool's tasks) run in the runner, or when the node starts. A widget fed by a link arrives as None.
+# checks. ComfyUI shows VALIDATE_INPUTS only the node's own inputs: checks across nodes (soft-routing weights
+# against the linked pool's tasks, an adapter against its base) run when the node is called (run_checks), on
+# what the linked values tell. A widget fed by a link arrives as None.
 
 
 def validation_issues(cls: type[Node], node_id: str, given: dict[str, Any],
@@ -380,10 +382,17 @@ def validation_issues(cls: type[Node], node_id: str, given: dict[str, Any],
 
 
 def run_checks(cls: type[Node], inputs: dict[str, Any]) -> list[str]:
-    """The node's cross-field and link checks on the values of one call (as the runner runs them at validation)."""
+    """The node's cross-field and link checks on the values of one call (as the runner runs them at validation),
+    then its checks against what the linked values tell (:meth:`Node.check_facts`: the runner reads those facts
+    from the upstream nodes' params, ComfyUI from the values that reach the node)."""
     params = {p.name: inputs.get(p.name) for p in all_ports(cls) if p.is_widget}  # settings spread (execute)
-    linked = frozenset(p.name for p in cls.INPUTS if not p.is_widget and inputs.get(p.name) is not None)
-    return [f"{field or 'node'}: {message}" for field, message in node_problems(cls, params, linked)]
+    wired = {p.name: p.type for p in cls.INPUTS if not p.is_widget and inputs.get(p.name) is not None}
+    problems = node_problems(cls, params, frozenset(wired))
+    if not problems:
+        facts = {name: WIRE_TYPES[kind].facts(inputs[name])
+                 if kind in WIRE_TYPES and WIRE_TYPES[kind].check(inputs[name]) else {} for name, kind in wired.items()}
+        problems = cls.check_facts(params, facts)
+    return [f"{field or 'node'}: {message}" for field, message in problems]
 
 
 def _validate_inputs(cls: type[Node], unique_id: Any = None, input_types: Any = None, **given: Any) -> bool | str:

@@ -202,8 +202,9 @@ class Node:
     @classmethod
     def check_facts(cls, params: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         """Checks against the facts of the linked inputs (see :meth:`output_facts`; ``inputs`` has every linked
-        input, ``{}`` when its source tells nothing), at validation time, when the upstream nodes' params tell them
-        (in a graph file; ComfyUI shows a node only its own inputs)."""
+        input, ``{}`` when its source tells nothing): at validation time on what the upstream nodes' params tell (a
+        graph file), and in ComfyUI when the node is called, on what its linked values tell (each wire type's
+        ``facts``, :mod:`flowopd_nodes.engine.types`)."""
         return []
 
     def run(self, **inputs: Any) -> tuple:

@@ -32,6 +32,10 @@ class WireType:
     check: Callable[[Any], bool]
     encode: Callable[[Any, Path, str], Any]  # (value, entry_dir, output name) -> JSON-able
     decode: Callable[[Any, Path], Any]  # (JSON, entry_dir) -> value
+    facts: Callable[[Any], dict[str, Any]] = lambda value: {}
+    """What a value tells a downstream node's :meth:`~flowopd_nodes.engine.ports.Node.check_facts`: the facts a
+    graph file's validation reads from the source's params (``output_facts``), read here from the value itself
+    (ComfyUI, which runs a node's checks when its linked values exist)."""
 
 
 def _plain(value: Any, entry: Path, name: str) -> Any:
@@ -172,6 +176,7 @@ WIRE_TYPES: dict[str, WireType] = {
             lambda v: isinstance(v, PromptSet),
             _encode_prompts,
             _decode_prompts,
+            lambda v: {"tasks": tuple(v.tasks)},
         ),
         WireType(
             "FLOWOPD_MODEL",
@@ -179,6 +184,7 @@ WIRE_TYPES: dict[str, WireType] = {
             _is_model,
             lambda v, entry, name: _encode_model(v, entry),
             lambda d, entry: _decode_model(d, entry),
+            lambda v: {"label": v.name, "base": v.path},
         ),
         WireType(
             "FLOWOPD_TEACHERS",
@@ -186,6 +192,7 @@ WIRE_TYPES: dict[str, WireType] = {
             _is_teachers,
             lambda v, entry, name: _encode_teachers(v, entry),
             lambda d, entry: _decode_teachers(d, entry),
+            lambda v: {"tasks": tuple(task for task, _ in v.teachers), "route": (v.route, dict(v.task_weights))},
         ),
         WireType(
             "FLOWOPD_FILE",

@@ -120,7 +120,7 @@ def test_an_adapter_stamped_with_its_own_base_validates(tmp_path):
 
 
 def test_the_node_refuses_another_base_when_it_runs(tmp_path):
-    # ComfyUI shows a node only its own inputs: the check runs again in the node itself
+    # a base linked from a node whose params do not tell it (a trainer's output): the node itself checks
     folder = _stamped(tmp_path, ROOT / "models" / "binding")
     with pytest.raises(ValueError, match="was trained on the base"):
         LoadAdapter().run(ModelRef(str(ROOT / "models" / "miniworld")), str(folder), "")

@@ -129,6 +129,28 @@ def test_cross_field_checks_refuse_a_call_before_it_starts(tmp_path, monkeypatch
     assert not (tmp_path / "flowopd").exists()  # refused before any folder was made
 
 
+def test_checks_on_linked_values_refuse_a_call_before_it_starts(tmp_path, monkeypatch):
+    # what a graph file's validation reads from the upstream nodes' params, ComfyUI reads from the linked values
+    from flowopd_core.models.base_stamp import stamp_adapter
+
+    monkeypatch.setenv("FLOWOPD_COMFY_OUTPUT", str(tmp_path))
+    adapter = tmp_path / "teacher"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    stamp_adapter(adapter, ROOT / "models" / "binding")
+    load = comfy.NODE_CLASS_MAPPINGS["FlowOPDLoadAdapter"]
+    with pytest.raises(ValueError, match=r"FlowOPDLoadAdapter \(node 4\): adapter: the adapter .* was trained on"):
+        load().execute(unique_id="4", model=ModelRef(str(ROOT / "models" / "miniworld")), adapter=str(adapter))
+
+    evaluator = comfy.NODE_CLASS_MAPPINGS["FlowOPDEvaluator"]
+    base = ModelRef(str(ROOT / "models" / "miniworld"), label="base")
+    with pytest.raises(ValueError, match=r"FlowOPDEvaluator \(node 5\): comparisons: .*'student'"):
+        evaluator().execute(unique_id="5", prompts=prompt_set("text", "test", 2, 0), model_1=base,
+                            comparisons="student vs base")
+    assert not (tmp_path / "flowopd").exists()  # refused before any folder was made
+
+
 class Interrupted(Exception):
     """Stands in for comfy.model_management.InterruptProcessingException."""
 
