@@ -43,6 +43,10 @@ class OPDConfig(TrainerConfig):
     drop_equal_reward_groups: bool = setting(
         False, "authors' code: skip groups whose prompt's own task reward (compose=compose, text=ocr, "
                "quality=quality) is equal on every sample; each task's reward must be logged")
+    balance_tasks: bool = setting(
+        False, "draw each epoch's prompts evenly over the prompt set's task tags, so a task with few prompts is "
+               "distilled as often as one with many (each task needs ceil(prompts_per_epoch / tasks) prompts); "
+               "else uniform over all prompts (docs/experiments.md: the quality gap on the binding base)")
 
     def extra_errors(self) -> list[str]:
         return ["task_weights are for route='soft'"] if self.route == "hard" and self.task_weights else []

@@ -41,6 +41,7 @@ from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.rewards.names import TASK_REWARDS
 from flowopd_core.sampling.samplers import Rollout, transition_logprob
 from flowopd_core.training.base import LoraTrainer, RewardFn, TrainerMetrics, mean_or_nan, nan_stats
+from flowopd_core.training.draws import balanced_draw, small_strata, task_strata
 
 
 @dataclass
@@ -275,6 +276,10 @@ class OPDTrainer(LoraTrainer):
             raise ValueError("OPDTrainer needs a non-empty PromptSet")
         if len(prompts) < config.prompts_per_epoch:
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the {len(prompts)} prompts")
+        strata = task_strata(prompts) if config.balance_tasks else None
+        if strata and (small := small_strata(strata, config.prompts_per_epoch)):
+            raise ValueError(f"balance_tasks draws ceil({config.prompts_per_epoch} / {len(strata)}) prompts of each "
+                             f"task per epoch; too few prompts of {small}")
         if student in pool.teachers.values() or student == pool.anchor:
             raise ValueError(f"the student {student!r} cannot also be a teacher or the anchor")
         self.task_rewards = {**TASK_REWARDS, **(task_rewards or {})}
@@ -285,14 +290,18 @@ class OPDTrainer(LoraTrainer):
         route(list(prompts), pool.tasks, config.route, config.task_weights)  # every prompt has a route: fail now
         super().__init__(pipe, pool.policy, student, config)
         self.pool, self.prompts, self.rewards = pool, prompts, dict(rewards or {})
+        self._strata = strata  # task -> prompt indices (balance_tasks), else None
 
     @torch.no_grad()
     def collect(self) -> OPDBatch:
         """Student rollouts of the epoch, routed, with teacher (and anchor) velocities at every trained state."""
         cfg = self.config
         self.policy.set_active(self.adapter)
-        order = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_epoch]
-        drawn = [self.prompts[i] for i in order.tolist()]
+        if self._strata is not None:
+            order = balanced_draw(self._strata, cfg.prompts_per_epoch, self.epoch_index, self.generator)
+        else:
+            order = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_epoch].tolist()
+        drawn = [self.prompts[i] for i in order]
         generator = self._epoch_generator()
         start_time = time.perf_counter()
         out = self.rollout_and_score(drawn, self.rewards, generator)

@@ -26,7 +26,7 @@ run repeats the uninterrupted one bit for bit on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from flowopd_core.models.policy import Policy
 from flowopd_core.prompts import PromptSet, PromptSpec
 from flowopd_core.sampling.samplers import Rollout, transition_logprob
 from flowopd_core.training.base import LoraTrainer, RewardFn, TrainerMetrics, mean_or_nan, nan_stats
+from flowopd_core.training.draws import balanced_draw, small_strata, template_strata
 
 # ----------------------------------------------------------------------------------------------------------
 # Trainer
@@ -117,32 +118,6 @@ class EpochMetrics(TrainerMetrics):
 STATE_FORMAT = "flowopd-grpo-state/1"
 
 
-def template_strata(prompts: PromptSet) -> dict[str, list[int]]:
-    """Indices of ``prompts`` per category (:attr:`PromptSpec.category`), in order of first appearance."""
-    strata: dict[str, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        strata.setdefault(prompt.category, []).append(index)
-    return strata
-
-
-def balanced_draw(strata: Mapping[str, Sequence[int]], n: int, epoch: int, generator: torch.Generator) -> list[int]:
-    """``n`` indices spread evenly over ``strata`` (category -> its indices): each of the k categories gets
-    n // k, drawn at random without replacement; the n % k left over go to the next categories in a rotation
-    that moves on with ``epoch``, so over k epochs every category gets the same number of draws.
-
-    Each category must hold at least ceil(n / k) indices (checked by the trainer)."""
-    names = list(strata)
-    k = len(names)
-    extra = n % k
-    lucky = {names[(epoch * extra + j) % k] for j in range(extra)}
-    out: list[int] = []
-    for name in names:
-        rows = strata[name]
-        take = n // k + (name in lucky)
-        out += [rows[i] for i in torch.randperm(len(rows), generator=generator)[:take].tolist()]
-    return out
-
-
 class GRPOTrainer(LoraTrainer):
     """Flow-GRPO on the LoRA adapter ``adapter_name`` of ``policy`` (see the module doc for one epoch).
 
@@ -181,8 +156,8 @@ class GRPOTrainer(LoraTrainer):
         if strata is None:
             small = [(pool.name, len(pool)) for pool in pools if len(pool) < config.prompts_per_epoch]
         else:  # every category must hold its share (rounded up) of an epoch's prompts
-            small = [(f"{pool.name}:{name}", len(rows)) for pool, by_name in zip(pools, strata)
-                     for name, rows in by_name.items() if len(rows) < -(-config.prompts_per_epoch // len(by_name))]
+            small = [(f"{pool.name}:{name}", size) for pool, by_name in zip(pools, strata)
+                     for name, size in small_strata(by_name, config.prompts_per_epoch).items()]
         if small:
             raise ValueError(f"prompts_per_epoch {config.prompts_per_epoch} exceeds the prompts available: {small}")
         super().__init__(pipe, policy, adapter_name, config)

@@ -340,7 +340,7 @@ class DistillerNode(Node):
     )
     DISTRIBUTED = True
     SETTINGS = DistillerSettings
-    LEGACY_WIDGETS = legacy_widgets(_OPD_WIDGETS, added_since=NEW_TRAINER_SETTINGS)
+    LEGACY_WIDGETS = legacy_widgets(_OPD_WIDGETS, added_since=(*NEW_TRAINER_SETTINGS, "balance_tasks"))
     INPUTS = (
         In("student", "FLOWOPD_MODEL", help="the cold-started student (no adapter = start from the base)"),
         In("teachers", "FLOWOPD_TEACHERS", help="teacher pool with routing"),

@@ -251,3 +251,33 @@ def test_drop_equal_reward_groups_refuses_a_task_without_its_own_reward():
     trainer = OPDTrainer(pipe, pool, "student", _config(drop_equal_reward_groups=True), PROMPTS, renamed,
                          task_rewards={"compose": "geneval"})
     assert trainer.collect().keep.all()
+
+
+class _Drawn(Exception):
+    """Raised by a stand-in for the rollouts: the test needs only which prompts an epoch drew."""
+
+
+def test_balance_tasks_draws_every_task_equally_however_many_prompts_it_has(monkeypatch):
+    many = PromptSet((*(PromptSpec(f"a red circle {i}", task="compose") for i in range(10)),
+                      PromptSpec('the word "ACE"', task="text"), PromptSpec('the word "SEA"', task="text")))
+    pipe, pool = _pool()
+
+    def stop(self, drawn, *args, **kwargs):
+        raise _Drawn(sorted(p.task for p in drawn))
+
+    monkeypatch.setattr(OPDTrainer, "rollout_and_score", stop)
+
+    def drawn_tasks(balance: bool) -> list[list[str]]:
+        trainer = OPDTrainer(pipe, pool, "student", _config(balance_tasks=balance), many)
+        out = []
+        for epoch in range(6):
+            trainer.epoch_index = epoch
+            with pytest.raises(_Drawn) as drawn:
+                trainer.collect()
+            out.append(drawn.value.args[0])
+        return out
+
+    assert drawn_tasks(True) == [["compose", "compose", "text", "text"]] * 6
+    assert sum(tasks.count("text") for tasks in drawn_tasks(False)) < 12  # uniform: 2 of 12 prompts are text
+    with pytest.raises(ValueError, match=r"balance_tasks draws ceil\(6 / 2\).*'text': 2"):
+        OPDTrainer(pipe, pool, "student", _config(balance_tasks=True, prompts_per_epoch=6), many)

@@ -16,7 +16,7 @@ from flowopd_core.grpo.loss import (
     multi_reward_advantages,
     ppo_clip_loss,
 )
-from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer, balanced_draw, template_strata
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer
 from flowopd_core.miniworld.tiny import TEST_CONFIG, build_tiny_pipeline
 from flowopd_core.models.pipeline import velocity
 from flowopd_core.models.policy import Policy
@@ -25,6 +25,7 @@ from flowopd_core.rewards.base import RewardResult
 from flowopd_core.sampling.generate import SampleConfig, generate
 from flowopd_core.sampling.samplers import gaussian_kl, noisy_steps, sde_noise_std, transition_logprob
 from flowopd_core.training.base import load_trainer_state, save_trainer_state
+from flowopd_core.training.draws import balanced_draw, template_strata
 
 TEXTS = ("a red circle", "two blue squares", "a green triangle")
 PROMPTS = PromptSet(tuple(PromptSpec(text, task="compose") for text in TEXTS))
