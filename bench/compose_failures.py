@@ -24,7 +24,7 @@ import collections
 import random
 from pathlib import Path
 
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 
 def main() -> None:

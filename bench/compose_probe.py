@@ -35,10 +35,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
-from flowopd_core.choices import DEVICES  # noqa: E402  (a constants module: imports no torch)
-from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest  # noqa: E402  (no torch either)
+from flowopd_core.choices import DEVICES  # a constants module: imports no torch
+from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 DEFAULT_CASES = "compose@compose,random@compose,ocr@text,random@text,quality@quality"
 

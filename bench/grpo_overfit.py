@@ -10,15 +10,15 @@ epoch's mean reward and clip fraction, one line per epoch.
 
 from __future__ import annotations
 
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
-from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
-from flowopd_core.miniworld import tasks  # noqa: E402
-from flowopd_core.models.pipeline import load_pipeline  # noqa: E402
-from flowopd_core.models.policy import Policy  # noqa: E402
-from flowopd_core.prompts import PromptSet  # noqa: E402
-from flowopd_core.rewards import TASK_REWARDS  # noqa: E402
-from flowopd_core.rewards.spec import build_reward  # noqa: E402
+from flowopd_core.grpo.trainer import GRPOConfig, GRPOTrainer
+from flowopd_core.miniworld import tasks
+from flowopd_core.models.pipeline import load_pipeline
+from flowopd_core.models.policy import Policy
+from flowopd_core.prompts import PromptSet
+from flowopd_core.rewards import TASK_REWARDS
+from flowopd_core.rewards.spec import build_reward
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ sits where w(t) is small is one the KL barely asks the student to follow (issue 
 
 from __future__ import annotations
 
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 
 def main() -> None:
@@ -27,13 +27,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.prompts < 0 or args.images < 1 or args.steps < 2:
+        parser.error("--prompts must be >= 0, --images >= 1 and --steps >= 2 (the last step is not trained)")
 
     import torch
 
     from flowopd_core.miniworld.sets import prompt_set
     from flowopd_core.models.base_stamp import base_mismatch
     from flowopd_core.models.pipeline import TextEmbeddingCache, load_pipeline, velocity
-    from flowopd_core.models.policy import Policy
+    from flowopd_core.models.policy import BASE_ADAPTER, Policy
     from flowopd_core.sampling.generate import SampleConfig, generate
     from flowopd_core.sampling.samplers import flow_sigmas, kl_weight
 
@@ -49,22 +51,24 @@ def main() -> None:
     texts = [p.text for p in prompts for _ in range(args.images)]
     config = SampleConfig(steps=args.steps, guidance_scale=4.5, kind="sde", noise_level=0.7, batch_size=64,
                           seed=args.seed)
-    names = ["student" if args.student else "__base__"] * len(texts)
-    rollout = generate(pipe, texts, config, transformer=policy, adapter_names=names)
+    student = "student" if args.student else BASE_ADAPTER
+    rollout = generate(pipe, texts, config, transformer=policy, adapter_names=[student] * len(texts))
     sigmas = flow_sigmas(args.steps, scheduler=pipe.scheduler)
     cache = TextEmbeddingCache(pipe)
     uncond = cache.encode([""])
+    parts = [slice(start, start + 32) for start in range(0, len(texts), 32)]
+    conds = [cache.encode(texts[part] * 2) for part in parts]  # each chunk twice: teacher rows, then student rows
     rows = []
     with torch.no_grad():
         for j in range(args.steps - 1):  # the last step is not trained (train_fraction)
             x, t, t_next = rollout.latents[:, j], float(sigmas[j]), float(sigmas[j + 1])
             gaps = []
-            for start in range(0, len(texts), 32):
-                part = slice(start, start + 32)
-                xs, c = x[part], cache.encode(texts[part])
-                v = {who: velocity(policy, xs, t, c, uncond, 4.5, adapter_names=[who] * len(xs))
-                     for who in ("teacher", names[0])}
-                gaps.append((v["teacher"] - v[names[0]]).square().flatten(1).mean(1))
+            for part, cond in zip(parts, conds):
+                xs = x[part]
+                n = len(xs)  # one forward for both: peft's per-sample adapter names
+                v = velocity(policy, torch.cat([xs, xs]), t, cond, uncond, 4.5,
+                             adapter_names=["teacher"] * n + [student] * n)
+                gaps.append((v[:n] - v[n:]).square().flatten(1).mean(1))
             gap = torch.cat(gaps)
             w = float(kl_weight(torch.tensor(t), torch.tensor(t_next)))
             rows.append((j, t, w, float(gap.mean()), w * float(gap.mean()) * x[0].numel()))

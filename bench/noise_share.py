@@ -13,7 +13,7 @@ gives to transitions that did not decide the outcome (issue 20, text on the bind
 
 from __future__ import annotations
 
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 
 def main() -> None:

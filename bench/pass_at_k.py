@@ -13,7 +13,7 @@ a group nothing to reinforce (issue 20), while one with pass@k well above pass@1
 
 from __future__ import annotations
 
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from _diagnostic import diagnostic_parser  # noqa: E402  (first: the checkout on the path, the thread policy)
+from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 CASES = (("compose", "single"), ("compose", "pair"), ("compose", "position"), ("text", None), ("quality", None))
 

@@ -33,9 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_models import HEADLINE, categories, cell, paired  # noqa: E402
+from compare_models import HEADLINE, categories, cell, paired
 
-from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest  # noqa: E402
+from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest
 
 TEACHERS = {"compose": "teacher_compose", "text": "teacher_text", "quality": "teacher_quality"}
 SETTINGS = ("rewards", "epochs", "prompts_per_epoch", "group_size", "steps", "updates_per_epoch", "lr", "beta",

@@ -38,7 +38,7 @@ def transformer_digest(base: str | Path) -> str | None:
     files = _weight_files(Path(base))
     if not files:
         return None
-    key = (str(Path(base).resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    key = (str(Path(base).resolve()), *((str(f), s.st_size, s.st_mtime_ns) for f in files for s in [f.stat()]))
     with _LOCK:
         if key in _DIGESTS:
             return _DIGESTS[key]

@@ -11,20 +11,22 @@ import torch
 from flowopd_core.prompts import PromptSet
 
 
-def template_strata(prompts: PromptSet) -> dict[str, list[int]]:
-    """Indices of ``prompts`` per category (:attr:`PromptSpec.category`), in order of first appearance."""
+def _strata(prompts: PromptSet, key: str) -> dict[str, list[int]]:
+    """Indices of ``prompts`` per value of the attribute ``key``, in order of first appearance."""
     strata: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        strata.setdefault(prompt.category, []).append(index)
+        strata.setdefault(getattr(prompt, key), []).append(index)
     return strata
+
+
+def template_strata(prompts: PromptSet) -> dict[str, list[int]]:
+    """Indices of ``prompts`` per category (:attr:`PromptSpec.category`), in order of first appearance."""
+    return _strata(prompts, "category")
 
 
 def task_strata(prompts: PromptSet) -> dict[str, list[int]]:
     """Indices of ``prompts`` per task tag (:attr:`PromptSpec.task`), in order of first appearance."""
-    strata: dict[str, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        strata.setdefault(prompt.task, []).append(index)
-    return strata
+    return _strata(prompts, "task")
 
 
 def small_strata(strata: Mapping[str, Sequence[int]], n: int) -> dict[str, int]:
