@@ -30,7 +30,6 @@ slice from them (a fresh AdamW; pass another ``--seed`` for new prompts).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import numpy as np
 from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 from flowopd_core.choices import DEVICES  # a constants module: imports no torch
-from flowopd_core.models.base_stamp import stamp_adapter, transformer_digest
+from flowopd_core.models.base_stamp import base_mismatch, read_stamp, stamp_adapter, transformer_digest
 
 
 def main() -> None:
@@ -116,10 +115,9 @@ def main() -> None:
         trainer = GRPOTrainer(pipe, policy, adapter, rewards, dataclasses.replace(config, reward_weights=weights),
                               train)
         print(f"{adapter} (trained on {reward}) compose score of its rollouts per epoch:", end="", flush=True)
-        curve = curves[adapter] = {"model": str(Path(args.model).resolve()),
-                                   "model_sha256": transformer_digest(args.model),
-                                   "reward": reward, "seed": args.seed, "beta": args.beta, "balance": args.balance,
-                                   "init": args.init, "compose_per_epoch": []}
+        curve = curves[adapter] = {"model": str(Path(args.model).resolve()), "reward": reward, "seed": args.seed,
+                                   "beta": args.beta, "balance": args.balance, "init": args.init,
+                                   "compose_per_epoch": []}
         for _ in range(args.epochs):
             curve["compose_per_epoch"].append(trainer.epoch().to_json()["reward_mean"]["compose"])
             print(f" {curve['compose_per_epoch'][-1]:.2f}", end="", flush=True)
@@ -142,17 +140,24 @@ def main() -> None:
         report("Held-out SDE samples (8 steps, noise 0.7, as a training rollout)", sde_scored(pipe, policy, test, 2))
 
 
-@functools.lru_cache(maxsize=None)  # each adapter's check and curve asks; hash the weights once
 def saved_problem(saved: Path, model: str) -> str | None:
     """Why the adapters a ``--save`` wrote to ``saved`` cannot be loaded on the base ``model``, or None.
 
-    Both adapters must be there, and each must have been trained on ``model``: the same transformer weights when
-    its curve records their sha256 (a checkout moved elsewhere, or a folder kept in the repository, still
-    matches), else the same folder."""
+    Both adapters must be there, and each must have been trained on ``model``: by its base stamp (the same
+    transformer weights: a checkout moved elsewhere, or a folder kept in the repository, still matches); a folder
+    saved before adapters were stamped by the ``model_sha256`` its curve recorded, else by the folder's path."""
     missing = [a for a in ("teacher", "control") if not (saved / a / "adapter_model.safetensors").is_file()]
     if missing:
         return f"{saved}: no saved adapter for {missing} (adapter_model.safetensors)"
     for adapter in ("teacher", "control"):
+        try:
+            stamped = read_stamp(saved / adapter) is not None
+        except ValueError as exc:
+            return str(exc)
+        if stamped:
+            if problem := base_mismatch(saved / adapter, model):
+                return f"{saved}: {problem}"
+            continue
         curve = saved / f"{adapter}_rollouts.json"
         trained = json.loads(curve.read_text()) if curve.is_file() else {}
         if trained.get("model_sha256"):

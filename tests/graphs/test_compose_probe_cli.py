@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowopd_core.models.base_stamp import transformer_digest
+from flowopd_core.models.base_stamp import BASE_STAMP, read_stamp, stamp_adapter, transformer_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "compose_probe.py"
@@ -75,12 +75,15 @@ def test_both_adapters_train_a_slice(tmp_path):
         curve = json.loads((tmp_path / f"{adapter}_rollouts.json").read_text())
         assert len(curve["compose_per_epoch"]) == 1
         weights = ROOT / "models" / "miniworld" / "transformer" / "diffusion_pytorch_model.safetensors"
-        assert curve["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        stamp = read_stamp(tmp_path / adapter)
+        assert stamp["transformer_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert "model_sha256" not in curve  # the base is recorded once: in the adapter's stamp
 
 
 def test_saved_adapters_match_their_base_by_weights(tmp_path, monkeypatch):
-    """A curve that records the base's transformer sha256 loads on any folder with those weights (a kept copy, a
-    moved checkout) and is refused on other weights; a curve without it falls back to the folder's path."""
+    """Saved adapters load on any folder with their base's transformer weights (a kept copy, a moved checkout)
+    and are refused on other weights, by their base stamp; a folder saved before stamps existed is checked by the
+    sha256 its curve recorded, else by the folder's path; a broken stamp is refused."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import compose_probe
 
@@ -91,16 +94,24 @@ def test_saved_adapters_match_their_base_by_weights(tmp_path, monkeypatch):
     assert transformer_digest(str(base)) == hashlib.sha256(b"weights").hexdigest()
     assert transformer_digest(str(tmp_path / "none")) is None
 
-    def saved(name: str, **curve) -> Path:
+    def saved(name: str, stamp: bool = False, **curve) -> Path:
         for adapter in ("teacher", "control"):
             (tmp_path / name / adapter).mkdir(parents=True)
             (tmp_path / name / adapter / "adapter_model.safetensors").write_bytes(b"")
             (tmp_path / name / f"{adapter}_rollouts.json").write_text(json.dumps(curve))
+            if stamp:
+                stamp_adapter(tmp_path / name / adapter, base)
         return tmp_path / name
 
+    stamped = saved("stamped", stamp=True, model=str(base))
+    assert compose_probe.saved_problem(stamped, str(base)) is None
+    assert compose_probe.saved_problem(stamped, str(copy)) is None  # same weights, another folder
+    assert "link the base it was trained on" in compose_probe.saved_problem(stamped, str(other))
+    (stamped / "control" / BASE_STAMP).write_text("{}")
+    assert "is not a flowopd base stamp" in compose_probe.saved_problem(stamped, str(base))
     hashed = saved("hashed", model=str(base), model_sha256=transformer_digest(str(base)))
     assert compose_probe.saved_problem(hashed, str(base)) is None
-    assert compose_probe.saved_problem(hashed, str(copy)) is None  # same weights, another folder
+    assert compose_probe.saved_problem(hashed, str(copy)) is None
     assert "transformer weights have sha256" in compose_probe.saved_problem(hashed, str(other))
     by_path = saved("by_path", model=str(base))
     assert compose_probe.saved_problem(by_path, str(base)) is None
