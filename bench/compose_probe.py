@@ -37,7 +37,7 @@ import numpy as np
 from _diagnostic import diagnostic_parser  # before torch: the checkout on the path, the thread policy
 
 from flowopd_core.choices import DEVICES  # a constants module: imports no torch
-from flowopd_core.models.base_stamp import base_mismatch, read_stamp, stamp_adapter, transformer_digest
+from flowopd_core.models.base_stamp import BASE_STAMP, base_mismatch, stamp_adapter, transformer_digest
 
 
 def main() -> None:
@@ -150,11 +150,7 @@ def saved_problem(saved: Path, model: str) -> str | None:
     if missing:
         return f"{saved}: no saved adapter for {missing} (adapter_model.safetensors)"
     for adapter in ("teacher", "control"):
-        try:
-            stamped = read_stamp(saved / adapter) is not None
-        except ValueError as exc:
-            return str(exc)
-        if stamped:
+        if (saved / adapter / BASE_STAMP).is_file():  # base_mismatch also refuses a stamp that is not one
             if problem := base_mismatch(saved / adapter, model):
                 return f"{saved}: {problem}"
             continue
